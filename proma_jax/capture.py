@@ -74,6 +74,7 @@ def grads_and_dense_factors(
     *args: Any,
     token_mask: jax.Array | None = None,
     has_aux: bool = False,
+    factor_loss_fn: Callable[..., jax.Array] | None = None,
 ) -> tuple[Any, dict, dict]:
   """One forward/backward pass giving the loss, the parameter gradients and every `Dense` layer's factors.
 
@@ -83,6 +84,10 @@ def grads_and_dense_factors(
     token_mask: optional `(batch, time)` mask (1 = real token) of the tokens the dense layers see;
       padding rows of the activations are zeroed so they do not enter the range finder.
       Output gradients of padding tokens are whatever the loss gives them (zero for a masked loss).
+    factor_loss_fn: optional `factor_loss_fn(model, *args) -> scalar` whose output gradients the
+      factors hold instead of the loss's, e.g. the advantage-free log-prob objective whose K-FAC
+      Fisher intra-PROMA approximates (DESIGN section 4). Both share one forward pass: the
+      backward pass is run for the two scalars at once (`jax.vjp` vmapped over two cotangents).
 
   Returns:
     `(loss_or_(loss, aux), grads, factors)`: `grads` is the pure-dict gradient of all `nnx.Param`s;
@@ -91,20 +96,31 @@ def grads_and_dense_factors(
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
+  def both_losses(m, *args):
+    out = loss_fn(m, *args)
+    loss = out[0] if has_aux else out
+    scalars = loss if factor_loss_fn is None else jnp.stack([loss, factor_loss_fn(m, *args)])
+    return scalars, out
+
   def run(params, perturbations):
     m = nnx.merge(graphdef, params, rest)
-    out, inputs = nnx.capture(loss_fn, nnx.Intermediate, init=perturbations)(m, *args)
-    loss = out[0] if has_aux else out
-    return loss, (out, inputs)
+    (scalars, out), inputs = nnx.capture(both_losses, nnx.Intermediate, init=perturbations)(m, *args)
+    return scalars, (out, inputs)
 
   def perturbation_shapes():
     m = nnx.merge(graphdef, params, rest)
-    return nnx.capture(loss_fn, nnx.Perturbation)(m, *args)[1]
+    return nnx.capture(both_losses, nnx.Perturbation)(m, *args)[1]
 
   zero_perturbations = jax.tree.map(
       lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(perturbation_shapes))
-  (param_grads, output_grads), (out, inputs) = jax.grad(run, argnums=(0, 1), has_aux=True)(
-      params, zero_perturbations)
+  if factor_loss_fn is None:
+    (param_grads, output_grads), (out, inputs) = jax.grad(run, argnums=(0, 1), has_aux=True)(
+        params, zero_perturbations)
+  else:
+    _, vjp_fn, (out, inputs) = jax.vjp(run, params, zero_perturbations, has_aux=True)
+    (param_grads2, output_grads2) = jax.vmap(vjp_fn)(jnp.eye(2, dtype=jnp.float32))
+    param_grads = jax.tree.map(lambda x: x[0], param_grads2)
+    output_grads = jax.tree.map(lambda x: x[1], output_grads2)
 
   grads = _pure(param_grads)
   inputs, output_grads = _pure(inputs), _pure(output_grads)

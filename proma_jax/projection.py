@@ -1,0 +1,180 @@
+"""Pure linear algebra of PROMA (DESIGN sections 3, 4 and 6), one parameter leaf at a time.
+
+Everything here works on plain float32 arrays and knows nothing of models or optimizers.
+
+Accumulation projection. The sequence gradients S_i of one microbatch enter only through
+  gram_nxn[i, j] = <S_i, S_j>      and      inner_n[i] = <R, S_i>
+and the projection is a linear combination sum_i c_i S_i. So the same code serves stacked
+sequence gradients (`stacked_statistics`) and the matrix-free dense path (`seqgrads.py`), which
+produce these numbers without ever forming S_i.
+
+With S^_i = S_i / (||S_i|| + eps), K = [<S^_i, S^_j>] and b = [<R, S^_i>]:
+  exact:        w = (K + ridge I)^-1 b                 P = sum_i w_i S^_i
+  gram_schmidt: two sequential sweeps R <- R - <R, S^_i> S^_i over i. In coefficient space this is
+                two Gauss-Seidel sweeps on K w = b (sweep i reads <R - sum_j w_j S^_j, S^_i> =
+                b_i - (K w)_i), and P = sum_i w_i S^_i = R - R_after.
+  ||P||^2 = w^T K w, so the relative bound needs no extra pass over the parameters.
+
+Intra projection. For a dense kernel M (d_in x d_out) with layer inputs A (n x d_in) and output
+gradients G (n x d_out): M <- M - s Qa Qa^T M Qg Qg^T, with Qa, Qg orthonormal bases of the
+dominant row spaces of A and G found by a randomized range finder.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NORM_EPS = 1e-8
+SOLVERS = ("exact", "gram_schmidt")
+GRAM_SCHMIDT_SWEEPS = 2
+RANK_TOL = 1e-4
+
+
+class SequenceSystem(NamedTuple):
+  """The small n x n problem of one leaf and microbatch, in terms of the normalised S^_i.
+
+  gram_nxn:  K_ij = <S^_i, S^_j>.
+  inner_n:   b_i = <R, S^_i>.
+  scale_n:   1 / (||S_i|| + eps): S^_i = scale_i S_i, so sum_i w_i S^_i = sum_i (w_i scale_i) S_i.
+  """
+
+  gram_nxn: jax.Array
+  inner_n: jax.Array
+  scale_n: jax.Array
+
+
+def normalised_system(raw_gram_nxn: jax.Array, raw_inner_n: jax.Array,
+                      eps: float = NORM_EPS) -> SequenceSystem:
+  """From <S_i, S_j> and <R, S_i> to K = [<S^_i, S^_j>], b = [<R, S^_i>], S^_i = S_i / (||S_i|| + eps)."""
+  norms_n = jnp.sqrt(jnp.maximum(jnp.diagonal(raw_gram_nxn), 0.0))
+  scale_n = 1.0 / (norms_n + eps)
+  gram_nxn = raw_gram_nxn * scale_n[:, None] * scale_n[None, :]
+  return SequenceSystem(gram_nxn, raw_inner_n * scale_n, scale_n)
+
+
+def stacked_statistics(r: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """<S_i, S_j> and <R, S_i> (Frobenius) for stacked sequence gradients s of shape (n, *r.shape)."""
+  s_nxD = s.reshape(s.shape[0], -1).astype(jnp.float32)
+  r_D = r.reshape(-1).astype(jnp.float32)
+  return s_nxD @ s_nxD.T, s_nxD @ r_D
+
+
+def stacked_combination(coeffs_n: jax.Array, s: jax.Array) -> jax.Array:
+  """sum_i c_i S_i for stacked sequence gradients s of shape (n, *leaf_shape)."""
+  return jnp.tensordot(coeffs_n, s.astype(jnp.float32), axes=1)
+
+
+def ridge_solve(gram_nxn: jax.Array, rhs_n: jax.Array, ridge: float) -> jax.Array:
+  """w = (K + ridge I)^-1 b for symmetric positive semi-definite K, by eigendecomposition.
+
+  Directions with K-eigenvalue + ridge at or below float32 round-off of the largest are dropped
+  (pseudo-inverse), so ridge=0 with rank-deficient or all-zero K stays finite.
+  """
+  eigvals_n, eigvecs_nxn = jnp.linalg.eigh(gram_nxn)
+  shifted_n = jnp.maximum(eigvals_n, 0.0) + ridge
+  tol = jnp.finfo(jnp.float32).eps * gram_nxn.shape[0] * jnp.maximum(jnp.max(shifted_n), 1e-30)
+  inv_n = jnp.where(shifted_n > tol, 1.0 / jnp.where(shifted_n > tol, shifted_n, 1.0), 0.0)
+  return eigvecs_nxn @ (inv_n * (eigvecs_nxn.T @ rhs_n))
+
+
+def gram_schmidt_coefficients(gram_nxn: jax.Array, inner_n: jax.Array,
+                              sweeps: int = GRAM_SCHMIDT_SWEEPS) -> jax.Array:
+  """Coefficients w of P = sum_i w_i S^_i = R - (sequential sweeps of R <- R - <R, S^_i> S^_i)(R).
+
+  Sequential, never simultaneous: subtracting all projections at once computes (I - S S^T)^2 R,
+  which blows up for correlated S (DESIGN section 5).
+  """
+  n = inner_n.shape[0]
+
+  def visit(t, w_n):
+    i = t % n
+    residual_inner = inner_n[i] - gram_nxn[i] @ w_n  # <R - sum_j w_j S^_j, S^_i>
+    return w_n.at[i].add(residual_inner)
+
+  return jax.lax.fori_loop(0, sweeps * n, visit, jnp.zeros_like(inner_n))
+
+
+def span_coefficients(system: SequenceSystem, *, ridge: float, solver: str) -> jax.Array:
+  """Coefficients w of the projection P = sum_i w_i S^_i of R onto span{S^_i}."""
+  if solver == "exact":
+    return ridge_solve(system.gram_nxn, system.inner_n, ridge)
+  if solver == "gram_schmidt":
+    return gram_schmidt_coefficients(system.gram_nxn, system.inner_n)
+  raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+
+
+def bounded_scale(w_n: jax.Array, gram_nxn: jax.Array, reference_norm: jax.Array,
+                  relative_bound: float | None) -> tuple[jax.Array, jax.Array]:
+  """(||P||, factor) with P = sum_i w_i S^_i: factor caps ||factor * P|| at relative_bound * reference_norm."""
+  p_norm = jnp.sqrt(jnp.maximum(w_n @ gram_nxn @ w_n, 0.0))
+  if relative_bound is None:
+    return p_norm, jnp.ones((), jnp.float32)
+  cap = relative_bound * reference_norm
+  return p_norm, jnp.where(p_norm > cap, cap / jnp.maximum(p_norm, 1e-30), 1.0)
+
+
+def accumulation_step(r: jax.Array, m: jax.Array, raw_gram_nxn: jax.Array, raw_inner_n: jax.Array,
+                      combine, *, shrinkage: float, ridge: float, relative_bound: float | None,
+                      solver: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One step of DESIGN section 3 for one leaf: R <- R - shrinkage * P + M.
+
+  Args:
+    r: the accumulator R (float32), m: this microbatch's gradient M_m (float32).
+    raw_gram_nxn, raw_inner_n: <S_i, S_j> and <R, S_i> of this microbatch's sequence gradients.
+    combine: c_n -> sum_i c_i S_i, shaped like r.
+  Returns:
+    (new R, ||shrinkage * P_bounded||, ||R||) for the reduction metric.
+  """
+  system = normalised_system(raw_gram_nxn, raw_inner_n)
+  w_n = span_coefficients(system, ridge=ridge, solver=solver)
+  p_norm, factor = bounded_scale(w_n, system.gram_nxn, jnp.linalg.norm(m), relative_bound)
+  coeffs_n = (shrinkage * factor) * w_n * system.scale_n
+  removed = combine(coeffs_n).reshape(r.shape)
+  return r - removed + m, shrinkage * factor * p_norm, jnp.linalg.norm(r)
+
+
+def row_space_basis(x_nxd: jax.Array, k: int, key: jax.Array, power_iters: int = 1) -> jax.Array:
+  """Orthonormal d x k basis of the dominant k-dim row space of X by a randomized range finder.
+
+  Y = X^T Omega (Omega n x k Gaussian), then `power_iters` rounds of Y <- X^T X Y (re-orthonormalised
+  by QR between rounds), then Q = qr(Y). Float32 at least. Columns of Q whose R-diagonal is below
+  RANK_TOL of the largest (X of rank < k) are zeroed, so no direction outside X's row space is used.
+  """
+  x_nxd = x_nxd.astype(jnp.promote_types(x_nxd.dtype, jnp.float32))
+  omega_nxk = jax.random.normal(key, (x_nxd.shape[0], k), x_nxd.dtype)
+  y_dxk = x_nxd.T @ omega_nxk
+  for _ in range(power_iters):
+    q_dxk, _ = jnp.linalg.qr(y_dxk)
+    y_dxk = x_nxd.T @ (x_nxd @ q_dxk)
+  q_dxk, r_kxk = jnp.linalg.qr(y_dxk)
+  # Columns that carry no energy of X (rank(X) < k, or X = 0) are noise: drop them.
+  energy_k = jnp.abs(jnp.diagonal(r_kxk))
+  keep_k = energy_k > RANK_TOL * jnp.max(energy_k)
+  return q_dxk * keep_k[None, :]
+
+
+def kronecker_block(m_ixo: jax.Array, qa_ixk: jax.Array, qg_oxk: jax.Array) -> jax.Array:
+  """Qa Qa^T M Qg Qg^T: the component of M in the Kronecker block span(Qa) (x) span(Qg)."""
+  return qa_ixk @ ((qa_ixk.T @ m_ixo) @ qg_oxk) @ qg_oxk.T
+
+
+def intra_step(m_ixo: jax.Array, activations_nxi: jax.Array, output_grads_nxo: jax.Array,
+               key: jax.Array, *, rank: int, shrinkage: float,
+               power_iters: int) -> tuple[jax.Array, jax.Array]:
+  """DESIGN section 4 for one dense kernel: M - shrinkage * Qa Qa^T M Qg Qg^T, and the fraction removed.
+
+  k = min(rank, n, d_in, d_out). Returns (projected M, ||removed|| / ||M||).
+  """
+  n, d_in = activations_nxi.shape
+  d_out = output_grads_nxo.shape[1]
+  k = min(rank, n, d_in, d_out)
+  key_a, key_g = jax.random.split(key)
+  qa_ixk = row_space_basis(activations_nxi, k, key_a, power_iters)
+  qg_oxk = row_space_basis(output_grads_nxo, k, key_g, power_iters)
+  removed = shrinkage * kronecker_block(m_ixo, qa_ixk, qg_oxk)
+  m_norm = jnp.linalg.norm(m_ixo)
+  fraction = jnp.linalg.norm(removed) / jnp.maximum(m_norm, 1e-30)
+  return m_ixo - removed, fraction

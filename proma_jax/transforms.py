@@ -1,0 +1,345 @@
+"""PROMA as Optax gradient transformations (DESIGN sections 3 and 4).
+
+Each microbatch's policy gradient M_m is fed to `update` as `grads`, one call per microbatch. The
+transform keeps the accumulator R (float32), projects it as the chosen variant prescribes, and on
+the last microbatch of a minibatch hands R to the inner optimizer (which thus runs once per step)
+and resets. From the caller's side this behaves like `optax.MultiSteps`: calls 1..M-1 return
+all-zero updates and leave the inner state alone.
+
+Usage::
+
+  tx = proma_jax.proma_accumulation(
+      optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5)), num_microbatches=4)
+  state = tx.init(params)
+  for microbatch in minibatch:                      # 4 calls = one optimizer step
+    grads, seq_grads = proma_jax.policy_gradient_and_sequence_gradients(...)
+    updates, state = tx.update(grads, state, params, seq_grads=seq_grads)
+    params = optax.apply_updates(params, updates)   # zero updates until the 4th call
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from proma_jax import projection
+from proma_jax.capture import DenseFactors
+
+
+@dataclasses.dataclass(frozen=True)
+class AccumulationOptions:
+  """Knobs of accumulation-PROMA (DESIGN section 3)."""
+
+  shrinkage: float = 1.0
+  ridge: float = 1e-2
+  relative_bound: float | None = None
+  skip_fraction: float = 0.0
+  solver: str = "exact"
+
+  def __post_init__(self):
+    if self.shrinkage < 0:
+      raise ValueError(f"shrinkage must be >= 0, got {self.shrinkage}")
+    if self.ridge < 0:
+      raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+    if self.relative_bound is not None and self.relative_bound < 0:
+      raise ValueError(f"relative_bound must be >= 0 or None, got {self.relative_bound}")
+    if not 0.0 <= self.skip_fraction <= 1.0:
+      raise ValueError(f"skip_fraction must be in [0, 1], got {self.skip_fraction}")
+    if self.solver not in projection.SOLVERS:
+      raise ValueError(f"unknown solver {self.solver!r}; expected one of {projection.SOLVERS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class IntraOptions:
+  """Knobs of intra-microbatch PROMA (DESIGN section 4)."""
+
+  rank: int = 10
+  shrinkage: float = 1.0
+  power_iters: int = 1
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise ValueError(f"rank must be >= 1, got {self.rank}")
+    if self.shrinkage < 0:
+      raise ValueError(f"shrinkage must be >= 0, got {self.shrinkage}")
+    if self.power_iters < 0:
+      raise ValueError(f"power_iters must be >= 0, got {self.power_iters}")
+
+
+class ProMAState(NamedTuple):
+  """State of a PROMA transform.
+
+  microbatch:      index (0..M-1) of the next microbatch within the current optimizer step.
+  accumulator:     R, float32, like params.
+  inner_state:     state of the inner optimizer (advances once per M microbatches).
+  count:           total microbatches seen (seeds the range finder).
+  dropped:         microbatches dropped so far because their gradient or statistics were not finite.
+  reduction_sum, projected: running sum of ||shrinkage * P|| / ||R|| over this step's projected
+                   microbatches, and their number.
+  reduction:       that mean for the last completed step (metric `proma/reduction`).
+  intra_sum:       like params, running sum of each kernel's fraction of norm removed this step.
+  intra_reduction: like params, its mean over the last completed step (0 for unprojected leaves).
+  """
+
+  microbatch: jax.Array
+  accumulator: Any
+  inner_state: optax.OptState
+  count: jax.Array
+  dropped: jax.Array
+  reduction_sum: jax.Array
+  projected: jax.Array
+  reduction: jax.Array
+  intra_sum: Any
+  intra_reduction: Any
+
+
+def _path_str(path) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def _leaves_like_grads(name: str, tree: Any, grads_def, paths) -> list:
+  """Leaves of `tree` aligned with the leaves of grads (a subtree per grad leaf, None allowed)."""
+  if tree is None:
+    return [None] * len(paths)
+  try:
+    return grads_def.flatten_up_to(tree)
+  except (ValueError, TypeError) as err:
+    raise ValueError(f"{name} must have the pytree structure of grads: {err}") from None
+
+
+def _check_params(grads_paths, grads_leaves, grads_def, params) -> None:
+  if params is None:
+    return
+  params_leaves = _leaves_like_grads("params", params, grads_def, grads_paths)
+  for path, g, p in zip(grads_paths, grads_leaves, params_leaves):
+    p_shape = getattr(p, "shape", None)
+    if p_shape != g.shape:
+      raise ValueError(f"grads{_path_str(path)} has shape {g.shape} but params{_path_str(path)} "
+                       f"has shape {p_shape}")
+
+
+def _check_seq_grads(path, g, s) -> None:
+  if s is None:
+    return
+  if not hasattr(s, "shape") or s.ndim != g.ndim + 1 or s.shape[1:] != g.shape:
+    raise ValueError(f"seq_grads{_path_str(path)} must have shape (n_seq, *{g.shape}) for "
+                     f"grads{_path_str(path)} of shape {g.shape}; got {getattr(s, 'shape', type(s))}")
+
+
+def _check_factors(path, g, f) -> None:
+  if f is None:
+    return
+  if not isinstance(f, DenseFactors):
+    raise ValueError(f"factors{_path_str(path)} must be a DenseFactors or None, got {type(f).__name__}")
+  a, o = f.activations, f.output_grads
+  if g.ndim != 2:
+    raise ValueError(f"factors{_path_str(path)} given for grads{_path_str(path)} of shape {g.shape}; "
+                     "only 2-D dense kernels (d_in, d_out) take factors")
+  if a.ndim != 2 or o.ndim != 2 or a.shape[0] != o.shape[0] or (a.shape[1], o.shape[1]) != g.shape:
+    raise ValueError(f"factors{_path_str(path)} have activations {a.shape} and output_grads {o.shape}; "
+                     f"expected (n_tokens, {g.shape[0]}) and (n_tokens, {g.shape[1]}) for "
+                     f"grads{_path_str(path)} of shape {g.shape}")
+
+
+def _all_finite(leaves) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.array(True)]))
+
+
+def _proma(inner: optax.GradientTransformation, num_microbatches: int,
+           accumulation: AccumulationOptions | None,
+           intra: IntraOptions | None) -> optax.GradientTransformationExtraArgs:
+  if int(num_microbatches) != num_microbatches or num_microbatches < 1:
+    raise ValueError(f"num_microbatches must be an integer >= 1, got {num_microbatches}")
+  inner = optax.with_extra_args_support(inner)
+  first_projected = (0.0 if accumulation is None else accumulation.skip_fraction) * num_microbatches
+
+  def init_fn(params):
+    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    scalars = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+    return ProMAState(
+        microbatch=jnp.zeros((), jnp.int32), accumulator=zeros, inner_state=inner.init(params),
+        count=jnp.zeros((), jnp.int32), dropped=jnp.zeros((), jnp.int32),
+        reduction_sum=jnp.zeros((), jnp.float32), projected=jnp.zeros((), jnp.int32),
+        reduction=jnp.zeros((), jnp.float32), intra_sum=scalars, intra_reduction=scalars)
+
+  def update_fn(grads, state: ProMAState, params=None, *, seq_grads=None, factors=None,
+                **extra_args):
+    paths_leaves, grads_def = jax.tree_util.tree_flatten_with_path(grads)
+    paths = [p for p, _ in paths_leaves]
+    g_leaves = [jnp.asarray(g) for _, g in paths_leaves]
+    _check_params(paths, g_leaves, grads_def, params)
+    s_leaves = _leaves_like_grads("seq_grads", seq_grads if accumulation else None, grads_def, paths)
+    f_leaves = _leaves_like_grads("factors", factors if intra else None, grads_def, paths)
+    for path, g, s, f in zip(paths, g_leaves, s_leaves, f_leaves):
+      _check_seq_grads(path, g, s)
+      _check_factors(path, g, f)
+    r_leaves = grads_def.flatten_up_to(state.accumulator)
+
+    # Intra-microbatch projection of M_m, kernel by kernel.
+    m_leaves, intra_fracs = [], []
+    base_key = jax.random.fold_in(jax.random.PRNGKey(0 if intra is None else intra.seed), state.count)
+    for idx, (g, f) in enumerate(zip(g_leaves, f_leaves)):
+      m = g.astype(jnp.float32)
+      frac = jnp.zeros((), jnp.float32)
+      if f is not None:
+        m, frac = projection.intra_step(
+            m, f.activations, f.output_grads, jax.random.fold_in(base_key, idx),
+            rank=intra.rank, shrinkage=intra.shrinkage, power_iters=intra.power_iters)
+      m_leaves.append(m)
+      intra_fracs.append(frac)
+
+    # Accumulation projection of R against this microbatch's sequence gradients.
+    project = state.microbatch.astype(jnp.float32) >= max(first_projected, 1.0)
+    new_r, removed_sq, r_sq = [], jnp.zeros(()), jnp.zeros(())
+    for r, m, s in zip(r_leaves, m_leaves, s_leaves):
+      if s is None:
+        new_r.append(r + m)
+        continue
+      gram, inner_prod = projection.stacked_statistics(r, s)
+      projected_r, removed_norm, r_norm = projection.accumulation_step(
+          r, m, gram, inner_prod, lambda c, s=s: projection.stacked_combination(c, s),
+          shrinkage=accumulation.shrinkage, ridge=accumulation.ridge,
+          relative_bound=accumulation.relative_bound, solver=accumulation.solver)
+      new_r.append(jnp.where(project, projected_r, r + m))
+      removed_sq, r_sq = removed_sq + removed_norm**2, r_sq + r_norm**2
+
+    finite = _all_finite(new_r + m_leaves + intra_fracs)
+    new_r = [jnp.where(finite, nr, r) for nr, r in zip(new_r, r_leaves)]
+    counted = finite & project & (r_sq > 0)
+    ratio = jnp.sqrt(removed_sq) / jnp.sqrt(jnp.maximum(r_sq, 1e-30))
+    reduction_sum = state.reduction_sum + jnp.where(counted, ratio, 0.0)
+    projected = state.projected + counted.astype(jnp.int32)
+    intra_sum = grads_def.unflatten([
+        acc + jnp.where(finite, frac, 0.0)
+        for acc, frac in zip(grads_def.flatten_up_to(state.intra_sum), intra_fracs)])
+    accumulator = grads_def.unflatten(new_r)
+
+    last = state.microbatch == num_microbatches - 1
+    update_shapes = jax.eval_shape(
+        lambda a, s: inner.update(a, s, params, **extra_args)[0], accumulator, state.inner_state)
+
+    def finish(_):
+      updates, inner_state = inner.update(accumulator, state.inner_state, params, **extra_args)
+      return updates, inner_state
+
+    def hold(_):
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), update_shapes)
+      return zeros, state.inner_state
+
+    updates, inner_state = jax.lax.cond(last, finish, hold, None)
+    reset = lambda tree: jax.tree.map(lambda x: jnp.where(last, jnp.zeros_like(x), x), tree)
+    new_state = ProMAState(
+        microbatch=jnp.where(last, 0, state.microbatch + 1).astype(jnp.int32),
+        accumulator=reset(accumulator),
+        inner_state=inner_state,
+        count=state.count + 1,
+        dropped=state.dropped + (~finite).astype(jnp.int32),
+        reduction_sum=reset(reduction_sum),
+        projected=reset(projected),
+        reduction=jnp.where(last, reduction_sum / jnp.maximum(projected, 1), state.reduction),
+        intra_sum=reset(intra_sum),
+        intra_reduction=jax.tree.map(
+            lambda s, old: jnp.where(last, s / num_microbatches, old), intra_sum, state.intra_reduction),
+    )
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def proma_accumulation(inner: optax.GradientTransformation, num_microbatches: int, *,
+                       shrinkage: float = 1.0, ridge: float = 1e-2,
+                       relative_bound: float | None = None, skip_fraction: float = 0.0,
+                       solver: str = "exact") -> optax.GradientTransformationExtraArgs:
+  """Accumulation-based PROMA (DESIGN section 3), layer-wise on every leaf with sequence gradients.
+
+      R <- M_1;  for m = 2..M:  R <- R - shrinkage * P_m(R) + M_m;  inner.update(R)
+
+  P_m(R) = sum_i w_i S^_i projects R onto the span of microbatch m's normalised sequence
+  gradients S^_i = S_i / (||S_i|| + 1e-8), with w = (K + ridge I)^-1 b, K_ij = <S^_i, S^_j>,
+  b_i = <R, S^_i> (solver="exact") or two sequential Gram-Schmidt sweeps (solver="gram_schmidt").
+  With `relative_bound`, ||P|| is capped at relative_bound * ||M_m||. Microbatches with 0-based index
+  < skip_fraction * M are accumulated without projection. shrinkage=0 is plain accumulation.
+
+  Args:
+    inner: the optimizer that receives R once per M microbatches.
+    num_microbatches: M, microbatches per optimizer step.
+  Update:
+    `update(grads, state, params=None, *, seq_grads)`: grads is M_m (any pytree); seq_grads has the
+    structure of grads, each leaf of shape (n_seq, *leaf.shape) (the S_i) or None (leaf
+    accumulated unprojected). Non-finite microbatches are dropped and counted in `state.dropped`.
+  """
+  return _proma(inner, num_microbatches,
+                AccumulationOptions(shrinkage, ridge, relative_bound, skip_fraction, solver), None)
+
+
+def proma_intra(inner: optax.GradientTransformation, num_microbatches: int, *, rank: int = 10,
+                shrinkage: float = 1.0, power_iters: int = 1,
+                seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Intra-microbatch PROMA (DESIGN section 4) on every dense kernel with factors.
+
+      M_m <- M_m - shrinkage * Qa Qa^T M_m Qg Qg^T;   R <- R + M_m;   inner.update(R) after M calls
+
+  Qa (d_in x k), Qg (d_out x k): dominant row spaces of the microbatch's layer inputs A and output
+  gradients G (randomized range finder, `power_iters` subspace iterations, k = min(rank, n, d_in, d_out)).
+
+  Update:
+    `update(grads, state, params=None, *, factors)`: factors has the structure of grads with a
+    `DenseFactors(activations (n, d_in), output_grads (n, d_out))` at 2-D kernel leaves and None
+    elsewhere (accumulated unprojected). The fraction of each kernel's norm removed, averaged
+    over the step, is in `state.intra_reduction`.
+  """
+  return _proma(inner, num_microbatches, None, IntraOptions(rank, shrinkage, power_iters, seed))
+
+
+def proma_both(inner: optax.GradientTransformation, num_microbatches: int, *, rank: int = 10,
+               intra_shrinkage: float = 1.0, power_iters: int = 1, seed: int = 0,
+               shrinkage: float = 1.0, ridge: float = 1e-2, relative_bound: float | None = None,
+               skip_fraction: float = 0.0,
+               solver: str = "exact") -> optax.GradientTransformationExtraArgs:
+  """Both variants: intra-project M_m (`proma_intra`), then project R as `proma_accumulation` and add M_m.
+
+      M'_m = M_m - intra_shrinkage * Qa Qa^T M_m Qg Qg^T;   R <- R - shrinkage * P_m(R) + M'_m
+
+  The relative bound is taken against ||M'_m||. `update(grads, state, params, *, seq_grads, factors)`.
+  """
+  return _proma(inner, num_microbatches,
+                AccumulationOptions(shrinkage, ridge, relative_bound, skip_fraction, solver),
+                IntraOptions(rank, intra_shrinkage, power_iters, seed))
+
+
+def _find_proma_state(opt_state) -> ProMAState | None:
+  if isinstance(opt_state, ProMAState):
+    return opt_state
+  if isinstance(opt_state, (tuple, list)):
+    for sub in opt_state:
+      found = _find_proma_state(sub)
+      if found is not None:
+        return found
+  return None
+
+
+def proma_metrics(opt_state) -> dict[str, jax.Array]:
+  """Metrics of the last completed step from a PROMA state (or any optax state containing one).
+
+  `proma/reduction`: mean over projected microbatches of ||shrinkage * P|| / ||R||.
+  `proma/intra_reduction`: mean over projected kernels of the fraction of norm removed, and
+  `proma/intra_reduction/<leaf path>` per kernel. `proma/dropped`: non-finite microbatches dropped.
+  """
+  state = _find_proma_state(opt_state)
+  if state is None:
+    raise ValueError("opt_state holds no ProMAState")
+  metrics = {"proma/reduction": state.reduction, "proma/dropped": state.dropped}
+  per_leaf = {
+      f"proma/intra_reduction/{jax.tree_util.keystr(path, simple=True, separator='/')}": value
+      for path, value in jax.tree_util.tree_flatten_with_path(state.intra_reduction)[0]
+      if float(value) > 0.0
+  }
+  metrics["proma/intra_reduction"] = (
+      jnp.mean(jnp.stack(list(per_leaf.values()))) if per_leaf else jnp.zeros((), jnp.float32))
+  metrics.update(per_leaf)
+  return metrics
