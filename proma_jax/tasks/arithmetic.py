@@ -1,0 +1,63 @@
+"""Integer arithmetic: prompt "12+35=", answer "47".
+
+Operands of the train split have `train_digits` digits, those of the val split `val_digits`
+(default 1-2 digits for train, 3 digits for val), so every val prompt has an operand longer than
+any train operand: the val split is out of distribution and disjoint from train.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+from proma_jax.tasks.base import Example, Task
+
+OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def _operand_range(digits: tuple[int, int]) -> tuple[int, int]:
+  """Smallest and largest integer with between digits[0] and digits[1] decimal digits."""
+  low_digits, high_digits = digits
+  if not 1 <= low_digits <= high_digits:
+    raise ValueError(f"digit range must satisfy 1 <= low <= high, got {digits}")
+  low = 0 if low_digits == 1 else 10 ** (low_digits - 1)
+  return low, 10 ** high_digits - 1
+
+
+def arithmetic_task(
+    ops: str = "+-",
+    train_digits: tuple[int, int] = (1, 2),
+    val_digits: tuple[int, int] = (3, 3),
+) -> Task:
+  """Task "arith": `a<op>b=` -> str(a op b), a and b uniform over the split's operand range.
+
+  Args:
+    ops: the operations to draw from, a subset of "+-*".
+    train_digits: (min, max) number of digits of train operands.
+    val_digits: (min, max) number of digits of val operands.
+  """
+  if not ops or any(op not in OPERATIONS for op in ops) or len(set(ops)) != len(ops):
+    raise ValueError(f"ops must be distinct characters of {''.join(OPERATIONS)!r}, got {ops!r}")
+  ranges = {"train": _operand_range(tuple(train_digits)), "val": _operand_range(tuple(val_digits))}
+
+  def sample(split: str, n: int, rng: np.random.Generator) -> list[Example]:
+    low, high = ranges[split]
+    a_N = rng.integers(low, high + 1, size=n)
+    b_N = rng.integers(low, high + 1, size=n)
+    op_N = rng.integers(0, len(ops), size=n)
+    return [
+        Example(f"{a}{ops[k]}{b}=", str(OPERATIONS[ops[k]](int(a), int(b))))
+        for a, b, k in zip(a_N, b_N, op_N)
+    ]
+
+  # Prompt and answer lengths are largest at the corners of the operand box, for + - and *.
+  corners = [(a, b) for low, high in ranges.values() for a in (low, high) for b in (low, high)]
+  longest_prompt = max(len(f"{a}{op}{b}=") for a, b in corners for op in ops)
+  longest_answer = max(len(str(OPERATIONS[op](a, b))) for a, b in corners for op in ops)
+  return Task(
+      name="arith",
+      sample=sample,
+      prompt_width=longest_prompt + 1,
+      answer_width=longest_answer + 1,
+  )

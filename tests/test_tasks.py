@@ -1,0 +1,184 @@
+"""Tests of the verifiable tasks: tokenizer, splits, rewards, JSONL loading, batch encoding."""
+
+import json
+
+import numpy as np
+import pytest
+
+from proma_jax import tasks
+from proma_jax.tasks import BOS, EOS, PAD, CharTokenizer
+
+GENERATED_TASKS = ("arith", "reverse", "sort")
+
+
+def test_tokenizer_round_trip():
+  """decode(encode(s)) == s for every alphabet character; ids are specials then the alphabet."""
+  tok = CharTokenizer()
+  assert (tok.pad_id, tok.bos_id, tok.eos_id) == (PAD, BOS, EOS) == (0, 1, 2)
+  text = tok.alphabet
+  ids = tok.encode(text)
+  assert ids[0] == BOS
+  assert sorted(ids[1:]) == list(range(3, tok.vocab_size))
+  assert tok.decode(ids) == text
+  assert tok.decode(tok.encode("12+35=", bos=False, eos=True) + [PAD, PAD]) == "12+35="
+
+
+def test_tokenizer_decode_stops_at_eos_and_skips_pad_bos():
+  """decode stops at the first EOS and skips PAD and BOS."""
+  tok = CharTokenizer()
+  ids = [BOS, PAD] + tok.encode("ab", bos=False) + [EOS] + tok.encode("cd", bos=False)
+  assert tok.decode(ids) == "ab"
+
+
+def test_tokenizer_rejects_unknown_character():
+  """Encoding a character outside the alphabet raises ValueError naming that character."""
+  with pytest.raises(ValueError, match="'A'"):
+    CharTokenizer().encode("abA")
+
+
+@pytest.mark.parametrize("name", GENERATED_TASKS)
+def test_examples_are_deterministic_from_seed(name):
+  """The same (split, n, seed) gives the same examples; another seed gives other examples."""
+  task = tasks.get_task(name)
+  assert task.train_examples(50, seed=3) == tasks.get_task(name).train_examples(50, seed=3)
+  assert task.val_examples(50, seed=3) == task.val_examples(50, seed=3)
+  assert task.train_examples(50, seed=3) != task.train_examples(50, seed=4)
+
+
+@pytest.mark.parametrize("name", GENERATED_TASKS)
+def test_val_split_is_out_of_distribution_and_disjoint(name):
+  """Val prompts are longer than every train prompt and no val prompt occurs in train."""
+  task = tasks.get_task(name)
+  train = task.train_examples(2000, seed=0)
+  val = task.val_examples(500, seed=0)
+  assert min(len(ex.prompt) for ex in val) > max(len(ex.prompt) for ex in train)
+  assert not {ex.prompt for ex in train} & {ex.prompt for ex in val}
+
+
+@pytest.mark.parametrize("name", GENERATED_TASKS)
+def test_examples_fit_widths_and_alphabet(name):
+  """Every example encodes within the task's prompt/answer widths and the short-length budget."""
+  task = tasks.get_task(name)
+  tok = CharTokenizer()
+  examples = task.train_examples(500, seed=1) + task.val_examples(500, seed=1)
+  assert task.prompt_width <= 17 and task.answer_width <= 9
+  tasks.encode_prompts(tok, [ex.prompt for ex in examples], task.prompt_width)
+  tasks.encode_completions(tok, [ex.answer for ex in examples], task.answer_width)
+  assert max(len(ex.prompt) for ex in examples) + 1 == task.prompt_width
+
+
+def test_answers_are_correct():
+  """Arithmetic answers evaluate the prompt; reverse and sort answers transform the string."""
+  for ex in tasks.get_task("arith", ops="+-*").train_examples(200, seed=0):
+    assert int(ex.answer) == eval(ex.prompt[:-1])  # pylint: disable=eval-used
+  for ex in tasks.get_task("reverse").val_examples(50, seed=0):
+    assert ex.prompt == f"rev:{ex.answer[::-1]}="
+  for ex in tasks.get_task("sort").val_examples(50, seed=0):
+    assert ex.answer == "".join(sorted(ex.prompt[len("sort:"):-1]))
+
+
+def test_reward_requires_exact_answer_and_eos():
+  """reward is 1 only for the exact answer of a response that terminated with EOS."""
+  assert tasks.reward("47", True, "47") == 1.0
+  assert tasks.reward("47", False, "47") == 0.0
+  assert tasks.reward("470", True, "47") == 0.0
+  assert tasks.reward(" 47", True, "47") == 0.0
+  assert tasks.reward("", True, "47") == 0.0
+
+
+def test_batch_rewards_read_tokens_up_to_eos():
+  """Batched rewards: exact text + EOS within the mask scores 1; no EOS, a wrong answer, text
+  after EOS, or a special token before EOS score as the scalar rules say."""
+  tok = CharTokenizer()
+  answers = ["47", "47", "47", "47", "47"]
+  rows = [
+      tok.encode("47", bos=False, eos=True) + [PAD, PAD],       # correct
+      tok.encode("47", bos=False) + [PAD, PAD, PAD],            # ran out without EOS
+      tok.encode("48", bos=False, eos=True) + [PAD, PAD],       # wrong
+      tok.encode("47", bos=False, eos=True) + tok.encode("9", bos=False) + [EOS],  # after EOS
+      [BOS] + tok.encode("47", bos=False, eos=True) + [PAD],   # special token before EOS
+  ]
+  response_BxL = np.asarray(rows, dtype=np.int32)
+  mask_BxL = np.zeros_like(response_BxL, dtype=np.float32)
+  for row, length in enumerate([3, 2, 3, 5, 4]):
+    mask_BxL[row, :length] = 1.0
+  rewards_B = tasks.batch_rewards(tok, response_BxL, mask_BxL, answers)
+  np.testing.assert_array_equal(rewards_B, np.asarray([1, 0, 0, 1, 0], np.float32))
+  # EOS outside the mask does not count as termination.
+  mask_BxL[0, 2] = 0.0
+  assert tasks.batch_rewards(tok, response_BxL[:1], mask_BxL[:1], answers[:1])[0] == 0.0
+
+
+def test_encode_prompts_left_pads():
+  """encode_prompts right-aligns BOS + prompt, pads on the left, and marks exactly those tokens."""
+  tok = CharTokenizer()
+  tokens_BxP, valid_BxP = tasks.encode_prompts(tok, ["1+2=", "12+34="], width=8)
+  assert tokens_BxP.dtype == np.int32 and valid_BxP.dtype == np.float32
+  np.testing.assert_array_equal(tokens_BxP[0], [PAD, PAD, PAD] + tok.encode("1+2="))
+  np.testing.assert_array_equal(tokens_BxP[1], [PAD] + tok.encode("12+34="))
+  np.testing.assert_array_equal(valid_BxP, [[0, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 1]])
+  with pytest.raises(ValueError, match="width"):
+    tasks.encode_prompts(tok, ["123456789="], width=8)
+
+
+def test_encode_completions_right_pads_with_eos():
+  """encode_completions writes answer + EOS from column 0, pads on the right, masks them."""
+  tok = CharTokenizer()
+  tokens_BxL, mask_BxL = tasks.encode_completions(tok, ["7", "47"], width=4)
+  np.testing.assert_array_equal(tokens_BxL, [tok.encode("7", False, True) + [PAD, PAD],
+                                             tok.encode("47", False, True) + [PAD]])
+  np.testing.assert_array_equal(mask_BxL, [[1, 1, 0, 0], [1, 1, 1, 0]])
+  with pytest.raises(ValueError, match="width"):
+    tasks.encode_completions(tok, ["1234"], width=4)
+
+
+def _write_jsonl(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return path
+
+
+def test_jsonl_task_reads_file_and_holds_out_val(tmp_path):
+  """A JSONL task serves the file's records; held-out val is deterministic and disjoint."""
+  records = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(20)]
+  path = _write_jsonl(tmp_path / "train.jsonl", records)
+  assert tasks.load_jsonl(path)[3] == tasks.Example("3+1=", "4")
+  task = tasks.get_task("jsonl", train_path=path, val_fraction=0.25)
+  train = task.train_examples(15, seed=0)
+  val = task.val_examples(5, seed=0)
+  assert len({ex.prompt for ex in train}) == 15  # one epoch visits each train record once
+  assert len({ex.prompt for ex in val}) == 5
+  assert not {ex.prompt for ex in train} & {ex.prompt for ex in val}
+  assert task.val_examples(12, seed=7) == tasks.get_task(
+      "jsonl", train_path=path, val_fraction=0.25).val_examples(12, seed=7)
+  assert task.prompt_width == len("19+1=") + 1 and task.answer_width == len("20") + 1
+
+
+def test_jsonl_task_with_val_file(tmp_path):
+  """With a val file, train is the whole train file and val is the val file."""
+  train_path = _write_jsonl(tmp_path / "a.jsonl", [{"prompt": "rev:ab=", "answer": "ba"}])
+  val_path = _write_jsonl(tmp_path / "b.jsonl", [{"prompt": "rev:abc=", "answer": "cba"}])
+  task = tasks.get_task("jsonl", train_path=train_path, val_path=val_path)
+  assert task.train_examples(3, seed=0) == [tasks.Example("rev:ab=", "ba")] * 3
+  assert task.val_examples(1, seed=0) == [tasks.Example("rev:abc=", "cba")]
+
+
+@pytest.mark.parametrize("bad_line, reason", [
+    ("{not json", "line 2"),
+    ('{"prompt": "1+1="}', "line 2: missing key 'answer'"),
+    ('{"prompt": "1+1=", "answer": 2}', "line 2: 'answer' must be a string"),
+    ('{"prompt": "1+1=", "answer": "TWO"}', "line 2: character 'T'"),
+    ('["1+1=", "2"]', "line 2: expected a JSON object"),
+])
+def test_jsonl_loader_names_bad_line(tmp_path, bad_line, reason):
+  """A malformed line, missing key, non-string field or unknown character raises ValueError
+  naming the file's line number."""
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"prompt": "1+2=", "answer": "3"}\n' + bad_line + "\n")
+  with pytest.raises(ValueError, match=reason):
+    tasks.load_jsonl(path)
+
+
+def test_get_task_unknown_name_lists_known():
+  """An unknown task name raises ValueError listing the registered names."""
+  with pytest.raises(ValueError, match="arith.*reverse"):
+    tasks.get_task("chess")
