@@ -1,0 +1,293 @@
+"""A miniature Qwen3: decoder-only transformer in Flax NNX with an explicit KV cache.
+
+Architecture (HF Qwen3, parameter names included): token embedding `embed_tokens`; `n_layers`
+pre-norm blocks
+    h = x + self_attn(input_layernorm(x)),    out = h + mlp(post_attention_layernorm(h)),
+with grouped-query attention (RMSNorm `q_norm`/`k_norm` over each head, then rotary positions) and
+a SwiGLU MLP `down_proj(silu(gate_proj(x)) * up_proj(x))`; final `norm`; logits from the tied
+embedding (`embed_tokens.attend`) or an untied `lm_head`. Every linear layer is a bias-free
+`capture.Dense` with a 2-D kernel (d_in, d_out), called once per forward pass, so that
+`capture.grads_and_dense_factors` sees each layer exactly once.
+
+Shapes: B batch, T query length, S key length (T without a cache, the cache length with one),
+D d_model, N query heads, K kv heads, G = N // K query heads per kv head, H head_dim, F mlp_dim,
+V vocab, L layers.
+
+Padding: sequences are a LEFT-padded prompt followed by the response. The forward takes the
+`valid_BxT` mask of real tokens and position ids that skip padding (`positions_from_valid`).
+Attention is causal over cache slots and ignores padding keys; every query may also attend to its
+own slot, so padding rows (which have no valid key) stay finite and real rows are unaffected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from proma_jax.capture import Dense
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Finite "minus infinity" for masked attention logits: a fully masked row gives a uniform
+# softmax instead of NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder hyper-parameters; `dtype` is the compute dtype, `param_dtype` the storage one."""
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  max_len: int
+  tie_embeddings: bool = True
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                 "mlp_dim", "max_len", "rope_theta", "norm_eps"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)!r}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide "
+                       f"n_heads={self.n_heads} (grouped-query attention)")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even (rotary embedding)")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(f"ModelConfig.{name} must be one of {sorted(_DTYPES)}, "
+                         f"got {getattr(self, name)!r}")
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return _DTYPES[self.dtype]
+
+  @property
+  def storage_dtype(self) -> jnp.dtype:
+    return _DTYPES[self.param_dtype]
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer, passed in and returned by the forward (a plain pytree).
+
+  k, v:      tuples of L arrays (B, S, K, H); slot s holds the key/value of the token written at s.
+  valid_BxS: bool, True where slot s holds a real (non-padding) token.
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  valid_BxS: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  """An empty cache of `max_len` slots (no valid key), in `dtype` (default: the compute dtype)."""
+  dtype = cfg.compute_dtype if dtype is None else dtype
+  shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+  return KVCache(k=zeros, v=zeros, valid_BxS=jnp.zeros((batch, max_len), bool))
+
+
+def positions_from_valid(valid_BxT: jax.Array) -> jax.Array:
+  """Position ids that skip padding: max(cumsum(valid) - 1, 0), int32 (B, T)."""
+  return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, HF rotate-half convention, computed in float32.
+
+  With x = [x1, x2] split in halves and angles phi_i = pos * theta^(-2i/H), i < H/2:
+      rope(x) = [x1 cos(phi) - x2 sin(phi), x2 cos(phi) + x1 sin(phi)].
+  """
+  h = x_BxTxNxH.shape[-1]
+  inv_freq_Hh = theta ** (-2.0 * jnp.arange(h // 2, dtype=jnp.float32) / h)
+  phi_BxTx1xHh = (positions_BxT.astype(jnp.float32)[..., None] * inv_freq_Hh)[:, :, None, :]
+  cos, sin = jnp.cos(phi_BxTx1xHh), jnp.sin(phi_BxTx1xHh)
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x^2, last axis) + eps) * scale, in float32, returned in the compute dtype."""
+
+  def __init__(self, dim: int, cfg: ModelConfig):
+    self.scale = nnx.Param(jnp.ones((dim,), cfg.storage_dtype))
+    self.eps = cfg.norm_eps
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def _dense(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> Dense:
+  return Dense(d_in, d_out, use_bias=False, dtype=cfg.compute_dtype,
+               param_dtype=cfg.storage_dtype, kernel_init=_INIT, rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with per-head q/k RMSNorm and rotary positions (Qwen3)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    n, k, h, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+    self.q_proj = _dense(cfg, d, n * h, rngs)
+    self.k_proj = _dense(cfg, d, k * h, rngs)
+    self.v_proj = _dense(cfg, d, k * h, rngs)
+    self.o_proj = _dense(cfg, n * h, d, rngs)
+    self.q_norm = RMSNorm(h, cfg)
+    self.k_norm = RMSNorm(h, cfg)
+    self.cfg = cfg
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, cache_index):
+    """softmax(q k^T / sqrt(H) + mask) v over the keys of `kv_cache` (after writing the T new ones).
+
+    kv_cache: None (keys are the T inputs) or a layer's `(k_BxSxKxH, v_BxSxKxH)`, to which the new
+    keys/values are written at slots [cache_index, cache_index + T). Returns (out_BxTxD, new kv).
+    """
+    cfg = self.cfg
+    b, t, _ = x_BxTxD.shape
+    n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q_BxTxNxH = self.q_norm(self.q_proj(x_BxTxD).reshape(b, t, n, h))
+    k_BxTxKxH = self.k_norm(self.k_proj(x_BxTxD).reshape(b, t, k, h))
+    v_BxTxKxH = self.v_proj(x_BxTxD).reshape(b, t, k, h)
+    q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
+    k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+    if kv_cache is None:
+      k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+    else:
+      k_cache_BxSxKxH, v_cache_BxSxKxH = kv_cache
+      start = (0, cache_index, 0, 0)
+      k_BxSxKxH = jax.lax.dynamic_update_slice(
+          k_cache_BxSxKxH, k_BxTxKxH.astype(k_cache_BxSxKxH.dtype), start)
+      v_BxSxKxH = jax.lax.dynamic_update_slice(
+          v_cache_BxSxKxH, v_BxTxKxH.astype(v_cache_BxSxKxH.dtype), start)
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+    logits_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH,
+                                  k_BxSxKxH.astype(q_BxTxKxGxH.dtype)).astype(jnp.float32)
+    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS * h ** -0.5,
+                                 _MASK_VALUE)
+    probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(cfg.compute_dtype)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS,
+                               v_BxSxKxH.astype(cfg.compute_dtype))
+    return self.o_proj(out_BxTxKxGxH.reshape(b, t, n * h)), (k_BxSxKxH, v_BxSxKxH)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.gate_proj = _dense(cfg, cfg.d_model, cfg.mlp_dim, rngs)
+    self.up_proj = _dense(cfg, cfg.d_model, cfg.mlp_dim, rngs)
+    self.down_proj = _dense(cfg, cfg.mlp_dim, cfg.d_model, rngs)
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.d_model, cfg)
+    self.self_attn = Attention(cfg, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, cache_index):
+    attn_BxTxD, kv_cache = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT,
+                                          mask_BxTxS, kv_cache, cache_index)
+    h_BxTxD = x_BxTxD + attn_BxTxD
+    return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD)), kv_cache
+
+
+class Transformer(nnx.Module):
+  """The decoder: `model(tokens, positions, valid, cache=None, cache_index=None)`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                                  param_dtype=cfg.storage_dtype, embedding_init=_INIT, rngs=rngs)
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    self.norm = RMSNorm(cfg.d_model, cfg)
+    self.lm_head = None if cfg.tie_embeddings else _dense(cfg, cfg.d_model, cfg.vocab_size, rngs)
+
+  def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, valid_BxT: jax.Array,
+               cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
+               ) -> tuple[jax.Array, KVCache | None]:
+    """Logits of the next token at every input position.
+
+    Args:
+      tokens_BxT: int32 token ids. positions_BxT: int32 position ids (`positions_from_valid`).
+      valid_BxT: bool/float mask of real tokens; invalid keys are never attended to.
+      cache: optional `KVCache`; the T new keys/values and validity are written at slots
+        [cache_index, cache_index + T) and query t (slot cache_index + t) attends to the valid
+        slots s <= cache_index + t. Without a cache, query t attends to valid keys s <= t.
+      cache_index: int or int32 scalar, required with `cache`.
+
+    Returns:
+      `(logits_BxTxV float32, new_cache)`, `new_cache` None when `cache` is None.
+    """
+    _, t = tokens_BxT.shape
+    valid_BxT = valid_BxT.astype(bool)
+    if cache is None:
+      key_valid_BxS, query_slot_T, kv_caches = valid_BxT, jnp.arange(t), [None] * len(self.layers)
+    else:
+      if cache_index is None:
+        raise ValueError("cache_index is required with a cache")
+      cache_index = jnp.asarray(cache_index, jnp.int32)
+      key_valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, valid_BxT, (0, cache_index))
+      query_slot_T = cache_index + jnp.arange(t)
+      kv_caches = list(zip(cache.k, cache.v))
+    key_slot_S = jnp.arange(key_valid_BxS.shape[1])
+    causal_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
+    self_TxS = key_slot_S[None, :] == query_slot_T[:, None]
+    mask_BxTxS = (causal_TxS[None] & key_valid_BxS[:, None, :]) | self_TxS[None]
+
+    x_BxTxD = self.embed_tokens(tokens_BxT)
+    new_kv = []
+    for layer, kv in zip(self.layers, kv_caches):
+      x_BxTxD, kv = layer(x_BxTxD, positions_BxT, mask_BxTxS, kv, cache_index)
+      new_kv.append(kv)
+    x_BxTxD = self.norm(x_BxTxD)
+    if self.lm_head is None:
+      logits_BxTxV = self.embed_tokens.attend(x_BxTxD)
+    else:
+      logits_BxTxV = self.lm_head(x_BxTxD)
+    new_cache = None if cache is None else KVCache(
+        k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv), valid_BxS=key_valid_BxS)
+    return logits_BxTxV.astype(jnp.float32), new_cache
+
+
+def make_model(cfg: ModelConfig, seed: int) -> Transformer:
+  """A freshly initialised decoder: N(0, 0.02^2) kernels and embeddings, unit norm scales."""
+  return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def token_logprobs(model: Transformer, tokens_BxT: jax.Array, valid_BxT: jax.Array,
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Teacher-forced log-probabilities and predictive entropies: THE policy log-prob.
+
+  With p_t = softmax(logits_t) the model's distribution of token t+1 given tokens[:, :t+1]
+  (positions from `positions_from_valid(valid_BxT)`):
+      logp[:, t]    = log p_t(tokens[:, t+1]),
+      entropy[:, t] = -sum_v p_t(v) log p_t(v),          t = 0 .. T-2.
+  Both are float32 (B, T-1) and unmasked: callers mask with valid_BxT[:, 1:] (or a response mask).
+  """
+  logits_BxTxV, _ = model(tokens_BxT, positions_from_valid(valid_BxT), valid_BxT)
+  logp_BxTmxV = jax.nn.log_softmax(logits_BxTxV[:, :-1], axis=-1)
+  logp_BxTm = jnp.take_along_axis(logp_BxTmxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+  entropy_BxTm = -jnp.sum(jnp.exp(logp_BxTmxV) * logp_BxTmxV, axis=-1)
+  return logp_BxTm, entropy_BxTm

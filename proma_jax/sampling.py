@@ -1,0 +1,110 @@
+"""Jit-compiled batched autoregressive sampling with the model's KV cache.
+
+The left-padded prompt is prefilled once into a cache of P + max_new_tokens slots; then a
+`lax.while_loop` emits one token per step, feeding it back through the cache (no recompute of the
+prefix), and stops as soon as every sequence has emitted EOS.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from proma_jax.model import init_cache, positions_from_valid
+
+
+class Rollout(NamedTuple):
+  """Prompts and their sampled completions (T = P + L, L = max_new_tokens).
+
+  tokens_BxT:        int32 prompt followed by the response; response tokens after EOS are pad_id.
+  valid_BxT:         float32, 1 for real prompt tokens and for response tokens up to and
+                     including the first EOS, 0 for prompt padding and everything after EOS.
+  response_mask_BxL: float32, valid_BxT[:, P:].
+  logprobs_BxL:      float32 log pi(y_t | prefix) of each generated token under the model's
+                     UNSCALED distribution (temperature 1, whatever the sampling temperature), i.e.
+                     `model.token_logprobs(...)[0][:, P-1:]` on the same tokens; 0 where masked.
+  """
+
+  tokens_BxT: jax.Array
+  valid_BxT: jax.Array
+  response_mask_BxL: jax.Array
+  logprobs_BxL: jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("max_new_tokens", "eos_id", "pad_id", "temperature", "greedy"))
+def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_BxP: jax.Array,
+           prompt_valid_BxP: jax.Array, key: jax.Array, *, max_new_tokens: int, eos_id: int,
+           pad_id: int, temperature: float = 1.0, greedy: bool = False) -> Rollout:
+  """Sample `max_new_tokens` tokens per prompt: y_t ~ softmax(logits_t / temperature), or argmax.
+
+  Args:
+    graphdef, params: `nnx.split(model)` of a `model.Transformer` (params is the full state).
+      `graphdef` is static: a new model structure recompiles.
+    prompt_BxP: int32 left-padded prompts; prompt_valid_BxP: their mask of real tokens (every
+      prompt needs at least one).
+    key: PRNG key; step t samples with `fold_in(key, t)`.
+    max_new_tokens, eos_id, pad_id, temperature, greedy: static (each new value recompiles).
+      `greedy=True` is argmax decoding and ignores `temperature` and `key`.
+
+  Returns:
+    A `Rollout`. The loop ends early once every sequence has emitted EOS; the remaining response
+    slots are pad_id and masked.
+
+  Example:
+    graphdef, params = nnx.split(model)
+    rollout = sample(graphdef, params, prompt_BxP, valid_BxP, key, max_new_tokens=32,
+                     eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=1.0)
+  """
+  model = nnx.merge(graphdef, params)
+  b, p = prompt_BxP.shape
+  t_total = p + max_new_tokens
+  if t_total > model.cfg.max_len:
+    raise ValueError(f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds "
+                     f"ModelConfig.max_len={model.cfg.max_len}")
+  if not greedy and temperature <= 0:
+    raise ValueError(f"temperature must be positive for sampling, got {temperature}")
+
+  prompt_valid_BxP = prompt_valid_BxP.astype(bool)
+  logits_BxPxV, cache = model(prompt_BxP, positions_from_valid(prompt_valid_BxP),
+                              prompt_valid_BxP, cache=init_cache(model.cfg, b, t_total),
+                              cache_index=0)
+
+  def not_finished(state):
+    step, _, _, _, done_B, _, _, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done_B)
+
+  def decode_step(state):
+    step, cache, logits_BxV, position_B, done_B, tokens_BxL, mask_BxL, logp_BxL = state
+    if greedy:
+      token_B = jnp.argmax(logits_BxV, axis=-1)
+    else:
+      token_B = jax.random.categorical(jax.random.fold_in(key, step), logits_BxV / temperature)
+    alive_B = ~done_B
+    token_B = jnp.where(alive_B, token_B, pad_id).astype(jnp.int32)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None],
+                                 axis=-1)[:, 0]
+    tokens_BxL = tokens_BxL.at[:, step].set(token_B)
+    mask_BxL = mask_BxL.at[:, step].set(alive_B.astype(jnp.float32))
+    logp_BxL = logp_BxL.at[:, step].set(jnp.where(alive_B, logp_B, 0.0))
+    done_B = done_B | (token_B == eos_id)
+    next_logits_Bx1xV, cache = model(token_B[:, None], position_B[:, None], alive_B[:, None],
+                                     cache=cache, cache_index=p + step)
+    return (step + 1, cache, next_logits_Bx1xV[:, 0], position_B + 1, done_B, tokens_BxL,
+            mask_BxL, logp_BxL)
+
+  init = (jnp.int32(0), cache, logits_BxPxV[:, -1],
+          jnp.sum(prompt_valid_BxP, axis=1, dtype=jnp.int32), jnp.zeros((b,), bool),
+          jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+          jnp.zeros((b, max_new_tokens), jnp.float32), jnp.zeros((b, max_new_tokens), jnp.float32))
+  _, _, _, _, _, tokens_BxL, mask_BxL, logp_BxL = jax.lax.while_loop(
+      not_finished, decode_step, init)
+  return Rollout(
+      tokens_BxT=jnp.concatenate([prompt_BxP.astype(jnp.int32), tokens_BxL], axis=1),
+      valid_BxT=jnp.concatenate([prompt_valid_BxP.astype(jnp.float32), mask_BxL], axis=1),
+      response_mask_BxL=mask_BxL,
+      logprobs_BxL=logp_BxL)
