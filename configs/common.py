@@ -1,0 +1,46 @@
+"""Defaults shared by every experiment config; `configs/<task>.py` override what differs."""
+
+import ml_collections
+
+ALGORITHMS = ("reinforce", "grpo", "proma", "proma_intra", "proma_both")
+
+
+def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
+  """The full set of fields; every one can be overridden on the command line (--config.x.y=...)."""
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"config algorithm {algorithm!r} is unknown; expected one of {ALGORITHMS}")
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.task_kwargs = ml_collections.ConfigDict()
+  c.algorithm = algorithm
+  c.seed = 0
+  c.steps = 40                         # RL steps; each = one rollout batch
+
+  c.model = ml_collections.ConfigDict(dict(
+      d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=192,
+      tie_embeddings=True, dtype="float32", param_dtype="float32", seed=0))
+
+  c.rollout = ml_collections.ConfigDict(dict(
+      prompts_per_step=16, group_size=4, temperature=1.0, extra_new_tokens=2))
+
+  # One RL step: the rollout batch is split into `num_minibatches` optimizer steps (later ones are
+  # off-policy), each made of `num_microbatches` microbatches accumulated by the same code path.
+  c.train = ml_collections.ConfigDict(dict(num_minibatches=2, num_microbatches=4))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-4, b1=0.9, b2=0.99, weight_decay=0.0, max_grad_norm=1.0))
+
+  c.grpo = ml_collections.ConfigDict(dict(eps_low=0.2, eps_high=0.2, dual_clip=3.0))
+
+  c.proma = ml_collections.ConfigDict(dict(
+      shrinkage=1.0, ridge=1e-2, relative_bound=ml_collections.FieldReference(None, float),
+      skip_fraction=0.0, solver="exact", scope="all",
+      rank=10, intra_shrinkage=1.0, power_iters=1))
+
+  c.eval = ml_collections.ConfigDict(dict(every=5, num_examples=128, seed=12345))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=10, max_to_keep=3))
+
+  # Supervised warm start, shared by every RL run of the same task and model (cached on disk).
+  c.sft = ml_collections.ConfigDict(dict(
+      steps=300, batch_size=64, lr=3e-3, seed=0, checkpoint_dir="checkpoints/warm_start"))
+  return c

@@ -1,0 +1,18 @@
+"""String reversal (train: lengths 2-5; val: lengths 5-6, i.e. the longest train length and one beyond).
+
+python -m proma_jax.train --config=configs/reverse.py:grpo --workdir=runs/reverse_grpo
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import base_config  # noqa: E402
+
+
+def get_config(algorithm: str = "proma"):
+  c = base_config("reverse", algorithm)
+  c.task_kwargs.train_lengths = (2, 5)
+  c.task_kwargs.val_lengths = (5, 6)
+  c.sft.steps, c.sft.lr = 100, 1e-3  # lands the warm start at a partial train reward
+  return c
