@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from proma_jax import policy as policy_lib
@@ -103,7 +103,12 @@ def load_or_train(config: ml_collections.ConfigDict) -> tuple[policy_lib.Policy,
 def main():
   config = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
   flags.mark_flags_as_required(["config"])
-  app.run(lambda argv: load_or_train(config.value))
+  def _main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    load_or_train(config.value)
+
+  app.run(_main)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import proma_jax
@@ -352,7 +352,12 @@ def main():
       "config", None, "Experiment config (configs/<task>.py:<algorithm>).")
   workdir = flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, run.json, checkpoints/.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(lambda argv: run(config.value, workdir.value))
+  def _main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines off the console
+    run(config.value, workdir.value)
+
+  app.run(_main)
 
 
 if __name__ == "__main__":
