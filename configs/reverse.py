@@ -14,5 +14,5 @@ def get_config(algorithm: str = "proma"):
   c = base_config("reverse", algorithm)
   c.task_kwargs.train_lengths = (2, 5)
   c.task_kwargs.val_lengths = (5, 6)
-  c.sft.steps, c.sft.lr = 100, 1e-3  # lands the warm start at a partial train reward
+  c.sft.steps, c.sft.lr = 150, 1e-3  # lands the warm start at a partial train reward
   return c
