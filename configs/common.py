@@ -35,7 +35,7 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
   c.proma = ml_collections.ConfigDict(dict(
       shrinkage=1.0, ridge=1e-2, relative_bound=ml_collections.FieldReference(None, float),
       skip_fraction=0.0, solver="exact", scope="all",
-      rank=10, intra_shrinkage=1.0, power_iters=1))
+      rank=10, intra_shrinkage=1.0, power_iters=1, range_finder_seed=0))
 
   c.eval = ml_collections.ConfigDict(dict(every=5, num_examples=128, seed=12345))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, max_to_keep=3))

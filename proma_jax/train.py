@@ -95,13 +95,16 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
 
 def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
   """AdamW with global-norm clipping behind the microbatch accumulator of `c.algorithm`."""
+  # The learning rate lives in the optimizer state (inject_hyperparams), not in the compiled
+  # program, so runs that differ only in lr or seed share one compilation (see `_trainer_for`).
   inner = optax.chain(optax.clip_by_global_norm(c.optim.max_grad_norm),
-                      optax.adamw(c.optim.lr, b1=c.optim.b1, b2=c.optim.b2,
-                                  weight_decay=c.optim.weight_decay))
+                      optax.inject_hyperparams(optax.adamw)(
+                          learning_rate=c.optim.lr, b1=c.optim.b1, b2=c.optim.b2,
+                          weight_decay=c.optim.weight_decay))
   m, p = c.train.num_microbatches, c.proma
   accumulation = dict(shrinkage=p.shrinkage, ridge=p.ridge, relative_bound=p.relative_bound,
                       skip_fraction=p.skip_fraction, solver=p.solver)
-  intra = dict(rank=p.rank, power_iters=p.power_iters, seed=c.seed)
+  intra = dict(rank=p.rank, power_iters=p.power_iters, seed=p.range_finder_seed)
   if c.algorithm == "proma":
     return proma_jax.proma_accumulation(inner, m, **accumulation)
   if c.algorithm == "proma_intra":
@@ -178,9 +181,9 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
 # One RL step.
 
 
-def step_examples(c: ml_collections.ConfigDict, policy: policy_lib.Policy, step: int):
+def step_examples(c: ml_collections.ConfigDict, policy: policy_lib.Policy, step: int, seed: int):
   """The step's prompts, each repeated group_size times (a deterministic function of seed, step)."""
-  prompts = policy.task.train_examples(c.rollout.prompts_per_step, seed=c.seed * 1_000_003 + step)
+  prompts = policy.task.train_examples(c.rollout.prompts_per_step, seed=seed * 1_000_003 + step)
   return [ex for ex in prompts for _ in range(c.rollout.group_size)]
 
 
@@ -189,7 +192,11 @@ def _slice(tree: dict, idx: np.ndarray) -> dict:
 
 
 class Trainer:
-  """Holds the compiled functions of one run; `step` advances params and opt_state by one RL step."""
+  """The compiled functions of a config; `step` advances params and opt_state by one RL step.
+
+  Nothing compiled depends on `c.seed` or `c.optim.lr` (both arrive at run time), so one Trainer
+  serves every seed and learning rate of an otherwise identical config.
+  """
 
   def __init__(self, c: ml_collections.ConfigDict, policy: policy_lib.Policy, init_params: dict):
     validate_config(c)
@@ -203,11 +210,14 @@ class Trainer:
   def evaluate(self, params: dict) -> float:
     return policy_lib.greedy_accuracy(self.policy, params, self.val_examples)
 
-  def step(self, params: dict, opt_state, step: int):
+  def init_opt_state(self, params: dict, lr: float):
+    return optax.tree.set(self.tx.init(params), learning_rate=jnp.asarray(lr, jnp.float32))
+
+  def step(self, params: dict, opt_state, step: int, seed: int):
     c, policy = self.c, self.policy
     t0 = time.perf_counter()
-    key = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
-    examples = step_examples(c, policy, step)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    examples = step_examples(c, policy, step, seed)
     rollout = policy_lib.generate(policy, params, examples, key, temperature=c.rollout.temperature)
     rewards = policy_lib.rewards(policy, rollout, examples)
     advantages = losses.group_advantages(jnp.asarray(rewards), c.rollout.group_size)
@@ -293,20 +303,41 @@ def _to_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+_RUNTIME_FIELDS = ("seed", "steps", "optim.lr", "checkpoint")
+_TRAINERS: dict[str, tuple[Trainer, dict]] = {}
+
+
+def _trainer_for(c: ml_collections.ConfigDict) -> tuple[Trainer, dict]:
+  """(Trainer, warm-start summary), reused within the process for configs that differ only in
+  seed, steps, learning rate or checkpointing (a sweep compiles once per task and algorithm)."""
+  static = _to_json(c)
+  for field in _RUNTIME_FIELDS:
+    *parents, leaf = field.split(".")
+    node = static
+    for parent in parents:
+      node = node[parent]
+    node.pop(leaf)
+  key = json.dumps(static, sort_keys=True)
+  if key not in _TRAINERS:
+    policy, warm_params, warm_summary = sft.load_or_train(c)
+    _TRAINERS[key] = (Trainer(c, policy, warm_params), warm_summary)
+  return _TRAINERS[key]
+
+
 def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> list[dict]:
   """Trains `c.steps` RL steps in `workdir`, resuming from its latest checkpoint. Returns the
   metrics records written by this call (one per step, plus the step-0 validation record)."""
   validate_config(c)
   os.makedirs(workdir, exist_ok=True)
-  policy, warm_params, warm_summary = sft.load_or_train(c)
-  trainer = Trainer(c, policy, warm_params)
+  trainer, warm_summary = _trainer_for(c)
+  warm_params = trainer.init_params
   meta = {"algorithm": c.algorithm, "task": c.task, "lr": c.optim.lr, "seed": c.seed,
           "warm_start": warm_summary, "config": _to_json(c)}
   run_json = os.path.join(workdir, "run.json")
   with open(run_json, "w") as f:
     json.dump(meta, f, indent=1)
 
-  params, opt_state, start = warm_params, trainer.tx.init(warm_params), 0
+  params, opt_state, start = warm_params, trainer.init_opt_state(warm_params, c.optim.lr), 0
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.max_to_keep)
   restored = checkpointer.restore({"params": params, "opt_state": opt_state})
   if restored is not None:
@@ -330,7 +361,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
     last_val = None
     step = start
     for step in bar:
-      params, opt_state, metrics = trainer.step(params, opt_state, step)
+      params, opt_state, metrics = trainer.step(params, opt_state, step, c.seed)
       done = step + 1
       if done % c.eval.every == 0 or done == c.steps:
         last_val = metrics["val/accuracy"] = trainer.evaluate(params)
