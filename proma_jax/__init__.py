@@ -1,7 +1,17 @@
 """proma_jax: Projected Microbatch Accumulation (PROMA, arXiv 2601.10498) in JAX/Optax."""
 
-from proma_jax.capture import Dense, DenseFactors, grads_and_dense_factors
-from proma_jax.seqgrads import policy_gradient_and_sequence_gradients, sequence_gradients
+from proma_jax.capture import (
+    Dense,
+    DenseFactors,
+    grads_and_dense_factors,
+    grads_and_sequence_statistics,
+)
+from proma_jax.seqgrads import (
+    DenseSequenceFactors,
+    choose_dense_path,
+    policy_gradient_and_sequence_gradients,
+    sequence_gradients,
+)
 from proma_jax.transforms import (
     AccumulationOptions,
     IntraOptions,
@@ -16,9 +26,12 @@ __all__ = [
     "AccumulationOptions",
     "Dense",
     "DenseFactors",
+    "DenseSequenceFactors",
     "IntraOptions",
     "ProMAState",
+    "choose_dense_path",
     "grads_and_dense_factors",
+    "grads_and_sequence_statistics",
     "policy_gradient_and_sequence_gradients",
     "proma_accumulation",
     "proma_both",

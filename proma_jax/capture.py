@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from proma_jax import seqgrads
+
 INPUTS = "dense_inputs"
 OUTPUT_PERTURBATION = "dense_outputs"
 
@@ -87,7 +89,7 @@ def grads_and_dense_factors(
     factor_loss_fn: optional `factor_loss_fn(model, *args) -> scalar` whose output gradients the
       factors hold instead of the loss's, e.g. the advantage-free log-prob objective whose K-FAC
       Fisher intra-PROMA approximates (DESIGN section 4). Both share one forward pass: the
-      backward pass is run for the two scalars at once (`jax.vjp` vmapped over two cotangents).
+      backward pass is run once per scalar, each keeping only what it is used for.
 
   Returns:
     `(loss_or_(loss, aux), grads, factors)`: `grads` is the pure-dict gradient of all `nnx.Param`s;
@@ -118,9 +120,11 @@ def grads_and_dense_factors(
         params, zero_perturbations)
   else:
     _, vjp_fn, (out, inputs) = jax.vjp(run, params, zero_perturbations, has_aux=True)
-    (param_grads2, output_grads2) = jax.vmap(vjp_fn)(jnp.eye(2, dtype=jnp.float32))
-    param_grads = jax.tree.map(lambda x: x[0], param_grads2)
-    output_grads = jax.tree.map(lambda x: x[1], output_grads2)
+    # Two plain backward calls, not one vmapped over both cotangents: XLA drops the unused halves
+    # (output grads of the first, parameter grads of the second), and on CPU the batched backward
+    # was measured 5x slower than a single one (experiments/README.md, "Step-time benchmark").
+    param_grads, _ = vjp_fn(jnp.array([1.0, 0.0], jnp.float32))
+    _, output_grads = vjp_fn(jnp.array([0.0, 1.0], jnp.float32))
 
   grads = _pure(param_grads)
   inputs, output_grads = _pure(inputs), _pure(output_grads)
@@ -140,3 +144,94 @@ def grads_and_dense_factors(
       a = a * mask
     _set(factors, tuple(path) + ("kernel",), DenseFactors(a, g))
   return out, grads, factors
+
+
+SEQUENCE_SCOPES = ("all", "dense")
+
+
+def grads_and_sequence_statistics(
+    loss_fn: Callable[[nnx.Module, Any], Any],
+    seq_objective_fn: Callable[[nnx.Module, Any], jax.Array],
+    model: nnx.Module,
+    batch: Any,
+    *,
+    token_mask: jax.Array | None = None,
+    has_aux: bool = False,
+    scope: str = "all",
+    dense_path: str = "auto",
+) -> tuple[Any, dict, dict]:
+  """Loss, policy gradient and the `seq_grads` of the PROMA transforms, in one pass (call under jit).
+
+  One forward pass serves the loss and the advantage-free objective sum_i f_i; one backward pass
+  (two cotangents, `grads_and_dense_factors`) gives the true gradient of the loss for EVERY leaf
+  and each `Dense` layer's inputs A and output gradients G of sum_i f_i. Sequences do not interact,
+  so the rows of G for sequence i are those of grad f_i and S_i = A_i^T G_i. Per dense kernel,
+  `seqgrads.choose_dense_path(T, d_in, d_out, dense_path)` picks:
+    "matrix_free":  a `DenseSequenceFactors(A, G, segment_ids, n_seq)`; no S_i is ever formed.
+    "materialise":  the stacked S_i = A_i^T G_i, (n_seq, d_in, d_out), by one batched matmul.
+  Every other leaf (embeddings, norms, biases, kernels of layers the objective does not reach) gets
+  its stacked per-sequence gradients by `jax.vmap(jax.grad(f_i))` over the sequences with scope
+  "all" (a second forward/backward, differentiating those leaves only), or None with scope "dense".
+
+  Args:
+    loss_fn: `loss_fn(model, batch)`, the microbatch policy loss: a scalar, or (scalar, aux).
+    seq_objective_fn: `seq_objective_fn(model, batch) -> (n_seq,)` the advantage-free sequence
+      objectives f_i (e.g. `losses.sequence_logprob` of the model's token log-probabilities).
+    batch: a pytree of arrays whose leading axis is the sequence axis (n_seq).
+    token_mask: optional (n_seq, T) mask of real tokens; padding rows of A are zeroed.
+    The dense layers must see inputs laid out (n_seq, ..., d_in), sequence axis leading.
+
+  Returns:
+    `(loss_or_(loss, aux), grads, seq_grads)`, grads and seq_grads pure dicts like the model's params.
+  """
+  if scope not in SEQUENCE_SCOPES:
+    raise ValueError(f"unknown scope {scope!r}; expected one of {SEQUENCE_SCOPES}")
+  n_seq = jax.tree.leaves(batch)[0].shape[0]
+  out, grads, factors = grads_and_dense_factors(
+      loss_fn, model, batch, token_mask=token_mask, has_aux=has_aux,
+      factor_loss_fn=lambda m, b: jnp.sum(seq_objective_fn(m, b)))
+
+  paths_grads, grads_def = jax.tree_util.tree_flatten_with_path(grads)
+  factor_leaves = grads_def.flatten_up_to(factors)
+  seq_leaves = []
+  for (path, g), f in zip(paths_grads, factor_leaves):
+    if f is None:
+      seq_leaves.append(None)
+      continue
+    n_tok = f.activations.shape[0]
+    if n_tok % n_seq:
+      raise ValueError(f"Dense layer at {jax.tree_util.keystr(path)} saw {n_tok} tokens, not a "
+                       f"multiple of the {n_seq} sequences of the batch")
+    t, (d_in, d_out) = n_tok // n_seq, g.shape
+    if seqgrads.choose_dense_path(t, d_in, d_out, dense_path) == "matrix_free":
+      segment_ids = jnp.repeat(jnp.arange(n_seq, dtype=jnp.int32), t)
+      seq_leaves.append(seqgrads.DenseSequenceFactors(f.activations, f.output_grads, segment_ids,
+                                                      n_seq))
+    else:
+      seq_leaves.append(jnp.einsum("bti,bto->bio", f.activations.reshape(n_seq, t, d_in),
+                                   f.output_grads.reshape(n_seq, t, d_out)))
+
+  other = [idx for idx, f in enumerate(factor_leaves) if f is None]
+  if scope == "all" and other:
+    for idx, s in zip(other, _vmap_sequence_gradients(seq_objective_fn, model, batch, other)):
+      seq_leaves[idx] = s
+  return out, grads, grads_def.unflatten(seq_leaves)
+
+
+def _vmap_sequence_gradients(seq_objective_fn, model: nnx.Module, batch: Any,
+                             indices: list[int]) -> list[jax.Array]:
+  """Stacked per-sequence gradients of f_i w.r.t. the param leaves at `indices` (flattened order)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  leaves, params_def = jax.tree.flatten(nnx.to_pure_dict(params))
+
+  def objective(chosen, sequence):
+    full = list(leaves)
+    for idx, value in zip(indices, chosen):
+      full[idx] = value
+    state = jax.tree.map(lambda x: x, params)
+    nnx.replace_by_pure_dict(state, params_def.unflatten(full))
+    one = jax.tree.map(lambda x: x[None], sequence)
+    return seq_objective_fn(nnx.merge(graphdef, state, rest), one)[0]
+
+  chosen = [leaves[idx] for idx in indices]
+  return jax.vmap(jax.grad(objective), in_axes=(None, 0))(chosen, batch)

@@ -116,24 +116,55 @@ def bounded_scale(w_n: jax.Array, gram_nxn: jax.Array, reference_norm: jax.Array
   return p_norm, jnp.where(p_norm > cap, cap / jnp.maximum(p_norm, 1e-30), 1.0)
 
 
-def accumulation_step(r: jax.Array, m: jax.Array, raw_gram_nxn: jax.Array, raw_inner_n: jax.Array,
+def removed_component(r: jax.Array, m: jax.Array, raw_gram_nxn: jax.Array, raw_inner_n: jax.Array,
                       combine, *, shrinkage: float, ridge: float, relative_bound: float | None,
-                      solver: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One step of DESIGN section 3 for one leaf: R <- R - shrinkage * P + M.
+                      solver: str) -> tuple[jax.Array, jax.Array]:
+  """shrinkage * P_bounded(R), the part of R that DESIGN section 3 removes, and its norm.
 
   Args:
-    r: the accumulator R (float32), m: this microbatch's gradient M_m (float32).
+    r: the accumulator R (float32), m: this microbatch's gradient M_m (float32, for the bound).
     raw_gram_nxn, raw_inner_n: <S_i, S_j> and <R, S_i> of this microbatch's sequence gradients.
     combine: c_n -> sum_i c_i S_i, shaped like r.
   Returns:
-    (new R, ||shrinkage * P_bounded||, ||R||) for the reduction metric.
+    (shrinkage * P_bounded shaped like r, ||shrinkage * P_bounded||).
   """
   system = normalised_system(raw_gram_nxn, raw_inner_n)
   w_n = span_coefficients(system, ridge=ridge, solver=solver)
   p_norm, factor = bounded_scale(w_n, system.gram_nxn, jnp.linalg.norm(m), relative_bound)
   coeffs_n = (shrinkage * factor) * w_n * system.scale_n
-  removed = combine(coeffs_n).reshape(r.shape)
-  return r - removed + m, shrinkage * factor * p_norm, jnp.linalg.norm(r)
+  return combine(coeffs_n).reshape(r.shape), shrinkage * factor * p_norm
+
+
+def accumulation_step(r: jax.Array, m: jax.Array, raw_gram_nxn: jax.Array, raw_inner_n: jax.Array,
+                      combine, *, shrinkage: float, ridge: float, relative_bound: float | None,
+                      solver: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One step of DESIGN section 3 for one leaf: R <- R - shrinkage * P + M.
+
+  Arguments as `removed_component`. Returns (new R, ||shrinkage * P_bounded||, ||R||), the last two
+  for the reduction metric.
+  """
+  removed, removed_norm = removed_component(
+      r, m, raw_gram_nxn, raw_inner_n, combine, shrinkage=shrinkage, ridge=ridge,
+      relative_bound=relative_bound, solver=solver)
+  return r - removed + m, removed_norm, jnp.linalg.norm(r)
+
+
+def local_span_change(r: jax.Array, m_d: jax.Array, raw_gram_nxn: jax.Array,
+                      raw_inner_n: jax.Array, combine, *, shrinkage: float, ridge: float,
+                      relative_bound: float | None,
+                      solver: str) -> tuple[jax.Array, jax.Array]:
+  """Device d's change of R in local data-parallel mode: M^(d) - shrinkage * P^(d)(R).
+
+  P^(d) projects the (replicated) R onto the span of device d's own sequence gradients only; the
+  bound is taken against ||M^(d)||. Summed over devices, R <- R + sum_d (M^(d) - shrinkage P^(d)(R)).
+  This is an approximation of the projection onto the span of all the microbatch's sequences
+  (`accumulation_step`): it equals it when the devices' spans are mutually orthogonal, and with
+  correlated spans it removes the shared directions once per device. Returns (change, ||removed||).
+  """
+  removed, removed_norm = removed_component(
+      r, m_d, raw_gram_nxn, raw_inner_n, combine, shrinkage=shrinkage, ridge=ridge,
+      relative_bound=relative_bound, solver=solver)
+  return m_d - removed, removed_norm
 
 
 def row_space_basis(x_nxd: jax.Array, k: int, key: jax.Array, power_iters: int = 1) -> jax.Array:

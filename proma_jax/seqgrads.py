@@ -1,4 +1,4 @@
-"""Per-sequence statistics for PROMA: the vmap path (DESIGN sections 2 and 6).
+"""Per-sequence statistics for PROMA: the vmap path and the matrix-free dense path (DESIGN 2, 6).
 
 The sequence gradient S_i is the gradient of the sequence objective f_i (the normalised
 log-probability of sequence i's response tokens, or its ratio-weighted form with stale data),
@@ -6,13 +6,14 @@ without the advantage. The microbatch policy gradient the optimizer minimises is
 loss = -sum_i A_i f_i, so grads = -sum_i A_i S_i. Both come from one jitted pass: per-sequence
 gradients by `jax.vmap(jax.grad(f))`, and their advantage-weighted sum.
 
-This path materialises n_seq copies of every leaf; it serves every kind of leaf and is the oracle
-for the matrix-free dense path.
+The vmap path materialises n_seq copies of every leaf; it serves every kind of leaf and is the
+oracle for the matrix-free dense path below, which gets the same statistics of a dense kernel from
+its layer inputs and output gradients without forming any S_i.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,3 +49,117 @@ def policy_gradient_and_sequence_gradients(
       lambda s, p: (-jnp.tensordot(advantages_n, s.astype(jnp.float32), axes=1)).astype(p.dtype),
       seq_grads, params)
   return loss, grads, seq_grads
+
+
+# ---------------------------------------------------------------------------------------------
+# Matrix-free statistics of a dense kernel (DESIGN section 6).
+#
+# For y = x W with W (d_in x d_out) and one microbatch, A (n_tok x d_in) holds the layer inputs and
+# G (n_tok x d_out) the gradients of the advantage-free objective sum_i f_i w.r.t. the layer outputs.
+# Sequences do not interact, so the rows of G for the tokens of sequence i are those of grad f_i and
+#   S_i = A_i^T G_i.
+# With E (n_tok x n_seq) the one-hot matrix of the tokens' sequence ids:
+#   <S_i, S_j> = sum((A_i A_j^T) * (G_i G_j^T))   ->  gram = E^T ((A A^T) * (G G^T)) E
+#   <R, S_i>   = sum_{t in i} a_t^T R g_t          ->  inner = E^T rowsum((A R) * G)
+#   sum_i c_i S_i = A^T ((E c) * G)                 (one matmul, like a backward pass)
+# No S_i is ever formed. Tokens whose id is outside [0, n_seq) have a zero row in E: padding.
+
+DENSE_PATHS = ("auto", "matrix_free", "materialise")
+
+
+class DenseSequenceFactors(NamedTuple):
+  """The sequence gradients S_i = A_i^T G_i of one dense kernel, in factored (matrix-free) form.
+
+  activations:   (n_tok, d_in)  layer inputs A.
+  output_grads:  (n_tok, d_out) gradients G of the advantage-free objective sum_i f_i w.r.t. the
+                 layer outputs.
+  segment_ids:   (n_tok,) int, each token's sequence index; ids outside [0, num_sequences) mark
+                 padding tokens, which contribute nothing (as do zero rows of A or G).
+  num_sequences: n_seq, a static Python int (pytree auxiliary data, so it survives `jax.jit`).
+
+  Pass it as the `seq_grads` leaf of a 2-D kernel instead of the stacked (n_seq, d_in, d_out) array.
+  """
+
+  activations: jax.Array
+  output_grads: jax.Array
+  segment_ids: jax.Array
+  num_sequences: int
+
+
+jax.tree_util.register_pytree_with_keys(
+    DenseSequenceFactors,
+    lambda f: (((jax.tree_util.GetAttrKey("activations"), f.activations),
+                 (jax.tree_util.GetAttrKey("output_grads"), f.output_grads),
+                 (jax.tree_util.GetAttrKey("segment_ids"), f.segment_ids)), int(f.num_sequences)),
+    lambda num_sequences, children: DenseSequenceFactors(*children, num_sequences),
+)
+
+
+def _float32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _one_hot_nxs(factors: DenseSequenceFactors) -> jax.Array:
+  """E (n_tok x n_seq): E[t, i] = 1 iff token t belongs to sequence i (zero row for padding ids)."""
+  return jax.nn.one_hot(factors.segment_ids, factors.num_sequences, dtype=jnp.float32)
+
+
+def dense_sequence_gram(factors: DenseSequenceFactors, chunk_size: int | None = None) -> jax.Array:
+  """<S_i, S_j> = sum((A_i A_j^T) * (G_i G_j^T)) for all pairs: E^T ((A A^T) * (G G^T)) E.
+
+  Costs n_tok^2 (d_in + d_out) multiply-adds. The token rows are processed `chunk_size` at a time
+  (default: ceil(n_tok / n_seq), one sequence's worth), so the transient memory is
+  2 chunk_size n_tok floats instead of 2 n_tok^2.
+  """
+  a_nxi, g_nxo = _float32(factors.activations), _float32(factors.output_grads)
+  e_nxs = _one_hot_nxs(factors)
+  n_tok = a_nxi.shape[0]
+  chunk = -(-n_tok // factors.num_sequences) if chunk_size is None else chunk_size
+  chunk = max(1, min(chunk, n_tok))
+  num_chunks = -(-n_tok // chunk)
+  pad = num_chunks * chunk - n_tok
+  pad_rows = lambda x: jnp.pad(x, ((0, pad), (0, 0))).reshape(num_chunks, chunk, x.shape[1])
+  chunks = (pad_rows(a_nxi), pad_rows(g_nxo), pad_rows(e_nxs))
+
+  def add_chunk(gram_sxs, chunk_rows):
+    a_cxi, g_cxo, e_cxs = chunk_rows
+    products_cxn = (a_cxi @ a_nxi.T) * (g_cxo @ g_nxo.T)
+    return gram_sxs + e_cxs.T @ (products_cxn @ e_nxs), None
+
+  gram_sxs, _ = jax.lax.scan(add_chunk, jnp.zeros((e_nxs.shape[1],) * 2, jnp.float32), chunks)
+  return 0.5 * (gram_sxs + gram_sxs.T)
+
+
+def dense_sequence_inner(r_ixo: jax.Array, factors: DenseSequenceFactors) -> jax.Array:
+  """<R, S_i> = sum_{t in i} a_t^T R g_t: E^T rowsum((A R) * G). One matmul, n_tok d_in d_out."""
+  a_nxi, g_nxo = _float32(factors.activations), _float32(factors.output_grads)
+  per_token_n = jnp.sum((a_nxi @ _float32(r_ixo)) * g_nxo, axis=1)
+  return per_token_n @ _one_hot_nxs(factors)
+
+
+def dense_statistics(r_ixo: jax.Array,
+                     factors: DenseSequenceFactors) -> tuple[jax.Array, jax.Array]:
+  """(<S_i, S_j>, <R, S_i>) of a dense kernel without forming S_i; as `projection.stacked_statistics`."""
+  return dense_sequence_gram(factors), dense_sequence_inner(r_ixo, factors)
+
+
+def dense_combination(coeffs_s: jax.Array, factors: DenseSequenceFactors) -> jax.Array:
+  """sum_i c_i S_i = A^T ((E c) * G): (d_in, d_out), one matmul; as `projection.stacked_combination`."""
+  coeffs_n = _one_hot_nxs(factors) @ coeffs_s.astype(jnp.float32)
+  return _float32(factors.activations).T @ (coeffs_n[:, None] * _float32(factors.output_grads))
+
+
+def choose_dense_path(n_tokens_per_seq: int, d_in: int, d_out: int, mode: str = "auto") -> str:
+  """"matrix_free" or "materialise" for a dense kernel, by `mode` or (mode="auto") by memory.
+
+  Per sequence the matrix-free Gram keeps 2 T^2 token products (one sequence's rows of A A^T and
+  G G^T against the same rows, times n_seq for all columns) where materialising keeps the d_in d_out
+  entries of S_i (times n_seq). So "auto" picks matrix-free iff 2 T^2 <= d_in d_out, the ghost-norm
+  rule. (In multiply-adds the exact Gram costs n_tok^2 (d_in + d_out) matrix-free against
+  n_tok d_in d_out materialised; the matrix-free path buys memory, not time.)
+  """
+  if mode not in DENSE_PATHS:
+    raise ValueError(f"unknown dense path mode {mode!r}; expected one of {DENSE_PATHS}")
+  if mode != "auto":
+    return mode
+  return "matrix_free" if 2 * n_tokens_per_seq**2 <= d_in * d_out else "materialise"

@@ -15,6 +15,15 @@ Usage::
     grads, seq_grads = proma_jax.policy_gradient_and_sequence_gradients(...)
     updates, state = tx.update(grads, state, params, seq_grads=seq_grads)
     params = optax.apply_updates(params, updates)   # zero updates until the 4th call
+
+Data parallelism (`proma_jax.mesh`). Exact: jit the microbatch function with the sequences sharded
+over a mesh axis and params replicated; the math is unchanged and the compiler inserts the
+collectives, so the result is the one device would compute. Local: pass `axis_name` and call
+`update` inside `jax.shard_map` over that axis, each device with its own shard's grads and
+statistics. Each device then projects with its own sequences only (accumulation: R against its own
+span, `projection.local_span_change`; intra: its own M^(d) with its own factors, the paper's
+data-parallel variant) and the changes of R are summed by one psum of a parameter-sized tree per
+microbatch. The state stays replicated.
 """
 
 from __future__ import annotations
@@ -26,8 +35,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from proma_jax import projection
+from proma_jax import projection, seqgrads
 from proma_jax.capture import DenseFactors
+from proma_jax.seqgrads import DenseSequenceFactors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +94,7 @@ class ProMAState(NamedTuple):
   reduction:       that mean for the last completed step (metric `proma/reduction`).
   intra_sum:       like params, running sum of each kernel's fraction of norm removed this step.
   intra_reduction: like params, its mean over the last completed step (0 for unprojected leaves).
+  update_norm:     global norm of the R handed to the inner optimizer at the last completed step.
   """
 
   microbatch: jax.Array
@@ -96,6 +107,7 @@ class ProMAState(NamedTuple):
   reduction: jax.Array
   intra_sum: Any
   intra_reduction: Any
+  update_norm: jax.Array
 
 
 def _path_str(path) -> str:
@@ -123,8 +135,30 @@ def _check_params(grads_paths, grads_leaves, grads_def, params) -> None:
                        f"has shape {p_shape}")
 
 
+def _check_dense_sequence_factors(path, g, f: DenseSequenceFactors) -> None:
+  a, o, ids = f.activations, f.output_grads, f.segment_ids
+  if g.ndim != 2:
+    raise ValueError(f"seq_grads{_path_str(path)} is a DenseSequenceFactors but grads{_path_str(path)} "
+                     f"has shape {g.shape}; only 2-D dense kernels (d_in, d_out) take one")
+  shapes = tuple(getattr(x, "shape", None) for x in (a, o, ids))
+  n = shapes[0][0] if shapes[0] else None
+  if shapes != ((n, g.shape[0]), (n, g.shape[1]), (n,)):
+    raise ValueError(f"seq_grads{_path_str(path)} has activations {shapes[0]}, output_grads "
+                     f"{shapes[1]} and segment_ids {shapes[2]}; expected (n_tokens, {g.shape[0]}), "
+                     f"(n_tokens, {g.shape[1]}) and (n_tokens,) for grads{_path_str(path)} of shape "
+                     f"{g.shape}")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"seq_grads{_path_str(path)}.segment_ids must be integer, got {ids.dtype}")
+  if int(f.num_sequences) != f.num_sequences or f.num_sequences < 1:
+    raise ValueError(f"seq_grads{_path_str(path)}.num_sequences must be an integer >= 1, got "
+                     f"{f.num_sequences!r}")
+
+
 def _check_seq_grads(path, g, s) -> None:
   if s is None:
+    return
+  if isinstance(s, DenseSequenceFactors):
+    _check_dense_sequence_factors(path, g, s)
     return
   if not hasattr(s, "shape") or s.ndim != g.ndim + 1 or s.shape[1:] != g.shape:
     raise ValueError(f"seq_grads{_path_str(path)} must have shape (n_seq, *{g.shape}) for "
@@ -151,8 +185,8 @@ def _all_finite(leaves) -> jax.Array:
 
 
 def _proma(inner: optax.GradientTransformation, num_microbatches: int,
-           accumulation: AccumulationOptions | None,
-           intra: IntraOptions | None) -> optax.GradientTransformationExtraArgs:
+           accumulation: AccumulationOptions | None, intra: IntraOptions | None,
+           axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
   if int(num_microbatches) != num_microbatches or num_microbatches < 1:
     raise ValueError(f"num_microbatches must be an integer >= 1, got {num_microbatches}")
   inner = optax.with_extra_args_support(inner)
@@ -165,7 +199,8 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
         microbatch=jnp.zeros((), jnp.int32), accumulator=zeros, inner_state=inner.init(params),
         count=jnp.zeros((), jnp.int32), dropped=jnp.zeros((), jnp.int32),
         reduction_sum=jnp.zeros((), jnp.float32), projected=jnp.zeros((), jnp.int32),
-        reduction=jnp.zeros((), jnp.float32), intra_sum=scalars, intra_reduction=scalars)
+        reduction=jnp.zeros((), jnp.float32), intra_sum=scalars, intra_reduction=scalars,
+        update_norm=jnp.zeros((), jnp.float32))
 
   def update_fn(grads, state: ProMAState, params=None, *, seq_grads=None, factors=None,
                 **extra_args):
@@ -193,21 +228,38 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
       m_leaves.append(m)
       intra_fracs.append(frac)
 
-    # Accumulation projection of R against this microbatch's sequence gradients.
+    # Accumulation projection of R against this microbatch's sequence gradients. With axis_name
+    # (inside shard_map), m and s are this device's own: new_r holds its change M - shrinkage * P
+    # of R, summed over the devices by one psum below (the local data-parallel mode).
     project = state.microbatch.astype(jnp.float32) >= max(first_projected, 1.0)
     new_r, removed_sq, r_sq = [], jnp.zeros(()), jnp.zeros(())
     for r, m, s in zip(r_leaves, m_leaves, s_leaves):
       if s is None:
-        new_r.append(r + m)
+        new_r.append(r + m if axis_name is None else m)
         continue
-      gram, inner_prod = projection.stacked_statistics(r, s)
-      projected_r, removed_norm, r_norm = projection.accumulation_step(
-          r, m, gram, inner_prod, lambda c, s=s: projection.stacked_combination(c, s),
-          shrinkage=accumulation.shrinkage, ridge=accumulation.ridge,
-          relative_bound=accumulation.relative_bound, solver=accumulation.solver)
-      new_r.append(jnp.where(project, projected_r, r + m))
+      if isinstance(s, DenseSequenceFactors):  # matrix-free: S_i = A_i^T G_i is never formed
+        gram, inner_prod = seqgrads.dense_statistics(r, s)
+        combine = lambda c, s=s: seqgrads.dense_combination(c, s)
+      else:
+        gram, inner_prod = projection.stacked_statistics(r, s)
+        combine = lambda c, s=s: projection.stacked_combination(c, s)
+      knobs = dict(shrinkage=accumulation.shrinkage, ridge=accumulation.ridge,
+                   relative_bound=accumulation.relative_bound, solver=accumulation.solver)
+      if axis_name is None:
+        projected_r, removed_norm, r_norm = projection.accumulation_step(
+            r, m, gram, inner_prod, combine, **knobs)
+        new_r.append(jnp.where(project, projected_r, r + m))
+      else:
+        change, removed_norm = projection.local_span_change(r, m, gram, inner_prod, combine, **knobs)
+        new_r.append(jnp.where(project, change, m))
+        r_norm = jnp.linalg.norm(r)
       removed_sq, r_sq = removed_sq + removed_norm**2, r_sq + r_norm**2
 
+    if axis_name is not None:  # one all-reduce of a parameter-sized tree per microbatch
+      new_r = [r + change for r, change in zip(r_leaves, jax.lax.psum(new_r, axis_name))]
+      removed_sq = jax.lax.psum(removed_sq, axis_name)  # reduction: root-sum-square over devices
+      intra_fracs = jax.lax.pmean(intra_fracs, axis_name)
+      m_leaves = []  # this device's own; every device's M is in the summed new_r
     finite = _all_finite(new_r + m_leaves + intra_fracs)
     new_r = [jnp.where(finite, nr, r) for nr, r in zip(new_r, r_leaves)]
     counted = finite & project & (r_sq > 0)
@@ -245,6 +297,7 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
         intra_sum=reset(intra_sum),
         intra_reduction=jax.tree.map(
             lambda s, old: jnp.where(last, s / num_microbatches, old), intra_sum, state.intra_reduction),
+        update_norm=jnp.where(last, optax.tree.norm(accumulator), state.update_norm),
     )
     return updates, new_state
 
@@ -254,7 +307,8 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
 def proma_accumulation(inner: optax.GradientTransformation, num_microbatches: int, *,
                        shrinkage: float = 1.0, ridge: float = 1e-2,
                        relative_bound: float | None = None, skip_fraction: float = 0.0,
-                       solver: str = "exact") -> optax.GradientTransformationExtraArgs:
+                       solver: str = "exact",
+                       axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
   """Accumulation-based PROMA (DESIGN section 3), layer-wise on every leaf with sequence gradients.
 
       R <- M_1;  for m = 2..M:  R <- R - shrinkage * P_m(R) + M_m;  inner.update(R)
@@ -268,24 +322,34 @@ def proma_accumulation(inner: optax.GradientTransformation, num_microbatches: in
   Args:
     inner: the optimizer that receives R once per M microbatches.
     num_microbatches: M, microbatches per optimizer step.
+    axis_name: None (one device, or exact mode under sharded jit), or the mesh axis of
+      `jax.shard_map` that `update` is called in: local mode, R <- R + sum_d (M^(d) -
+      shrinkage * P^(d)(R)) with P^(d) the projection onto device d's own sequences (an
+      approximation; one psum per microbatch). `proma/reduction` is then the root-sum-square of the
+      devices' removed norms over ||R||.
   Update:
     `update(grads, state, params=None, *, seq_grads)`: grads is M_m (any pytree); seq_grads has the
-    structure of grads, each leaf of shape (n_seq, *leaf.shape) (the S_i) or None (leaf
-    accumulated unprojected). Non-finite microbatches are dropped and counted in `state.dropped`.
+    structure of grads, each leaf of shape (n_seq, *leaf.shape) (the S_i), or, for a 2-D dense
+    kernel, a `DenseSequenceFactors` (the S_i in factored form; statistics computed matrix-free),
+    or None (leaf accumulated unprojected). Non-finite microbatches are dropped and counted in `state.dropped`.
   """
   return _proma(inner, num_microbatches,
-                AccumulationOptions(shrinkage, ridge, relative_bound, skip_fraction, solver), None)
+                AccumulationOptions(shrinkage, ridge, relative_bound, skip_fraction, solver), None,
+                axis_name)
 
 
 def proma_intra(inner: optax.GradientTransformation, num_microbatches: int, *, rank: int = 10,
-                shrinkage: float = 1.0, power_iters: int = 1,
-                seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                shrinkage: float = 1.0, power_iters: int = 1, seed: int = 0,
+                axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
   """Intra-microbatch PROMA (DESIGN section 4) on every dense kernel with factors.
 
       M_m <- M_m - shrinkage * Qa Qa^T M_m Qg Qg^T;   R <- R + M_m;   inner.update(R) after M calls
 
   Qa (d_in x k), Qg (d_out x k): dominant row spaces of the microbatch's layer inputs A and output
   gradients G (randomized range finder, `power_iters` subspace iterations, k = min(rank, n, d_in, d_out)).
+  With `axis_name` (inside `jax.shard_map`), each device projects its own M^(d) with its own
+  factors and R <- R + sum_d M'^(d) by one psum (the paper's data-parallel variant);
+  `intra_reduction` is averaged over the devices.
 
   Update:
     `update(grads, state, params=None, *, factors)`: factors has the structure of grads with a
@@ -293,23 +357,25 @@ def proma_intra(inner: optax.GradientTransformation, num_microbatches: int, *, r
     elsewhere (accumulated unprojected). The fraction of each kernel's norm removed, averaged
     over the step, is in `state.intra_reduction`.
   """
-  return _proma(inner, num_microbatches, None, IntraOptions(rank, shrinkage, power_iters, seed))
+  return _proma(inner, num_microbatches, None, IntraOptions(rank, shrinkage, power_iters, seed),
+                axis_name)
 
 
 def proma_both(inner: optax.GradientTransformation, num_microbatches: int, *, rank: int = 10,
                intra_shrinkage: float = 1.0, power_iters: int = 1, seed: int = 0,
                shrinkage: float = 1.0, ridge: float = 1e-2, relative_bound: float | None = None,
-               skip_fraction: float = 0.0,
-               solver: str = "exact") -> optax.GradientTransformationExtraArgs:
+               skip_fraction: float = 0.0, solver: str = "exact",
+               axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
   """Both variants: intra-project M_m (`proma_intra`), then project R as `proma_accumulation` and add M_m.
 
       M'_m = M_m - intra_shrinkage * Qa Qa^T M_m Qg Qg^T;   R <- R - shrinkage * P_m(R) + M'_m
 
   The relative bound is taken against ||M'_m||. `update(grads, state, params, *, seq_grads, factors)`.
+  With `axis_name`, both projections are device-local: R <- R + sum_d (M'^(d) - shrinkage P^(d)(R)).
   """
   return _proma(inner, num_microbatches,
                 AccumulationOptions(shrinkage, ridge, relative_bound, skip_fraction, solver),
-                IntraOptions(rank, intra_shrinkage, power_iters, seed))
+                IntraOptions(rank, intra_shrinkage, power_iters, seed), axis_name)
 
 
 def _find_proma_state(opt_state) -> ProMAState | None:
@@ -329,11 +395,13 @@ def proma_metrics(opt_state) -> dict[str, jax.Array]:
   `proma/reduction`: mean over projected microbatches of ||shrinkage * P|| / ||R||.
   `proma/intra_reduction`: mean over projected kernels of the fraction of norm removed, and
   `proma/intra_reduction/<leaf path>` per kernel. `proma/dropped`: non-finite microbatches dropped.
+  `grad/norm`: global norm of the accumulated update direction R handed to the inner optimizer.
   """
   state = _find_proma_state(opt_state)
   if state is None:
     raise ValueError("opt_state holds no ProMAState")
-  metrics = {"proma/reduction": state.reduction, "proma/dropped": state.dropped}
+  metrics = {"proma/reduction": state.reduction, "proma/dropped": state.dropped,
+             "grad/norm": state.update_norm}
   per_leaf = {
       f"proma/intra_reduction/{jax.tree_util.keystr(path, simple=True, separator='/')}": value
       for path, value in jax.tree_util.tree_flatten_with_path(state.intra_reduction)[0]
