@@ -94,6 +94,15 @@ def build_step(variant, graphdef, abstract_state, num_tokens, num_microbatches):
   def seq_objective(m, batch):
     return losses.sequence_logprob(logp_of(m, batch), batch["response"], num_tokens)
 
+  def loss_and_objectives(m, batch):  # the loss and the f_i from one forward pass
+    logp = logp_of(m, batch)
+    loss = policy_loss(logp, batch["old_logp"], batch["advantages"], batch["response"], num_tokens)[0]
+    return loss, losses.sequence_logprob(logp, batch["response"], num_tokens)
+
+  def loss_and_summed_objective(m, batch):
+    loss, f_n = loss_and_objectives(m, batch)
+    return loss, jnp.sum(f_n)
+
   def microbatch(params, opt_state, batch):
     m = model_of(params)
     extra = {}
@@ -105,11 +114,11 @@ def build_step(variant, graphdef, abstract_state, num_tokens, num_microbatches):
           one, params, batch, batch["advantages"])
     elif variant == "intra":
       _, grads, extra["factors"] = proma_jax.grads_and_dense_factors(
-          loss_fn, m, batch, factor_loss_fn=lambda m, b: jnp.sum(seq_objective(m, b)))
+          loss_and_summed_objective, m, batch, factor_objective=True)
     else:
       path = "materialise" if variant == "proma_mat" else "matrix_free"
       _, grads, seq = proma_jax.grads_and_sequence_statistics(
-          loss_fn, seq_objective, m, batch, scope="dense", dense_path=path)
+          loss_and_objectives, m, batch, scope="dense", dense_path=path)
       extra["seq_grads"] = seq
       if variant == "both":
         extra["factors"] = jax.tree.map(

@@ -76,20 +76,22 @@ def grads_and_dense_factors(
     *args: Any,
     token_mask: jax.Array | None = None,
     has_aux: bool = False,
-    factor_loss_fn: Callable[..., jax.Array] | None = None,
+    factor_objective: bool = False,
 ) -> tuple[Any, dict, dict]:
   """One forward/backward pass giving the loss, the parameter gradients and every `Dense` layer's factors.
 
   Args:
-    loss_fn: `loss_fn(model, *args)` returning a scalar (or `(scalar, aux)` with `has_aux`).
+    loss_fn: `loss_fn(model, *args)` returning a scalar (or `(scalar, aux)` with `has_aux`); with
+      `factor_objective`, a pair of scalars `(loss, objective)` (or `((loss, objective), aux)`).
     model: an NNX module whose dense layers are `proma_jax.Dense`.
     token_mask: optional `(batch, time)` mask (1 = real token) of the tokens the dense layers see;
       padding rows of the activations are zeroed so they do not enter the range finder.
       Output gradients of padding tokens are whatever the loss gives them (zero for a masked loss).
-    factor_loss_fn: optional `factor_loss_fn(model, *args) -> scalar` whose output gradients the
-      factors hold instead of the loss's, e.g. the advantage-free log-prob objective whose K-FAC
-      Fisher intra-PROMA approximates (DESIGN section 4). Both share one forward pass: the
-      backward pass is run once per scalar, each keeping only what it is used for.
+    factor_objective: the factors hold the output gradients of `objective` instead of the loss's,
+      e.g. the advantage-free log-prob objective whose K-FAC Fisher intra-PROMA approximates
+      (DESIGN section 4). Both scalars come from ONE forward pass; the backward pass runs once per
+      scalar (`jax.vjp`), each keeping only what it is used for (parameter gradients of the loss,
+      output gradients of the objective).
 
   Returns:
     `(loss_or_(loss, aux), grads, factors)`: `grads` is the pure-dict gradient of all `nnx.Param`s;
@@ -100,9 +102,8 @@ def grads_and_dense_factors(
 
   def both_losses(m, *args):
     out = loss_fn(m, *args)
-    loss = out[0] if has_aux else out
-    scalars = loss if factor_loss_fn is None else jnp.stack([loss, factor_loss_fn(m, *args)])
-    return scalars, out
+    value = out[0] if has_aux else out
+    return (jnp.stack(value) if factor_objective else value), out
 
   def run(params, perturbations):
     m = nnx.merge(graphdef, params, rest)
@@ -115,7 +116,7 @@ def grads_and_dense_factors(
 
   zero_perturbations = jax.tree.map(
       lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(perturbation_shapes))
-  if factor_loss_fn is None:
+  if not factor_objective:
     (param_grads, output_grads), (out, inputs) = jax.grad(run, argnums=(0, 1), has_aux=True)(
         params, zero_perturbations)
   else:
@@ -150,8 +151,7 @@ SEQUENCE_SCOPES = ("all", "dense")
 
 
 def grads_and_sequence_statistics(
-    loss_fn: Callable[[nnx.Module, Any], Any],
-    seq_objective_fn: Callable[[nnx.Module, Any], jax.Array],
+    loss_and_objectives_fn: Callable[[nnx.Module, Any], Any],
     model: nnx.Module,
     batch: Any,
     *,
@@ -174,9 +174,9 @@ def grads_and_sequence_statistics(
   "all" (a second forward/backward, differentiating those leaves only), or None with scope "dense".
 
   Args:
-    loss_fn: `loss_fn(model, batch)`, the microbatch policy loss: a scalar, or (scalar, aux).
-    seq_objective_fn: `seq_objective_fn(model, batch) -> (n_seq,)` the advantage-free sequence
-      objectives f_i (e.g. `losses.sequence_logprob` of the model's token log-probabilities).
+    loss_and_objectives_fn: `fn(model, batch) -> (loss, f_N)` (or `((loss, f_N), aux)` with
+      `has_aux`): the microbatch policy loss and the advantage-free sequence objectives f_i (e.g.
+      `losses.sequence_logprob` of the model's token log-probabilities), from one forward pass.
     batch: a pytree of arrays whose leading axis is the sequence axis (n_seq).
     token_mask: optional (n_seq, T) mask of real tokens; padding rows of A are zeroed.
     The dense layers must see inputs laid out (n_seq, ..., d_in), sequence axis leading.
@@ -187,9 +187,16 @@ def grads_and_sequence_statistics(
   if scope not in SEQUENCE_SCOPES:
     raise ValueError(f"unknown scope {scope!r}; expected one of {SEQUENCE_SCOPES}")
   n_seq = jax.tree.leaves(batch)[0].shape[0]
+  def loss_and_objective(m, b):
+    out = loss_and_objectives_fn(m, b)
+    (loss, f_n), aux = out if has_aux else (out, None)
+    summed = (loss, jnp.sum(f_n))
+    return (summed, aux) if has_aux else summed
+
   out, grads, factors = grads_and_dense_factors(
-      loss_fn, model, batch, token_mask=token_mask, has_aux=has_aux,
-      factor_loss_fn=lambda m, b: jnp.sum(seq_objective_fn(m, b)))
+      loss_and_objective, model, batch, token_mask=token_mask, has_aux=has_aux,
+      factor_objective=True)
+  out = ((out[0][0], out[1]) if has_aux else out[0])
 
   paths_grads, grads_def = jax.tree_util.tree_flatten_with_path(grads)
   factor_leaves = grads_def.flatten_up_to(factors)
@@ -213,6 +220,10 @@ def grads_and_sequence_statistics(
 
   other = [idx for idx, f in enumerate(factor_leaves) if f is None]
   if scope == "all" and other:
+    def seq_objective_fn(m, b):
+      out = loss_and_objectives_fn(m, b)
+      return (out[0] if has_aux else out)[1]
+
     for idx, s in zip(other, _vmap_sequence_gradients(seq_objective_fn, model, batch, other)):
       seq_leaves[idx] = s
   return out, grads, grads_def.unflatten(seq_leaves)

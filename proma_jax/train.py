@@ -129,15 +129,23 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
   else:
     policy_loss = losses.get_policy_loss("reinforce")
 
-  def loss_on_model(model, mb, num_tokens):
+  def response_logp(model, mb):
     logp, _ = token_logprobs(model, mb["tokens"], mb["valid"])
-    logp = logp[:, policy.prompt_width - 1:]
-    return policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], num_tokens)
+    return logp[:, policy.prompt_width - 1:]
+
+  def loss_on_model(model, mb, num_tokens):
+    return policy_loss(response_logp(model, mb), mb["old_logp"], mb["advantages"], mb["mask"],
+                       num_tokens)
 
   def seq_objective_sum(model, mb, num_tokens):  # sum_i f_i, advantage-free (DESIGN section 2)
-    logp, _ = token_logprobs(model, mb["tokens"], mb["valid"])
-    logp = logp[:, policy.prompt_width - 1:]
-    return jnp.sum(losses.sequence_ratio(logp, mb["old_logp"], mb["mask"], num_tokens))
+    return jnp.sum(losses.sequence_ratio(response_logp(model, mb), mb["old_logp"], mb["mask"],
+                                         num_tokens))
+
+  def loss_and_objective(model, mb, num_tokens):  # both from one forward pass
+    logp = response_logp(model, mb)
+    loss, metrics = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], num_tokens)
+    objective = jnp.sum(losses.sequence_ratio(logp, mb["old_logp"], mb["mask"], num_tokens))
+    return (loss, objective), metrics
 
   def sequence_grads(params, mb, num_tokens):
     def f_i(params, seq):
@@ -153,9 +161,9 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
     return loss, grads, seq_grads
 
   def factor_grads(params, mb, num_tokens):
-    (loss, metrics), grads, factors = proma_jax.grads_and_dense_factors(
-        loss_on_model, policy_lib.bind(policy, params), mb, num_tokens, token_mask=mb["valid"],
-        has_aux=True, factor_loss_fn=seq_objective_sum)
+    ((loss, _), metrics), grads, factors = proma_jax.grads_and_dense_factors(
+        loss_and_objective, policy_lib.bind(policy, params), mb, num_tokens,
+        token_mask=mb["valid"], has_aux=True, factor_objective=True)
     return loss, metrics, grads, factors
 
   def update(params, opt_state, mb, num_tokens):

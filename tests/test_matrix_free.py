@@ -173,9 +173,15 @@ def test_capture_statistics_equal_vmap_sequence_gradients(dense_path):
     logp = logprobs(m, tokens)
     return losses.reinforce_loss(logp, jax.lax.stop_gradient(logp), adv, mask, num_tokens)
 
+  def loss_and_objectives(m, batch):  # one forward pass for both
+    tokens, mask, adv = batch
+    logp = logprobs(m, tokens)
+    loss, aux = losses.reinforce_loss(logp, jax.lax.stop_gradient(logp), adv, mask, num_tokens)
+    return (loss, losses.sequence_logprob(logp, mask, num_tokens)), aux
+
   batch = (tokens, mask, adv)
   (loss, _), grads, seq = jax.jit(lambda b: proma_jax.grads_and_sequence_statistics(
-      loss_fn, seq_objective, model, b, has_aux=True, dense_path=dense_path))(batch)
+      loss_and_objectives, model, b, has_aux=True, dense_path=dense_path))(batch)
   ref_grads = nnx.to_pure_dict(nnx.grad(lambda m: loss_fn(m, batch)[0])(model))
   chex.assert_trees_all_close(grads, ref_grads, atol=1e-6)
 
@@ -212,6 +218,6 @@ def test_capture_statistics_equal_vmap_sequence_gradients(dense_path):
 
   # scope="dense": non-dense leaves get None; the dense kernels are unchanged.
   _, _, dense_only = jax.jit(lambda b: proma_jax.grads_and_sequence_statistics(
-      loss_fn, seq_objective, model, b, has_aux=True, scope="dense", dense_path=dense_path))(batch)
+      loss_and_objectives, model, b, has_aux=True, scope="dense", dense_path=dense_path))(batch)
   assert dense_only["embed"]["embedding"] is None and dense_only["hidden"]["bias"] is None
   chex.assert_trees_all_close(dense_only["out"]["kernel"], seq["out"]["kernel"])

@@ -92,9 +92,13 @@ def test_captured_factors_reproduce_dense_kernel_gradients():
     chex.assert_trees_all_close(f.activations.T @ f.output_grads, grads[layer]["kernel"], atol=1e-6)
   assert factors["embed"]["embedding"] is None and factors["hidden"]["bias"] is None
 
-  # With factor_loss_fn: grads stay those of the loss, factors are those of the log-prob objective.
+  # With factor_objective: grads stay those of the loss, factors are those of the log-prob objective.
+  def loss_and_objective(m, tokens, mask, adv):
+    logp = token_logprobs(m, tokens)
+    return (-jnp.sum(adv[:, None] * logp * mask) / num_tokens, jnp.sum(logp * mask) / num_tokens)
+
   _, grads2, factors2 = jax.jit(lambda t, m, a: proma_jax.grads_and_dense_factors(
-      loss_fn, model, t, m, a, factor_loss_fn=logprob_objective))(tokens, mask, adv)
+      loss_and_objective, model, t, m, a, factor_objective=True))(tokens, mask, adv)
   chex.assert_trees_all_close(grads2, grads, atol=1e-6)
   ref_f = nnx.to_pure_dict(nnx.grad(logprob_objective)(model, tokens, mask, adv))
   f = factors2["hidden"]["kernel"]
