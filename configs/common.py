@@ -37,6 +37,17 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
       skip_fraction=0.0, solver="exact", scope="all",
       rank=10, intra_shrinkage=1.0, power_iters=1, range_finder_seed=0))
 
+  # Data parallelism (proma_jax.mesh): `data` devices on a ("data",) mesh, each microbatch's
+  # sequences sharded over them, params replicated. mode "exact": the single-device projection,
+  # collectives inserted by the compiler; "local": each device projects against its own sequences,
+  # one psum per microbatch (an approximation for accumulation-PROMA; the paper's data-parallel
+  # intra variant). data=1 is the single-device path.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, mode="exact"))
+  # Multi-process runs: the same command started once per process with its process_id; process 0
+  # writes metrics and (through orbax) checkpoints.
+  c.distributed = ml_collections.ConfigDict(dict(
+      num_processes=1, process_id=0, coordinator="127.0.0.1:12355"))
+
   c.eval = ml_collections.ConfigDict(dict(every=5, num_examples=128, seed=12345))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, max_to_keep=3))
 

@@ -15,10 +15,21 @@ projection off). They differ only in the microbatch gradient function and the ex
       --config.steps=50 --config.optim.lr=3e-4
 
 Rerunning the same command resumes from the latest checkpoint in --workdir.
+
+Data parallelism (`proma_jax.mesh`): --config.mesh.data=D shards each microbatch's sequences over a
+("data",) mesh of D devices with params replicated; --config.mesh.mode=exact (the single-device
+result; the compiler inserts the collectives) or local (shard_map: each device projects against its
+own sequences, one psum per microbatch). Multi-process: start the same command N times with
+--config.distributed.num_processes=N --config.distributed.process_id=i
+--config.distributed.coordinator=127.0.0.1:PORT and --config.mesh.data=<total devices>; each
+process computes the rollout, feeds its own rows of every microbatch, and process 0 writes the
+metrics (checkpoints are saved collectively through orbax, whose primary process writes them).
+Rollouts, log-prob statistics and evaluation run replicated on every device of the mesh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +48,7 @@ from ml_collections import config_flags
 
 import proma_jax
 from proma_jax import losses
+from proma_jax import mesh as mesh_lib
 from proma_jax import policy as policy_lib
 from proma_jax import sft
 from proma_jax.checkpoint import Checkpointer
@@ -72,6 +84,17 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   minibatch = batch // t.num_minibatches
   need(t.num_microbatches >= 1 and minibatch % t.num_microbatches == 0, "train.num_microbatches",
        f"{t.num_microbatches} does not divide the minibatch of {minibatch} sequences")
+  microbatch, m, d = minibatch // t.num_microbatches, c.mesh, c.distributed
+  need(m.data >= 1 and microbatch % m.data == 0, "mesh.data",
+       f"{m.data} does not divide the microbatch of {microbatch} sequences, which are sharded over "
+       "the mesh.data devices")
+  need(m.mode in mesh_lib.MODES, "mesh.mode", f"unknown {m.mode!r}; expected one of {mesh_lib.MODES}")
+  need(d.num_processes >= 1, "distributed.num_processes", f"must be >= 1, got {d.num_processes}")
+  need(0 <= d.process_id < d.num_processes, "distributed.process_id",
+       f"must be in [0, {d.num_processes}), got {d.process_id}")
+  need(d.num_processes == 1 or m.data % d.num_processes == 0, "mesh.data",
+       f"a {d.num_processes}-process run shards over all devices of all processes; "
+       f"{m.data} is not a multiple of distributed.num_processes")
   o = c.optim
   need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
   need(o.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0, got {o.max_grad_norm}")
@@ -102,17 +125,24 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
                           learning_rate=c.optim.lr, b1=c.optim.b1, b2=c.optim.b2,
                           weight_decay=c.optim.weight_decay))
   m, p = c.train.num_microbatches, c.proma
+  # Local data-parallel mode: the transform runs per device inside shard_map and sums over "data".
+  axis = dict(axis_name=mesh_lib.DATA_AXIS) if _local_mode(c) else {}
   accumulation = dict(shrinkage=p.shrinkage, ridge=p.ridge, relative_bound=p.relative_bound,
                       skip_fraction=p.skip_fraction, solver=p.solver)
   intra = dict(rank=p.rank, power_iters=p.power_iters, seed=p.range_finder_seed)
   if c.algorithm == "proma":
-    return proma_jax.proma_accumulation(inner, m, **accumulation)
+    return proma_jax.proma_accumulation(inner, m, **accumulation, **axis)
   if c.algorithm == "proma_intra":
-    return proma_jax.proma_intra(inner, m, shrinkage=p.intra_shrinkage, **intra)
+    return proma_jax.proma_intra(inner, m, shrinkage=p.intra_shrinkage, **intra, **axis)
   if c.algorithm == "proma_both":
-    return proma_jax.proma_both(inner, m, intra_shrinkage=p.intra_shrinkage, **intra, **accumulation)
+    return proma_jax.proma_both(inner, m, intra_shrinkage=p.intra_shrinkage, **intra,
+                                **accumulation, **axis)
   # Baselines: the same accumulator with no sequence statistics is plain gradient accumulation.
-  return proma_jax.proma_accumulation(inner, m, shrinkage=0.0)
+  return proma_jax.proma_accumulation(inner, m, shrinkage=0.0, **axis)
+
+
+def _local_mode(c: ml_collections.ConfigDict) -> bool:
+  return c.mesh.data > 1 and c.mesh.mode == "local"
 
 
 def _is_dense_kernel(path) -> bool:
@@ -120,8 +150,12 @@ def _is_dense_kernel(path) -> bool:
 
 
 def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Policy,
-                           tx: optax.GradientTransformationExtraArgs):
-  """The jitted (params, opt_state, microbatch, num_tokens) -> (params, opt_state, metrics)."""
+                           tx: optax.GradientTransformationExtraArgs, mesh=None):
+  """The jitted (params, opt_state, microbatch, num_tokens) -> (params, opt_state, metrics).
+
+  With a mesh, jitted on it (`mesh_lib.data_parallel`): the microbatch sharded over "data", the
+  rest replicated; in local mode each device's metrics (sums over its tokens) are psum-ed.
+  """
   algorithm = c.algorithm
   if algorithm == "grpo":
     policy_loss = losses.get_policy_loss("grpo", eps_low=c.grpo.eps_low, eps_high=c.grpo.eps_high,
@@ -182,7 +216,13 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
     params = optax.apply_updates(params, updates)
     return params, opt_state, dict(metrics, **{"loss": loss})
 
-  return jax.jit(update)
+  def update_local(params, opt_state, mb, num_tokens):
+    params, opt_state, metrics = update(params, opt_state, mb, num_tokens)
+    return params, opt_state, jax.lax.psum(metrics, mesh_lib.DATA_AXIS)
+
+  if mesh is None:
+    return jax.jit(update)
+  return mesh_lib.data_parallel(update_local if _local_mode(c) else update, mesh, c.mesh.mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,9 +248,10 @@ class Trainer:
 
   def __init__(self, c: ml_collections.ConfigDict, policy: policy_lib.Policy, init_params: dict):
     validate_config(c)
-    self.c, self.policy, self.init_params = c, policy, init_params
+    self.mesh = mesh_lib.data_mesh(c.mesh.data) if c.mesh.data > 1 else None
+    self.c, self.policy, self.init_params = c, policy, self.replicate(init_params)
     self.tx = make_optimizer(c)
-    self.microbatch_update = make_microbatch_update(c, policy, self.tx)
+    self.microbatch_update = make_microbatch_update(c, policy, self.tx, self.mesh)
     self.stats = jax.jit(lambda params, tokens, valid: policy_lib.response_logprobs(
         policy, params, tokens, valid))
     self.val_examples = policy.task.val_examples(c.eval.num_examples, seed=c.eval.seed)
@@ -219,7 +260,16 @@ class Trainer:
     return policy_lib.greedy_accuracy(self.policy, params, self.val_examples)
 
   def init_opt_state(self, params: dict, lr: float):
-    return optax.tree.set(self.tx.init(params), learning_rate=jnp.asarray(lr, jnp.float32))
+    return self.replicate(
+        optax.tree.set(self.tx.init(params), learning_rate=jnp.asarray(lr, jnp.float32)))
+
+  def replicate(self, tree):
+    """`tree` replicated on the mesh (unchanged without one)."""
+    return tree if self.mesh is None else mesh_lib.replicate(tree, self.mesh)
+
+  def shard(self, microbatch: dict) -> dict:
+    """A microbatch's sequences sharded over the mesh, this process feeding its own rows."""
+    return microbatch if self.mesh is None else mesh_lib.shard_sequences(microbatch, self.mesh)
 
   def step(self, params: dict, opt_state, step: int, seed: int):
     c, policy = self.c, self.policy
@@ -242,12 +292,12 @@ class Trainer:
     sums: dict[str, list] = {}
     for mb_idx in minibatches:
       mb = _slice(batch, mb_idx)
-      num_tokens = jnp.maximum(jnp.sum(mb["mask"]), 1.0)
+      num_tokens = self.replicate(jnp.maximum(jnp.sum(mb["mask"]), 1.0))
       logp_before, entropy = self.stats(params, mb["tokens"], mb["valid"])
       step_metrics: dict[str, Any] = {}
       for micro_idx in np.split(np.arange(len(mb_idx)), c.train.num_microbatches):
         params, opt_state, micro_metrics = self.microbatch_update(
-            params, opt_state, _slice(mb, micro_idx), num_tokens)
+            params, opt_state, self.shard(_slice(mb, micro_idx)), num_tokens)
         for k, v in micro_metrics.items():
           step_metrics[k] = step_metrics.get(k, 0.0) + v
       logp_after, _ = self.stats(params, mb["tokens"], mb["valid"])
@@ -334,38 +384,48 @@ def _trainer_for(c: ml_collections.ConfigDict) -> tuple[Trainer, dict]:
 
 def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> list[dict]:
   """Trains `c.steps` RL steps in `workdir`, resuming from its latest checkpoint. Returns the
-  metrics records written by this call (one per step, plus the step-0 validation record)."""
+  metrics records written by this call (one per step, plus the step-0 validation record).
+
+  In a multi-process run (c.distributed) every process calls this; only process 0 writes
+  run.json and metrics.jsonl, and checkpoints are saved collectively (orbax writes from process 0).
+  """
   validate_config(c)
+  mesh_lib.initialize_distributed(c.distributed.num_processes, c.distributed.process_id,
+                                  c.distributed.coordinator)
+  lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   trainer, warm_summary = _trainer_for(c)
   warm_params = trainer.init_params
   meta = {"algorithm": c.algorithm, "task": c.task, "lr": c.optim.lr, "seed": c.seed,
           "warm_start": warm_summary, "config": _to_json(c)}
-  run_json = os.path.join(workdir, "run.json")
-  with open(run_json, "w") as f:
-    json.dump(meta, f, indent=1)
+  if lead:
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+      json.dump(meta, f, indent=1)
 
   params, opt_state, start = warm_params, trainer.init_opt_state(warm_params, c.optim.lr), 0
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.max_to_keep)
   restored = checkpointer.restore({"params": params, "opt_state": opt_state})
   if restored is not None:
     start, state, _ = restored
-    params, opt_state = state["params"], state["opt_state"]
+    params, opt_state = trainer.replicate((state["params"], state["opt_state"]))
     print(f"resuming {workdir} from step {start}")
 
   records = []
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  with open(metrics_path, "a") as log, _StopRequested() as stop:
+  with (open(metrics_path, "a") if lead else contextlib.nullcontext()) as log, \
+      _StopRequested() as stop:
 
     def write(record):
       records.append(record)
-      log.write(json.dumps(record) + "\n")
-      log.flush()
+      if lead:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
 
     if start == 0:
       write({"step": 0, "val/accuracy": trainer.evaluate(params)})
     bar = tqdm.tqdm(range(start, c.steps), initial=start, total=c.steps, file=sys.stdout,
-                    desc=f"{c.task}/{c.algorithm}", disable=not progress, mininterval=1.0)
+                    desc=f"{c.task}/{c.algorithm}", disable=not (progress and lead),
+                    mininterval=1.0)
     last_val = None
     step = start
     for step in bar:

@@ -1,0 +1,407 @@
+"""Data-parallel PROMA on a ("data",) mesh: exact mode is the single-device result, local mode is its
+own per-device definition, training on 4 devices or 2 processes matches 1 device.
+
+Every mesh check runs in a subprocess (`python tests/test_distributed.py <case>`) with
+XLA_FLAGS=--xla_force_host_platform_device_count=4, so this pytest process keeps its single device.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+NUM_DEVICES = 4
+
+
+def _run_case(case: str, *args: str, devices: int = NUM_DEVICES, timeout: int = 300) -> str:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), case, *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+  return proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Transform level (run in a 4-device subprocess).
+
+
+def _microbatches(key, num, n_seq):
+  import jax
+  from test_transforms import correlated_microbatch
+  return [correlated_microbatch(k, n_seq) for k in jax.random.split(key, num)]
+
+
+def _per_device_grads(seq, adv_key, n_seq):
+  """Each device's own M^(d) = -sum_{i in d} A_i S_i (random A_i), stacked (D, *leaf)."""
+  import jax
+  import jax.numpy as jnp
+  adv = jax.random.normal(adv_key, (n_seq,))
+  per_device = {k: None if s is None else -jnp.einsum(
+      "di,di...->d...", adv.reshape(NUM_DEVICES, -1), s.reshape(NUM_DEVICES, -1, *s.shape[1:]))
+      for k, s in seq.items()}
+  per_device["frozen"] = jax.random.normal(adv_key, (NUM_DEVICES, 3))
+  return per_device
+
+
+def case_exact_transforms():
+  """Sharded jit of tx.update (sequences / tokens over "data") equals one device, for the
+  accumulation, intra and both variants; the compiled program does communicate."""
+  import chex
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import PartitionSpec as P
+
+  import proma_jax
+  from proma_jax import mesh as mesh_lib
+  from test_transforms import params_like
+
+  assert jax.device_count() == NUM_DEVICES
+  mesh = mesh_lib.data_mesh(NUM_DEVICES)
+  num, n_seq, n_tok = 3, 8, 32
+  keys = jax.random.split(jax.random.PRNGKey(30), num)
+  batches = []
+  for key, (grads, seq) in zip(keys, _microbatches(jax.random.PRNGKey(31), num, n_seq)):
+    ka, kg = jax.random.split(key)
+    factors = {"kernel": proma_jax.DenseFactors(jax.random.normal(ka, (n_tok, 6)),
+                                                 jax.random.normal(kg, (n_tok, 5))),
+               "bias": None, "frozen": None}
+    batches.append((grads, seq, factors))
+  variants = {
+      "accumulation": (proma_jax.proma_accumulation(optax.identity(), num, relative_bound=0.5),
+                       ("seq_grads",)),
+      "intra": (proma_jax.proma_intra(optax.identity(), num, rank=3), ("factors",)),
+      "both": (proma_jax.proma_both(optax.identity(), num, rank=3), ("seq_grads", "factors")),
+  }
+  for name, (tx, extra_names) in variants.items():
+    update = jax.jit(lambda g, st, p, extra, tx=tx: tx.update(g, st, p, **extra))
+    single_state = sharded_state = tx.init(params_like())
+    sharded_state = mesh_lib.replicate(sharded_state, mesh)
+    params = mesh_lib.replicate(params_like(), mesh)
+    for j, (grads, seq, factors) in enumerate(batches):
+      extra = {k: v for k, v in (("seq_grads", seq), ("factors", factors)) if k in extra_names}
+      single, single_state = update(grads, single_state, params_like(), extra)
+      sharded_extra = jax.device_put(extra, mesh_lib.sequence_sharded(mesh))
+      assert all(x.sharding.spec == P("data") for x in jax.tree.leaves(sharded_extra))
+      args = (mesh_lib.replicate(grads, mesh), sharded_state, params, sharded_extra)
+      if j == 0:  # the partitioned program exchanges statistics between the devices
+        hlo = update.lower(*args).compile().as_text()
+        assert "all-reduce" in hlo or "all-gather" in hlo, name
+      sharded, sharded_state = update(*args)
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(single))
+    assert scale > 0
+    chex.assert_trees_all_close(sharded, single, atol=1e-5 * scale, rtol=1e-5)
+    chex.assert_trees_all_close(sharded_state.intra_reduction, single_state.intra_reduction,
+                                atol=1e-5)
+    np.testing.assert_allclose(sharded_state.reduction, single_state.reduction, rtol=1e-5)
+    print(name, "exact == single device")
+
+
+def _local_update(tx, mesh, extra_name):
+  """jit(shard_map(tx.update)): each device its own (1, *leaf) grads slice and extra shard."""
+  import jax
+  from jax.sharding import PartitionSpec as P
+
+  def per_device(grads_1x, state, params, extra):
+    grads = jax.tree.map(lambda x: x[0], grads_1x)
+    return tx.update(grads, state, params, **{extra_name: extra})
+
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P(), P(), P("data")),
+                               out_specs=P()))
+
+
+def case_local_accumulation():
+  """Local mode: R <- R + sum_d (M^(d) - shrinkage * P^(d)(R)), P^(d) onto device d's own
+  sequences, equals a float64 loop over the 4 shards; with mutually orthogonal device spans it
+  equals the exact (whole-microbatch) projection."""
+  import chex
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import proma_jax
+  from proma_jax import mesh as mesh_lib
+  from test_transforms import np_accumulate, np_project, params_like
+
+  mesh = mesh_lib.data_mesh(NUM_DEVICES)
+  num, n_seq = 3, 8
+  batches = _microbatches(jax.random.PRNGKey(40), num, n_seq)
+  per_device = [_per_device_grads(seq, k, n_seq)
+                for (_, seq), k in zip(batches, jax.random.split(jax.random.PRNGKey(41), num))]
+  for relative_bound, solver in ((None, "exact"), (0.5, "gram_schmidt")):
+    tx = proma_jax.proma_accumulation(optax.identity(), num, relative_bound=relative_bound,
+                                      solver=solver, axis_name=mesh_lib.DATA_AXIS)
+    update = _local_update(tx, mesh, "seq_grads")
+    state = tx.init(params_like())
+    for (_, seq), grads in zip(batches, per_device):
+      updates, state = update(grads, state, params_like(), seq)
+
+    r = {k: np.zeros(np.shape(v)) for k, v in params_like().items()}
+    for j, ((_, seq), grads) in enumerate(zip(batches, per_device)):
+      for k, r_k in r.items():
+        changes = []  # every device's change is computed against the same R
+        for d in range(NUM_DEVICES):
+          m_d = np.asarray(grads[k][d], np.float64)
+          if j == 0 or seq[k] is None:
+            changes.append(m_d)
+            continue
+          s_d = np.asarray(seq[k]).reshape(NUM_DEVICES, -1, *r_k.shape)[d]
+          projected = np_project(r_k, s_d, m_d, shrinkage=1.0, ridge=1e-2,
+                                 relative_bound=relative_bound, solver=solver)
+          changes.append(projected.reshape(r_k.shape) - r_k)
+        r[k] = r_k + sum(changes)
+    scale = max(np.abs(v).max() for v in r.values())
+    chex.assert_trees_all_close(updates, r, atol=2e-5 * scale, rtol=1e-4)
+    assert float(state.reduction) > 0
+    # Correlated sequences across devices: local is not the whole-microbatch projection.
+    whole = np_accumulate([{k: np.sum(g[k], axis=0) for k in g} for g in per_device],
+                          [seq for _, seq in batches], relative_bound=relative_bound, solver=solver)
+    assert not np.allclose(r["kernel"], whole["kernel"], rtol=1e-2, atol=1e-2 * scale)
+    print("local accumulation", relative_bound, solver, "== per-device definition")
+
+  # Device d's sequences live on their own block of coordinates: the spans are orthogonal.
+  n_local, size = n_seq // NUM_DEVICES, 6 * 5
+  block = size // NUM_DEVICES
+  keys = jax.random.split(jax.random.PRNGKey(42), 2 * num)
+  exact_tx = proma_jax.proma_accumulation(optax.identity(), num)
+  local_tx = proma_jax.proma_accumulation(optax.identity(), num, axis_name=mesh_lib.DATA_AXIS)
+  update = _local_update(local_tx, mesh, "seq_grads")
+  p = {"kernel": jnp.zeros((6, 5))}
+  exact_state, local_state = exact_tx.init(p), local_tx.init(p)
+  for j in range(num):
+    s = jnp.zeros((n_seq, size))
+    values = jax.random.normal(keys[2 * j], (n_seq, block))
+    for d in range(NUM_DEVICES):
+      rows = slice(d * n_local, (d + 1) * n_local)
+      s = s.at[rows, d * block:(d + 1) * block].set(values[rows])
+    s = s.reshape(n_seq, 6, 5)
+    adv = jax.random.normal(keys[2 * j + 1], (n_seq,))
+    m_d = -jnp.einsum("di,di...->d...", adv.reshape(NUM_DEVICES, -1),
+                      s.reshape(NUM_DEVICES, n_local, 6, 5))
+    exact, exact_state = jax.jit(exact_tx.update)({"kernel": m_d.sum(0)}, exact_state, p,
+                                                  seq_grads={"kernel": s})
+    local, local_state = update({"kernel": m_d}, local_state, p, {"kernel": s})
+  chex.assert_trees_all_close(local, exact, atol=1e-5)
+  print("local == exact on orthogonal device spans")
+
+
+def case_local_intra():
+  """Local intra (the paper's data-parallel variant): each device removes Qa Qa^T M^(d) Qg Qg^T
+  with its own factors, then the devices' results are summed; against exact-rank factors in NumPy."""
+  import chex
+  import jax
+  import optax
+
+  import proma_jax
+  from proma_jax import mesh as mesh_lib
+
+  mesh = mesh_lib.data_mesh(NUM_DEVICES)
+  n_local, d_in, d_out, k, shrinkage = 8, 6, 5, 2, 0.8
+  keys = jax.random.split(jax.random.PRNGKey(50), 5 * NUM_DEVICES)
+  va = [jax.random.normal(keys[5 * d], (k, d_in)) for d in range(NUM_DEVICES)]
+  vg = [jax.random.normal(keys[5 * d + 1], (k, d_out)) for d in range(NUM_DEVICES)]
+  a = np.concatenate([jax.random.normal(keys[5 * d + 2], (n_local, k)) @ va[d]
+                      for d in range(NUM_DEVICES)])
+  g = np.concatenate([jax.random.normal(keys[5 * d + 3], (n_local, k)) @ vg[d]
+                      for d in range(NUM_DEVICES)])
+  m = np.stack([jax.random.normal(keys[5 * d + 4], (d_in, d_out)) for d in range(NUM_DEVICES)])
+  bias = np.arange(NUM_DEVICES * d_out, dtype=np.float32).reshape(NUM_DEVICES, d_out)
+  tx = proma_jax.proma_intra(optax.identity(), 1, rank=k, shrinkage=shrinkage,
+                             axis_name=mesh_lib.DATA_AXIS)
+  params = {"kernel": np.zeros((d_in, d_out), np.float32), "bias": np.zeros(d_out, np.float32)}
+  factors = {"kernel": proma_jax.DenseFactors(a, g), "bias": None}
+  updates, state = _local_update(tx, mesh, "factors")({"kernel": m, "bias": bias},
+                                                      tx.init(params), params, factors)
+
+  def projector(v):
+    v = np.asarray(v, np.float64)
+    return v.T @ np.linalg.solve(v @ v.T, v)
+
+  projected = [m[d] - shrinkage * projector(va[d]) @ m[d] @ projector(vg[d])
+               for d in range(NUM_DEVICES)]
+  fractions = [np.linalg.norm(m[d] - projected[d]) / np.linalg.norm(m[d])
+               for d in range(NUM_DEVICES)]
+  chex.assert_trees_all_close(updates, {"kernel": sum(projected), "bias": bias.sum(0)}, atol=1e-4)
+  np.testing.assert_allclose(state.intra_reduction["kernel"], np.mean(fractions), rtol=1e-4)
+  print("local intra == per-device definition")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (run in a 4-device subprocess, or as 2 processes).
+
+COMPARED_STEPS = 2
+
+
+def _tiny(algorithm, warm_dir, **mesh):
+  from test_train import tiny_config
+  c = tiny_config(algorithm, warm_dir, steps=COMPARED_STEPS)
+  c.checkpoint.every = 1000  # one checkpoint, at the end
+  c.mesh.update(mesh)
+  return c
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _compare_records(got, expected):
+  by_step = {r["step"]: r for r in expected}
+  assert sorted(r["step"] for r in got) == sorted(by_step)
+  assert by_step[COMPARED_STEPS]["proma/reduction"] > 0  # the runs have teeth: rewards vary
+  for record in got:
+    assert set(record) == set(by_step[record["step"]])
+    for key, value in record.items():
+      if not key.startswith("time/"):
+        np.testing.assert_allclose(value, by_step[record["step"]][key], rtol=1e-4, atol=1e-6,
+                                   err_msg=f"step {record['step']} {key}")
+
+
+def case_train_single(workdir):
+  """The 1-device reference run of proma (it also trains the warm start the others restore)."""
+  from proma_jax import train
+  train.run(_tiny("proma", os.path.join(workdir, "warm")), os.path.join(workdir, "single"),
+            progress=False)
+
+
+def case_train_mesh(workdir, reference):
+  """Two RL steps on the 4-device mesh in exact mode give the 1-device metrics; proma_intra in
+  local mode (the paper's data-parallel variant) trains with the projection active."""
+  from proma_jax import train
+  warm = os.path.join(reference, "warm")
+  exact = train.run(_tiny("proma", warm, data=NUM_DEVICES, mode="exact"),
+                    os.path.join(workdir, "exact"), progress=False)
+  _compare_records(exact, _read_metrics(os.path.join(reference, "single")))
+  print("proma 4-device exact == 1 device")
+  local = train.run(_tiny("proma_intra", warm, data=NUM_DEVICES, mode="local"),
+                    os.path.join(workdir, "local"), progress=False)
+  assert all(np.isfinite(v) for v in local[-1].values())
+  assert local[-1]["proma/intra_reduction"] > 0
+  print("proma_intra local mode trains")
+
+
+def case_transforms():
+  case_exact_transforms()
+  case_local_accumulation()
+  case_local_intra()
+
+
+CASES = {"transforms": case_transforms, "train_single": case_train_single,
+         "train_mesh": case_train_mesh}
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest entry points.
+
+
+@pytest.fixture(scope="module")
+def transforms_report():
+  """Output of the transform-level cases, run once in one 4-device subprocess."""
+  return _run_case("transforms")
+
+
+def test_exact_mode_equals_single_device_for_each_variant(transforms_report):
+  """Accumulation, intra and both under sharded jit on 4 devices equal the single-device update."""
+  for name in ("accumulation", "intra", "both"):
+    assert f"{name} exact == single device" in transforms_report
+
+
+def test_local_accumulation_equals_its_per_device_definition(transforms_report):
+  """Local accumulation equals sum_d (M^(d) - P^(d)(R)), and exact mode on orthogonal spans."""
+  assert "local accumulation None exact == per-device definition" in transforms_report
+  assert "local accumulation 0.5 gram_schmidt == per-device definition" in transforms_report
+  assert "local == exact on orthogonal device spans" in transforms_report
+
+
+def test_local_intra_equals_its_per_device_definition(transforms_report):
+  """Local intra equals sum_d (M^(d) - s Qa_d Qa_d^T M^(d) Qg_d Qg_d^T)."""
+  assert "local intra == per-device definition" in transforms_report
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """Directory with the warm start and the 1-device, 1-process reference run."""
+  directory = tmp_path_factory.mktemp("reference")
+  _run_case("train_single", str(directory), devices=1)
+  return directory
+
+
+@pytest.mark.slow
+def test_training_on_four_devices_matches_one_device(reference_run, tmp_path):
+  """Two RL steps of proma on a 4-device mesh (exact mode) log the 1-device metrics."""
+  out = _run_case("train_mesh", str(tmp_path), str(reference_run))
+  assert "proma 4-device exact == 1 device" in out and "proma_intra local mode trains" in out
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _tiny_flags(warm_dir) -> list[str]:
+  """The command-line form of `_tiny("proma", warm_dir)` (the test compares the run.json configs)."""
+  c = _tiny("proma", str(warm_dir))
+  fields = {"steps": c.steps, "checkpoint.every": c.checkpoint.every,
+            **{f"{section}.{k}": v for section in ("model", "rollout", "train", "sft", "eval")
+               for k, v in c[section].items()}}
+  return [f"--config.{k}={v}" for k, v in fields.items()]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(reference_run, tmp_path):
+  """`python -m proma_jax.train` as 2 processes (1 CPU device each, gloo collectives) logs the
+  metrics of the 1-process run; only process 0 writes metrics and checkpoint data."""
+  sys.path.insert(0, TESTS)
+  workdir, port = tmp_path / "two", _free_port()
+  procs = []
+  for pid in range(2):
+    cmd = [sys.executable, "-m", "proma_jax.train", "--config=configs/reverse.py:proma",
+           f"--workdir={workdir}", *_tiny_flags(reference_run / "warm"), "--config.mesh.data=2",
+           "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
+           f"--config.distributed.coordinator=127.0.0.1:{port}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-4000:]
+  _compare_records(_read_metrics(workdir), _read_metrics(reference_run / "single"))
+  configs = [json.load(open(d / "run.json"))["config"] for d in (workdir, reference_run / "single")]
+  for config in configs:  # the same experiment, run on another layout
+    config.pop("mesh"), config.pop("distributed")
+  assert configs[0] == configs[1]
+  written = {d for d in os.listdir(workdir / "checkpoints" / str(COMPARED_STEPS) / "state")
+             if d.startswith("ocdbt.process_")}
+  assert written == {"ocdbt.process_0"}, written
+
+
+def test_invalid_mesh_config_names_the_field(tmp_path):
+  """mesh.data must divide the microbatch; more devices than exist, or an unknown mode, fail early."""
+  sys.path.insert(0, TESTS)
+  from proma_jax import mesh as mesh_lib
+  from proma_jax import train
+  c = _tiny("proma", str(tmp_path / "never"), data=3)  # microbatch of 4 sequences
+  with pytest.raises(ValueError, match=r"config\.mesh\.data: 3 does not divide the microbatch of 4"):
+    train.validate_config(c)
+  c = _tiny("proma", str(tmp_path / "never"), data=2, mode="global")
+  with pytest.raises(ValueError, match=r"config\.mesh\.mode"):
+    train.validate_config(c)
+  c = _tiny("proma", str(tmp_path / "never"), data=2)
+  c.distributed.update(num_processes=2, process_id=2)
+  with pytest.raises(ValueError, match=r"config\.distributed\.process_id"):
+    train.validate_config(c)
+  with pytest.raises(ValueError, match=r"config\.mesh\.data: 2 devices requested but 1"):
+    mesh_lib.data_mesh(2)
+  assert not (tmp_path / "never").exists()
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, TESTS)
+  CASES[sys.argv[1]](*sys.argv[2:])
