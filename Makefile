@@ -11,7 +11,7 @@ DEMO_DIR ?= runs/demo
 
 .PHONY: test demo
 test: .venv/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 demo: .venv/.installed
 	$(PY) -m proma_jax.demo --workdir=$(DEMO_DIR)
