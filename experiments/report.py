@@ -104,7 +104,7 @@ def plot_curves(runs: list[dict], task: str, path: str) -> None:
   fig.suptitle(f"{task}: training curves, mean over seeds (kl/step floored at 1e-6 for the log scale)",
                fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
+  fig.savefig(path, dpi=60)
   plt.close(fig)
 
 
