@@ -3,11 +3,7 @@
 python -m proma_jax.train --config=configs/arith.py:proma --workdir=runs/arith_proma
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import base_config  # noqa: E402
+from proma_jax.config import base_config
 
 
 def get_config(algorithm: str = "proma"):

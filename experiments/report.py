@@ -25,8 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from proma_jax import report  # noqa: E402
+from proma_jax.config import ALGORITHMS as ALGORITHM_ORDER  # noqa: E402
 
-ALGORITHM_ORDER = ("reinforce", "grpo", "proma", "proma_intra", "proma_both")
 COLORS = dict(zip(ALGORITHM_ORDER, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
 CURVES = (("kl/step", "per-step KL", True), ("kl/init", "KL to initial policy", False),
           ("entropy", "entropy (nats/token)", False))

@@ -14,6 +14,7 @@ checkpoint: rerunning skips finished runs (a `DONE` file) and resumes the others
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import multiprocessing as mp
@@ -22,7 +23,19 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALGORITHMS = ("reinforce", "grpo", "proma", "proma_intra", "proma_both")
+
+
+def _load_config_schema():
+  """proma_jax/config.py alone: importing the proma_jax package would import JAX before the
+  workers set their XLA_FLAGS."""
+  spec = importlib.util.spec_from_file_location("proma_config", os.path.join(REPO, "proma_jax",
+                                                                            "config.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+ALGORITHMS = _load_config_schema().ALGORITHMS
 # Relative cost of a step, for scheduling the slowest groups first.
 COST = {"proma_both": 4, "proma_intra": 2.5, "proma": 1.2, "reinforce": 1, "grpo": 1}
 

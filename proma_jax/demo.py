@@ -15,9 +15,9 @@ import os
 import time
 
 from proma_jax import report, train
+from proma_jax.config import ALGORITHMS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_ALGORITHMS = ("reinforce", "grpo", "proma", "proma_intra", "proma_both")
 
 
 def load_config(path: str, algorithm: str):
@@ -32,7 +32,7 @@ def main(argv=None):
   parser.add_argument("--workdir", default="runs/demo")
   parser.add_argument("--config", default=os.path.join(REPO, "configs", "reverse.py"))
   parser.add_argument("--steps", type=int, default=60)
-  parser.add_argument("--algorithms", default=",".join(DEMO_ALGORITHMS))
+  parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
   args = parser.parse_args(argv)
   start = time.perf_counter()
   run_dirs = []

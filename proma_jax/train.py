@@ -48,13 +48,13 @@ from ml_collections import config_flags
 
 import proma_jax
 from proma_jax import losses
+from proma_jax.config import ALGORITHMS
 from proma_jax import mesh as mesh_lib
 from proma_jax import policy as policy_lib
 from proma_jax import sft
 from proma_jax.checkpoint import Checkpointer
 from proma_jax.model import token_logprobs
 
-ALGORITHMS = ("reinforce", "grpo", "proma", "proma_intra", "proma_both")
 _SOLVERS = ("exact", "gram_schmidt")
 _SCOPES = ("all", "dense")
 

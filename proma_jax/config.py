@@ -1,4 +1,4 @@
-"""Defaults shared by every experiment config; `configs/<task>.py` override what differs."""
+"""The experiment config schema and defaults; `configs/<task>.py` override what differs."""
 
 import ml_collections
 
