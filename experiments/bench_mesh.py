@@ -79,7 +79,7 @@ def synthetic_microbatches(policy, params, num_microbatches: int, microbatch: in
   lengths = rng.integers(1, length + 1, size=n)
   mask = (np.arange(length)[None] < lengths[:, None]).astype(np.float32)
   valid = np.concatenate([np.ones((n, width), np.float32), mask], axis=1)
-  old_logp, _ = jax.jit(lambda p, t, v: policy_lib.response_logprobs(policy, p, t, v))(
+  old_logp, _ = jax.jit(lambda p, t, v: policy_lib.response_logprobs(policy, policy_lib.bind(policy, p), t, v))(
       params, tokens, valid)
   batch = {"tokens": tokens, "valid": valid, "mask": mask, "old_logp": np.asarray(old_logp) * mask,
            "advantages": rng.standard_normal(n).astype(np.float32)}

@@ -54,10 +54,12 @@ def bind(policy: Policy, params: dict) -> nnx.Module:
   return nnx.merge(policy.graphdef, params)
 
 
-def response_logprobs(policy: Policy, params: dict, tokens_BxT: jax.Array,
+def response_logprobs(policy: Policy, model: nnx.Module, tokens_BxT: jax.Array,
                       valid_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(logp_BxL, entropy_BxL) of the response positions (T = P + L), unmasked."""
-  logp, entropy = token_logprobs(bind(policy, params), tokens_BxT, valid_BxT)
+  """(logp_BxL, entropy_BxL) of the response positions (T = P + L), unmasked.
+
+  `model` is the policy module (`bind(policy, params)` for a parameter dict)."""
+  logp, entropy = token_logprobs(model, tokens_BxT, valid_BxT)
   start = policy.prompt_width - 1
   return logp[:, start:], entropy[:, start:]
 

@@ -56,7 +56,8 @@ def train_warm_start(config: ml_collections.ConfigDict, policy: policy_lib.Polic
   @jax.jit
   def step(params, opt_state, tokens, valid, mask):
     def nll(params):
-      logp, _ = policy_lib.response_logprobs(policy, params, tokens, valid)
+      logp, _ = policy_lib.response_logprobs(policy, policy_lib.bind(policy, params), tokens,
+                                             valid)
       return -jnp.sum(logp * mask) / jnp.sum(mask)
 
     loss, grads = jax.value_and_grad(nll)(params)

@@ -53,7 +53,6 @@ from proma_jax import mesh as mesh_lib
 from proma_jax import policy as policy_lib
 from proma_jax import sft
 from proma_jax.checkpoint import Checkpointer
-from proma_jax.model import token_logprobs
 
 _SOLVERS = ("exact", "gram_schmidt")
 _SCOPES = ("all", "dense")
@@ -164,22 +163,24 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
     policy_loss = losses.get_policy_loss("reinforce")
 
   def response_logp(model, mb):
-    logp, _ = token_logprobs(model, mb["tokens"], mb["valid"])
-    return logp[:, policy.prompt_width - 1:]
+    return policy_lib.response_logprobs(policy, model, mb["tokens"], mb["valid"])[0]
+
+  def loss_of_logp(logp, mb, num_tokens):
+    return policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], num_tokens)
+
+  def objective_of_logp(logp, mb, num_tokens):  # sum_i f_i, advantage-free (DESIGN section 2)
+    return jnp.sum(losses.sequence_ratio(logp, mb["old_logp"], mb["mask"], num_tokens))
 
   def loss_on_model(model, mb, num_tokens):
-    return policy_loss(response_logp(model, mb), mb["old_logp"], mb["advantages"], mb["mask"],
-                       num_tokens)
+    return loss_of_logp(response_logp(model, mb), mb, num_tokens)
 
-  def seq_objective_sum(model, mb, num_tokens):  # sum_i f_i, advantage-free (DESIGN section 2)
-    return jnp.sum(losses.sequence_ratio(response_logp(model, mb), mb["old_logp"], mb["mask"],
-                                         num_tokens))
+  def seq_objective_sum(model, mb, num_tokens):
+    return objective_of_logp(response_logp(model, mb), mb, num_tokens)
 
   def loss_and_objective(model, mb, num_tokens):  # both from one forward pass
     logp = response_logp(model, mb)
-    loss, metrics = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], num_tokens)
-    objective = jnp.sum(losses.sequence_ratio(logp, mb["old_logp"], mb["mask"], num_tokens))
-    return (loss, objective), metrics
+    loss, metrics = loss_of_logp(logp, mb, num_tokens)
+    return (loss, objective_of_logp(logp, mb, num_tokens)), metrics
 
   def sequence_grads(params, mb, num_tokens):
     def f_i(params, seq):
@@ -253,7 +254,7 @@ class Trainer:
     self.tx = make_optimizer(c)
     self.microbatch_update = make_microbatch_update(c, policy, self.tx, self.mesh)
     self.stats = jax.jit(lambda params, tokens, valid: policy_lib.response_logprobs(
-        policy, params, tokens, valid))
+        policy, policy_lib.bind(policy, params), tokens, valid))
     self.val_examples = policy.task.val_examples(c.eval.num_examples, seed=c.eval.seed)
 
   def evaluate(self, params: dict) -> float:
