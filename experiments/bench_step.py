@@ -11,6 +11,10 @@ statistics, transform update and apply_updates, all inside the jit). Variants:
                batched matmul (dense_path="materialise", scope="dense")
   intra        proma_intra (rank 10) on the captured factors
   both         proma_both: intra + matrix-free accumulation (scope="dense")
+  both_mat     proma_both: intra + accumulation on materialised S_i (scope="dense")
+Every factor-based variant (proma_mf, proma_mat, intra, both, both_mat) runs ONE forward and ONE
+backward pass (`policy_gradient_and_dense_factors`); proma_mat and both_mat compute the kernel
+gradient from the materialised S_i, so the backward's own A^T G matmul is dropped.
 All variants run in one process, interleaved, after a warm-up step; time_s is the median over
 repeats. Memory is the compiled microbatch executable's memory_analysis():
 temp + argument + output bytes (CPU has no device memory_stats).
@@ -46,7 +50,7 @@ MODELS = {
     "qwen3_stack": model_lib.ModelConfig(vocab_size=2048, d_model=1024, n_layers=1, n_heads=16,
                                          n_kv_heads=8, head_dim=128, mlp_dim=3072, max_len=1024),
 }
-VARIANTS = ("plain", "grpo", "proma_vmap", "proma_mf", "proma_mat", "intra", "both")
+VARIANTS = ("plain", "grpo", "proma_vmap", "proma_mf", "proma_mat", "intra", "both", "both_mat")
 
 
 def make_batch(cfg, key, n_seq, seq_len):
@@ -75,7 +79,7 @@ def build_step(variant, graphdef, abstract_state, num_tokens, num_microbatches):
     tx = proma_jax.proma_accumulation(inner, num_microbatches)
   elif variant == "intra":
     tx = proma_jax.proma_intra(inner, num_microbatches)
-  else:
+  else:  # both, both_mat
     tx = proma_jax.proma_both(inner, num_microbatches)
   policy_loss = losses.grpo_clip_loss if variant == "grpo" else losses.reinforce_loss
 
@@ -91,17 +95,9 @@ def build_step(variant, graphdef, abstract_state, num_tokens, num_microbatches):
     return policy_loss(logp_of(m, batch), batch["old_logp"], batch["advantages"], batch["response"],
                        num_tokens)[0]
 
-  def seq_objective(m, batch):
-    return losses.sequence_logprob(logp_of(m, batch), batch["response"], num_tokens)
-
-  def loss_and_objectives(m, batch):  # the loss and the f_i from one forward pass
-    logp = logp_of(m, batch)
-    loss = policy_loss(logp, batch["old_logp"], batch["advantages"], batch["response"], num_tokens)[0]
-    return loss, losses.sequence_logprob(logp, batch["response"], num_tokens)
-
-  def loss_and_summed_objective(m, batch):
-    loss, f_n = loss_and_objectives(m, batch)
-    return loss, jnp.sum(f_n)
+  def objectives(m, batch):  # f_i: -sum_i A_i f_i is the REINFORCE loss of `plain`
+    return losses.sequence_ratio(logp_of(m, batch), batch["old_logp"], batch["response"],
+                                 num_tokens)
 
   def microbatch(params, opt_state, batch):
     m = model_of(params)
@@ -109,21 +105,18 @@ def build_step(variant, graphdef, abstract_state, num_tokens, num_microbatches):
     if variant in ("plain", "grpo"):
       grads = nnx.to_pure_dict(nnx.grad(loss_fn)(m, batch))
     elif variant == "proma_vmap":
-      one = lambda p, seq: seq_objective(model_of(p), jax.tree.map(lambda x: x[None], seq))[0]
+      one = lambda p, seq: objectives(model_of(p), jax.tree.map(lambda x: x[None], seq))[0]
       _, grads, extra["seq_grads"] = proma_jax.policy_gradient_and_sequence_gradients(
           one, params, batch, batch["advantages"])
     elif variant == "intra":
-      _, grads, extra["factors"] = proma_jax.grads_and_dense_factors(
-          loss_and_summed_objective, m, batch, factor_objective=True)
+      _, grads, extra["factors"] = proma_jax.policy_gradient_and_dense_factors(
+          objectives, m, batch, batch["advantages"])
     else:
-      path = "materialise" if variant == "proma_mat" else "matrix_free"
-      _, grads, seq = proma_jax.grads_and_sequence_statistics(
-          loss_and_objectives, m, batch, scope="dense", dense_path=path)
-      extra["seq_grads"] = seq
-      if variant == "both":
-        extra["factors"] = jax.tree.map(
-            lambda s: None if s is None else proma_jax.DenseFactors(s.activations, s.output_grads),
-            seq, is_leaf=lambda x: x is None or isinstance(x, proma_jax.DenseSequenceFactors))
+      path = "materialise" if variant in ("proma_mat", "both_mat") else "matrix_free"
+      _, grads, extra["seq_grads"], factors = proma_jax.policy_gradient_and_sequence_statistics(
+          objectives, m, batch, batch["advantages"], scope="dense", dense_path=path)
+      if variant.startswith("both"):
+        extra["factors"] = factors
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state
 

@@ -4,7 +4,8 @@ from proma_jax.capture import (
     Dense,
     DenseFactors,
     grads_and_dense_factors,
-    grads_and_sequence_statistics,
+    policy_gradient_and_dense_factors,
+    policy_gradient_and_sequence_statistics,
 )
 from proma_jax.seqgrads import (
     DenseSequenceFactors,
@@ -31,8 +32,9 @@ __all__ = [
     "ProMAState",
     "choose_dense_path",
     "grads_and_dense_factors",
-    "grads_and_sequence_statistics",
+    "policy_gradient_and_dense_factors",
     "policy_gradient_and_sequence_gradients",
+    "policy_gradient_and_sequence_statistics",
     "proma_accumulation",
     "proma_both",
     "proma_intra",

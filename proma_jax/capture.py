@@ -76,56 +76,40 @@ def grads_and_dense_factors(
     *args: Any,
     token_mask: jax.Array | None = None,
     has_aux: bool = False,
-    factor_objective: bool = False,
 ) -> tuple[Any, dict, dict]:
   """One forward/backward pass giving the loss, the parameter gradients and every `Dense` layer's factors.
 
   Args:
-    loss_fn: `loss_fn(model, *args)` returning a scalar (or `(scalar, aux)` with `has_aux`); with
-      `factor_objective`, a pair of scalars `(loss, objective)` (or `((loss, objective), aux)`).
+    loss_fn: `loss_fn(model, *args)` returning a scalar (or `(scalar, aux)` with `has_aux`).
     model: an NNX module whose dense layers are `proma_jax.Dense`.
     token_mask: optional `(batch, time)` mask (1 = real token) of the tokens the dense layers see;
       padding rows of the activations are zeroed so they do not enter the range finder.
       Output gradients of padding tokens are whatever the loss gives them (zero for a masked loss).
-    factor_objective: the factors hold the output gradients of `objective` instead of the loss's,
-      e.g. the advantage-free log-prob objective whose K-FAC Fisher intra-PROMA approximates
-      (DESIGN section 4). Both scalars come from ONE forward pass; the backward pass runs once per
-      scalar (`jax.vjp`), each keeping only what it is used for (parameter gradients of the loss,
-      output gradients of the objective).
 
   Returns:
     `(loss_or_(loss, aux), grads, factors)`: `grads` is the pure-dict gradient of all `nnx.Param`s;
-    `factors` has the structure of `grads` with a `DenseFactors` at each `Dense` kernel and `None`
-    at every other leaf. Call it under `jax.jit`.
+    `factors` has the structure of `grads` with a `DenseFactors` (the loss's output gradients) at
+    each `Dense` kernel and `None` at every other leaf. Call it under `jax.jit`.
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  def both_losses(m, *args):
+  def scalar_and_out(m, *args):
     out = loss_fn(m, *args)
-    value = out[0] if has_aux else out
-    return (jnp.stack(value) if factor_objective else value), out
+    return (out[0] if has_aux else out), out
 
   def run(params, perturbations):
     m = nnx.merge(graphdef, params, rest)
-    (scalars, out), inputs = nnx.capture(both_losses, nnx.Intermediate, init=perturbations)(m, *args)
-    return scalars, (out, inputs)
+    (value, out), inputs = nnx.capture(scalar_and_out, nnx.Intermediate, init=perturbations)(m, *args)
+    return value, (out, inputs)
 
   def perturbation_shapes():
     m = nnx.merge(graphdef, params, rest)
-    return nnx.capture(both_losses, nnx.Perturbation)(m, *args)[1]
+    return nnx.capture(scalar_and_out, nnx.Perturbation)(m, *args)[1]
 
   zero_perturbations = jax.tree.map(
       lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(perturbation_shapes))
-  if not factor_objective:
-    (param_grads, output_grads), (out, inputs) = jax.grad(run, argnums=(0, 1), has_aux=True)(
-        params, zero_perturbations)
-  else:
-    _, vjp_fn, (out, inputs) = jax.vjp(run, params, zero_perturbations, has_aux=True)
-    # Two plain backward calls, not one vmapped over both cotangents: XLA drops the unused halves
-    # (output grads of the first, parameter grads of the second), and on CPU the batched backward
-    # was measured 5x slower than a single one (experiments/README.md, "Step-time benchmark").
-    param_grads, _ = vjp_fn(jnp.array([1.0, 0.0], jnp.float32))
-    _, output_grads = vjp_fn(jnp.array([0.0, 1.0], jnp.float32))
+  (param_grads, output_grads), (out, inputs) = jax.grad(run, argnums=(0, 1), has_aux=True)(
+      params, zero_perturbations)
 
   grads = _pure(param_grads)
   inputs, output_grads = _pure(inputs), _pure(output_grads)
@@ -147,86 +131,167 @@ def grads_and_dense_factors(
   return out, grads, factors
 
 
+# Cotangent weight of a sequence whose advantage is (relatively) zero; see `sequence_cotangents`.
+ZERO_ADVANTAGE_WEIGHT = 2.0**-40
+
+
+def sequence_cotangents(advantages_n: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(c_n, scale): the per-sequence cotangent weights of the one-backward capture, and their scale.
+
+  The policy loss is -sum_i A_i f_i = scale * sum_i c_i f_i with c_i = -A_i / scale,
+  scale = max_i |A_i|. A sequence with |A_i| <= ZERO_ADVANTAGE_WEIGHT * scale (zero advantage:
+  a group with equal rewards) gets c_i = ZERO_ADVANTAGE_WEIGHT instead, so that its output-gradient
+  rows are nonzero and can be divided by c_i: its S_i still enters PROMA's statistics. Its
+  contribution to the returned gradient is then scale * 2^-40 * S_i instead of -A_i S_i, at most
+  2^-39 scale ||S_i||, twelve orders below the gradient's own size (exactly 0 where all A_i are 0).
+  """
+  a_n = advantages_n.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(a_n))
+  safe_scale = jnp.where(scale > 0, scale, 1.0)
+  c_n = -a_n / safe_scale
+  return jnp.where(jnp.abs(c_n) > ZERO_ADVANTAGE_WEIGHT, c_n, ZERO_ADVANTAGE_WEIGHT), scale
+
+
+def _unpack(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
+  return out if has_aux else (out, None)
+
+
+def _tokens_per_sequence(path: str, n_tok: int, n_seq: int) -> int:
+  if n_tok % n_seq:
+    raise ValueError(f"Dense layer at {path} saw {n_tok} tokens, not a multiple of the {n_seq} "
+                     f"sequences of the batch (the dense layers must see inputs laid out "
+                     f"(n_seq, ..., d_in), sequence axis leading)")
+  return n_tok // n_seq
+
+
+def policy_gradient_and_dense_factors(
+    objectives_fn: Callable[[nnx.Module, Any], Any],
+    model: nnx.Module,
+    batch: Any,
+    advantages_n: jax.Array,
+    *,
+    token_mask: jax.Array | None = None,
+    has_aux: bool = False,
+) -> tuple[Any, dict, dict]:
+  """Policy loss -sum_i A_i f_i, its gradient, and the advantage-free dense factors: ONE backward pass.
+
+  DESIGN defines the sequence gradients S_i and intra-PROMA's output gradients G from the
+  advantage-free objective sum_i f_i, while the optimizer needs the gradient of the loss
+  -sum_i A_i f_i. Sequences do not interact, so the backward pass of sum_i c_i f_i scales every
+  row of sequence i (at every layer) by c_i. One backward with c = `sequence_cotangents(A)` gives
+    grads = scale * grad(sum_i c_i f_i)            (the loss gradient, see `sequence_cotangents`)
+    G     = G_c / c_seq(t), row by row              (the output gradients of sum_i f_i)
+  instead of one backward per scalar.
+
+  Args:
+    objectives_fn: `fn(model, batch) -> f_N` (or `(f_N, aux)` with `has_aux`): the advantage-free
+      sequence objectives f_i of the microbatch, e.g. `losses.sequence_ratio` of the model's token
+      log-probabilities, so that -sum_i A_i f_i is the REINFORCE loss.
+    batch: a pytree of arrays whose leading axis is the sequence axis (n_seq); the dense layers must
+      see inputs laid out (n_seq, ..., d_in).
+    advantages_n: (n_seq,) advantages A_i.
+    token_mask: optional (n_seq, T) mask of real tokens; padding rows of A are zeroed.
+
+  Returns:
+    `(loss_or_(loss, aux), grads, factors)` as `grads_and_dense_factors`, with the factors' output
+    gradients those of sum_i f_i. Call it under `jax.jit`.
+  """
+  n_seq = advantages_n.shape[0]
+  c_n, scale = sequence_cotangents(advantages_n)
+
+  def weighted_objective(m, b):
+    f_n, aux = _unpack(objectives_fn(m, b), has_aux)
+    if f_n.shape != (n_seq,):
+      raise ValueError(f"objectives_fn must return one objective per sequence, shape ({n_seq},) "
+                       f"like the advantages, got {f_n.shape}")
+    return jnp.sum(c_n * f_n.astype(jnp.float32)), (f_n, aux)
+
+  (_, (f_n, aux)), phi_grads, factors = grads_and_dense_factors(
+      weighted_objective, model, batch, token_mask=token_mask, has_aux=True)
+  loss = -jnp.sum(advantages_n.astype(jnp.float32) * jax.lax.stop_gradient(f_n))
+  grads = jax.tree.map(lambda g: (scale * g).astype(g.dtype), phi_grads)
+
+  def advantage_free(path, f):
+    if f is None:
+      return None
+    t = _tokens_per_sequence(jax.tree_util.keystr(path), f.output_grads.shape[0], n_seq)
+    return DenseFactors(f.activations, f.output_grads / jnp.repeat(c_n, t)[:, None])
+
+  factors = jax.tree_util.tree_map_with_path(advantage_free, factors,
+                                             is_leaf=lambda x: x is None or isinstance(x, DenseFactors))
+  return ((loss, aux) if has_aux else loss), grads, factors
+
+
 SEQUENCE_SCOPES = ("all", "dense")
 
 
-def grads_and_sequence_statistics(
-    loss_and_objectives_fn: Callable[[nnx.Module, Any], Any],
+def policy_gradient_and_sequence_statistics(
+    objectives_fn: Callable[[nnx.Module, Any], Any],
     model: nnx.Module,
     batch: Any,
+    advantages_n: jax.Array,
     *,
     token_mask: jax.Array | None = None,
     has_aux: bool = False,
     scope: str = "all",
     dense_path: str = "auto",
-) -> tuple[Any, dict, dict]:
-  """Loss, policy gradient and the `seq_grads` of the PROMA transforms, in one pass (call under jit).
+) -> tuple[Any, dict, dict, dict]:
+  """Policy loss, its gradient, the `seq_grads` and the `factors` of the PROMA transforms, in one pass.
 
-  One forward pass serves the loss and the advantage-free objective sum_i f_i; one backward pass
-  (two cotangents, `grads_and_dense_factors`) gives the true gradient of the loss for EVERY leaf
-  and each `Dense` layer's inputs A and output gradients G of sum_i f_i. Sequences do not interact,
-  so the rows of G for sequence i are those of grad f_i and S_i = A_i^T G_i. Per dense kernel,
-  `seqgrads.choose_dense_path(T, d_in, d_out, dense_path)` picks:
+  One forward and one backward pass (`policy_gradient_and_dense_factors`) give the loss gradient of
+  every leaf and each `Dense` layer's inputs A and advantage-free output gradients G; the rows of
+  G for sequence i are those of grad f_i, so S_i = A_i^T G_i. Per dense kernel,
+  `seqgrads.choose_dense_path(n_seq, T, d_in, d_out, dense_path)` picks:
     "matrix_free":  a `DenseSequenceFactors(A, G, segment_ids, n_seq)`; no S_i is ever formed.
-    "materialise":  the stacked S_i = A_i^T G_i, (n_seq, d_in, d_out), by one batched matmul.
+    "materialise":  the stacked S_i = A_i^T G_i, (n_seq, d_in, d_out), by one batched matmul, and
+                    the kernel gradient -sum_i A_i S_i from them (exact; the backward pass's own
+                    A^T G_c matmul is then unused and dropped by XLA, so S_i cost no extra flops).
   Every other leaf (embeddings, norms, biases, kernels of layers the objective does not reach) gets
   its stacked per-sequence gradients by `jax.vmap(jax.grad(f_i))` over the sequences with scope
   "all" (a second forward/backward, differentiating those leaves only), or None with scope "dense".
 
-  Args:
-    loss_and_objectives_fn: `fn(model, batch) -> (loss, f_N)` (or `((loss, f_N), aux)` with
-      `has_aux`): the microbatch policy loss and the advantage-free sequence objectives f_i (e.g.
-      `losses.sequence_logprob` of the model's token log-probabilities), from one forward pass.
-    batch: a pytree of arrays whose leading axis is the sequence axis (n_seq).
-    token_mask: optional (n_seq, T) mask of real tokens; padding rows of A are zeroed.
-    The dense layers must see inputs laid out (n_seq, ..., d_in), sequence axis leading.
+  Args: as `policy_gradient_and_dense_factors`, plus `scope` and `dense_path`.
 
   Returns:
-    `(loss_or_(loss, aux), grads, seq_grads)`, grads and seq_grads pure dicts like the model's params.
+    `(loss_or_(loss, aux), grads, seq_grads, factors)`: pure dicts like the model's params;
+    `factors` (a `DenseFactors` per dense kernel, None elsewhere) is what `proma_intra` and
+    `proma_both` take as `factors`.
   """
   if scope not in SEQUENCE_SCOPES:
     raise ValueError(f"unknown scope {scope!r}; expected one of {SEQUENCE_SCOPES}")
-  n_seq = jax.tree.leaves(batch)[0].shape[0]
-  def loss_and_objective(m, b):
-    out = loss_and_objectives_fn(m, b)
-    (loss, f_n), aux = out if has_aux else (out, None)
-    summed = (loss, jnp.sum(f_n))
-    return (summed, aux) if has_aux else summed
-
-  out, grads, factors = grads_and_dense_factors(
-      loss_and_objective, model, batch, token_mask=token_mask, has_aux=has_aux,
-      factor_objective=True)
-  out = ((out[0][0], out[1]) if has_aux else out[0])
+  n_seq = advantages_n.shape[0]
+  out, grads, factors = policy_gradient_and_dense_factors(
+      objectives_fn, model, batch, advantages_n, token_mask=token_mask, has_aux=has_aux)
 
   paths_grads, grads_def = jax.tree_util.tree_flatten_with_path(grads)
   factor_leaves = grads_def.flatten_up_to(factors)
+  grad_leaves = [g for _, g in paths_grads]
   seq_leaves = []
-  for (path, g), f in zip(paths_grads, factor_leaves):
+  for idx, ((path, g), f) in enumerate(zip(paths_grads, factor_leaves)):
     if f is None:
       seq_leaves.append(None)
       continue
-    n_tok = f.activations.shape[0]
-    if n_tok % n_seq:
-      raise ValueError(f"Dense layer at {jax.tree_util.keystr(path)} saw {n_tok} tokens, not a "
-                       f"multiple of the {n_seq} sequences of the batch")
-    t, (d_in, d_out) = n_tok // n_seq, g.shape
-    if seqgrads.choose_dense_path(t, d_in, d_out, dense_path) == "matrix_free":
+    t = _tokens_per_sequence(jax.tree_util.keystr(path), f.activations.shape[0], n_seq)
+    d_in, d_out = g.shape
+    if seqgrads.choose_dense_path(n_seq, t, d_in, d_out, dense_path) == "matrix_free":
       segment_ids = jnp.repeat(jnp.arange(n_seq, dtype=jnp.int32), t)
       seq_leaves.append(seqgrads.DenseSequenceFactors(f.activations, f.output_grads, segment_ids,
                                                       n_seq))
     else:
-      seq_leaves.append(jnp.einsum("bti,bto->bio", f.activations.reshape(n_seq, t, d_in),
-                                   f.output_grads.reshape(n_seq, t, d_out)))
+      s_nxixo = jnp.einsum("bti,bto->bio", f.activations.reshape(n_seq, t, d_in),
+                           f.output_grads.reshape(n_seq, t, d_out))
+      seq_leaves.append(s_nxixo)
+      grad_leaves[idx] = (-jnp.tensordot(advantages_n.astype(jnp.float32), s_nxixo, axes=1)
+                          ).astype(g.dtype)
 
   other = [idx for idx, f in enumerate(factor_leaves) if f is None]
   if scope == "all" and other:
     def seq_objective_fn(m, b):
-      out = loss_and_objectives_fn(m, b)
-      return (out[0] if has_aux else out)[1]
+      return _unpack(objectives_fn(m, b), has_aux)[0]
 
     for idx, s in zip(other, _vmap_sequence_gradients(seq_objective_fn, model, batch, other)):
       seq_leaves[idx] = s
-  return out, grads, grads_def.unflatten(seq_leaves)
+  return (out, grads_def.unflatten(grad_leaves), grads_def.unflatten(seq_leaves), factors)
 
 
 def _vmap_sequence_gradients(seq_objective_fn, model: nnx.Module, batch: Any,

@@ -167,6 +167,16 @@ def local_span_change(r: jax.Array, m_d: jax.Array, raw_gram_nxn: jax.Array,
   return m_d - removed, removed_norm
 
 
+def _transposed_product(z_nxk: jax.Array, x_nxd: jax.Array) -> jax.Array:
+  """Z^T X, (k, d), contracting the token axis.
+
+  Computed with the k x d output and kept so by an optimization barrier: otherwise XLA folds the
+  transpose that the QR below needs into the dot, and its CPU backend computes X^T Z with a d x k
+  output 5-10x slower than Z^T X (measured; experiments/README.md, "Step-time benchmark").
+  """
+  return jax.lax.optimization_barrier(jax.lax.dot_general(z_nxk, x_nxd, (((0,), (0,)), ((), ()))))
+
+
 def row_space_basis(x_nxd: jax.Array, k: int, key: jax.Array, power_iters: int = 1) -> jax.Array:
   """Orthonormal d x k basis of the dominant k-dim row space of X by a randomized range finder.
 
@@ -176,20 +186,15 @@ def row_space_basis(x_nxd: jax.Array, k: int, key: jax.Array, power_iters: int =
   """
   x_nxd = x_nxd.astype(jnp.promote_types(x_nxd.dtype, jnp.float32))
   omega_nxk = jax.random.normal(key, (x_nxd.shape[0], k), x_nxd.dtype)
-  y_dxk = x_nxd.T @ omega_nxk
+  y_kxd = _transposed_product(omega_nxk, x_nxd)
   for _ in range(power_iters):
-    q_dxk, _ = jnp.linalg.qr(y_dxk)
-    y_dxk = x_nxd.T @ (x_nxd @ q_dxk)
-  q_dxk, r_kxk = jnp.linalg.qr(y_dxk)
+    q_dxk, _ = jnp.linalg.qr(y_kxd.T)
+    y_kxd = _transposed_product(x_nxd @ q_dxk, x_nxd)
+  q_dxk, r_kxk = jnp.linalg.qr(y_kxd.T)
   # Columns that carry no energy of X (rank(X) < k, or X = 0) are noise: drop them.
   energy_k = jnp.abs(jnp.diagonal(r_kxk))
   keep_k = energy_k > RANK_TOL * jnp.max(energy_k)
   return q_dxk * keep_k[None, :]
-
-
-def kronecker_block(m_ixo: jax.Array, qa_ixk: jax.Array, qg_oxk: jax.Array) -> jax.Array:
-  """Qa Qa^T M Qg Qg^T: the component of M in the Kronecker block span(Qa) (x) span(Qg)."""
-  return qa_ixk @ ((qa_ixk.T @ m_ixo) @ qg_oxk) @ qg_oxk.T
 
 
 def intra_step(m_ixo: jax.Array, activations_nxi: jax.Array, output_grads_nxo: jax.Array,
@@ -205,7 +210,8 @@ def intra_step(m_ixo: jax.Array, activations_nxi: jax.Array, output_grads_nxo: j
   key_a, key_g = jax.random.split(key)
   qa_ixk = row_space_basis(activations_nxi, k, key_a, power_iters)
   qg_oxk = row_space_basis(output_grads_nxo, k, key_g, power_iters)
-  removed = shrinkage * kronecker_block(m_ixo, qa_ixk, qg_oxk)
-  m_norm = jnp.linalg.norm(m_ixo)
-  fraction = jnp.linalg.norm(removed) / jnp.maximum(m_norm, 1e-30)
+  core_kxk = (qa_ixk.T @ m_ixo) @ qg_oxk  # Qa Qa^T M Qg Qg^T = Qa C Qg^T: the Kronecker block
+  removed = shrinkage * (qa_ixk @ core_kxk @ qg_oxk.T)
+  # Qa, Qg have orthonormal (or zero) columns, so ||Qa C Qg^T|| = ||C||: no pass over `removed`.
+  fraction = abs(shrinkage) * jnp.linalg.norm(core_kxk) / jnp.maximum(jnp.linalg.norm(m_ixo), 1e-30)
   return m_ixo - removed, fraction

@@ -149,17 +149,24 @@ def dense_combination(coeffs_s: jax.Array, factors: DenseSequenceFactors) -> jax
   return _float32(factors.activations).T @ (coeffs_n[:, None] * _float32(factors.output_grads))
 
 
-def choose_dense_path(n_tokens_per_seq: int, d_in: int, d_out: int, mode: str = "auto") -> str:
-  """"matrix_free" or "materialise" for a dense kernel, by `mode` or (mode="auto") by memory.
+def choose_dense_path(num_sequences: int, tokens_per_sequence: int, d_in: int, d_out: int,
+                      mode: str = "auto") -> str:
+  """"matrix_free" or "materialise" for a dense kernel, by `mode` or (mode="auto") by multiply-adds.
 
-  Per sequence the matrix-free Gram keeps 2 T^2 token products (one sequence's rows of A A^T and
-  G G^T against the same rows, times n_seq for all columns) where materialising keeps the d_in d_out
-  entries of S_i (times n_seq). So "auto" picks matrix-free iff 2 T^2 <= d_in d_out, the ghost-norm
-  rule. (In multiply-adds the exact Gram costs n_tok^2 (d_in + d_out) matrix-free against
-  n_tok d_in d_out materialised; the matrix-free path buys memory, not time.)
+  Beyond the backward pass, per microbatch of n sequences of T tokens (n_tok = n T), |W| = d_in d_out:
+    matrix-free   Gram n_tok^2 (d_in + d_out), <R, S_i> n_tok |W|, combination n_tok |W|;
+    materialise   S_i = A_i^T G_i in place of the backward's own A^T G matmul (the kernel gradient
+                  becomes -sum_i A_i S_i), then Gram n^2 |W| and inner products, combination and
+                  gradient 3 n |W|; memory n |W| floats for the stacked S_i.
+  "auto" picks the one with fewer multiply-adds, which is "materialise" unless T is tiny; request
+  "matrix_free" where n |W| floats per kernel do not fit (it holds only the token factors and a
+  2 T n_tok Gram transient, and is the path for long-microbatch, memory-bound runs).
   """
   if mode not in DENSE_PATHS:
     raise ValueError(f"unknown dense path mode {mode!r}; expected one of {DENSE_PATHS}")
   if mode != "auto":
     return mode
-  return "matrix_free" if 2 * n_tokens_per_seq**2 <= d_in * d_out else "materialise"
+  n_tok, size = num_sequences * tokens_per_sequence, d_in * d_out
+  matrix_free = n_tok**2 * (d_in + d_out) + 2 * n_tok * size
+  materialise = (num_sequences**2 + 3 * num_sequences) * size
+  return "matrix_free" if matrix_free < materialise else "materialise"

@@ -168,24 +168,18 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
   def loss_of_logp(logp, mb, num_tokens):
     return policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], num_tokens)
 
-  def objective_of_logp(logp, mb, num_tokens):  # sum_i f_i, advantage-free (DESIGN section 2)
-    return jnp.sum(losses.sequence_ratio(logp, mb["old_logp"], mb["mask"], num_tokens))
-
   def loss_on_model(model, mb, num_tokens):
     return loss_of_logp(response_logp(model, mb), mb, num_tokens)
 
-  def seq_objective_sum(model, mb, num_tokens):
-    return objective_of_logp(response_logp(model, mb), mb, num_tokens)
-
-  def loss_and_objective(model, mb, num_tokens):  # both from one forward pass
+  def objectives_and_metrics(model, mb, num_tokens):  # f_i (DESIGN section 2) and loss metrics
     logp = response_logp(model, mb)
-    loss, metrics = loss_of_logp(logp, mb, num_tokens)
-    return (loss, objective_of_logp(logp, mb, num_tokens)), metrics
+    f_n = losses.sequence_ratio(logp, mb["old_logp"], mb["mask"], num_tokens)
+    return f_n, loss_of_logp(logp, mb, num_tokens)[1]
 
   def sequence_grads(params, mb, num_tokens):
     def f_i(params, seq):
       one = jax.tree.map(lambda x: x[None], seq)
-      return seq_objective_sum(policy_lib.bind(policy, params), one, num_tokens)
+      return objectives_and_metrics(policy_lib.bind(policy, params), one, num_tokens)[0][0]
 
     seqs = {k: mb[k] for k in ("tokens", "valid", "mask", "old_logp")}
     loss, grads, seq_grads = proma_jax.policy_gradient_and_sequence_gradients(
@@ -196,9 +190,11 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
     return loss, grads, seq_grads
 
   def factor_grads(params, mb, num_tokens):
-    ((loss, _), metrics), grads, factors = proma_jax.grads_and_dense_factors(
-        loss_and_objective, policy_lib.bind(policy, params), mb, num_tokens,
-        token_mask=mb["valid"], has_aux=True, factor_objective=True)
+    # The REINFORCE loss is -sum_i A_i f_i: one backward pass gives its gradient and the
+    # advantage-free factors (capture.policy_gradient_and_dense_factors).
+    (loss, metrics), grads, factors = proma_jax.policy_gradient_and_dense_factors(
+        lambda m, b: objectives_and_metrics(m, b, num_tokens), policy_lib.bind(policy, params), mb,
+        mb["advantages"], token_mask=mb["valid"], has_aux=True)
     return loss, metrics, grads, factors
 
   def update(params, opt_state, mb, num_tokens):

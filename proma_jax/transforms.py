@@ -259,8 +259,8 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
       new_r = [r + change for r, change in zip(r_leaves, jax.lax.psum(new_r, axis_name))]
       removed_sq = jax.lax.psum(removed_sq, axis_name)  # reduction: root-sum-square over devices
       intra_fracs = jax.lax.pmean(intra_fracs, axis_name)
-      m_leaves = []  # this device's own; every device's M is in the summed new_r
-    finite = _all_finite(new_r + m_leaves + intra_fracs)
+    # A non-finite M_m or statistic (of a projected microbatch) makes new_r non-finite: one check.
+    finite = _all_finite(new_r + intra_fracs)
     new_r = [jnp.where(finite, nr, r) for nr, r in zip(new_r, r_leaves)]
     counted = finite & project & (r_sq > 0)
     ratio = jnp.sqrt(removed_sq) / jnp.sqrt(jnp.maximum(r_sq, 1e-30))

@@ -122,13 +122,15 @@ def test_bad_dense_sequence_factors_raise_naming_the_leaf():
 
 
 def test_choose_dense_path_rule():
-  """auto: matrix-free iff 2 T^2 <= d_in d_out; explicit modes win; unknown modes raise."""
-  assert proma_jax.choose_dense_path(512, 1024, 1024) == "matrix_free"
-  assert proma_jax.choose_dense_path(1024, 1024, 1024) == "materialise"
-  assert proma_jax.choose_dense_path(16, 8, 8, "matrix_free") == "matrix_free"
-  assert proma_jax.choose_dense_path(1, 1024, 1024, "materialise") == "materialise"
+  """auto: the path with fewer multiply-adds; explicit modes win; unknown modes raise."""
+  # 4 x 512 tokens, 1024 x 3072: matrix-free Gram 2048^2 * 4096 >> materialised 4^2 |W|.
+  assert proma_jax.choose_dense_path(4, 512, 1024, 3072) == "materialise"
+  # 2 one-token sequences of a wide kernel: matrix-free 4 * 8192 + 4 |W| < (4 + 6) |W|.
+  assert proma_jax.choose_dense_path(2, 1, 4096, 4096) == "matrix_free"
+  assert proma_jax.choose_dense_path(16, 8, 8, 8, "matrix_free") == "matrix_free"
+  assert proma_jax.choose_dense_path(1, 1, 1024, 1024, "materialise") == "materialise"
   with pytest.raises(ValueError, match="dense path"):
-    proma_jax.choose_dense_path(1, 2, 2, "fast")
+    proma_jax.choose_dense_path(1, 1, 2, 2, "fast")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def logprobs(model, tokens_BxT):
 
 @pytest.mark.parametrize("dense_path", ["matrix_free", "materialise"])
 def test_capture_statistics_equal_vmap_sequence_gradients(dense_path):
-  """grads_and_sequence_statistics: true loss gradient, and per-leaf statistics equal to the vmap path."""
+  """policy_gradient_and_sequence_statistics: true loss gradient, and per-leaf statistics equal to the vmap path."""
   n_seq, length = 5, 7
   model = TinyLM(rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (n_seq, length), 0, 11)
@@ -173,17 +175,23 @@ def test_capture_statistics_equal_vmap_sequence_gradients(dense_path):
     logp = logprobs(m, tokens)
     return losses.reinforce_loss(logp, jax.lax.stop_gradient(logp), adv, mask, num_tokens)
 
-  def loss_and_objectives(m, batch):  # one forward pass for both
+  def objectives(m, batch):  # f_i and the loss's metrics from one forward pass
     tokens, mask, adv = batch
     logp = logprobs(m, tokens)
-    loss, aux = losses.reinforce_loss(logp, jax.lax.stop_gradient(logp), adv, mask, num_tokens)
-    return (loss, losses.sequence_logprob(logp, mask, num_tokens)), aux
+    aux = losses.reinforce_loss(logp, jax.lax.stop_gradient(logp), adv, mask, num_tokens)[1]
+    return losses.sequence_logprob(logp, mask, num_tokens), aux
 
-  batch = (tokens, mask, adv)
-  (loss, _), grads, seq = jax.jit(lambda b: proma_jax.grads_and_sequence_statistics(
-      loss_and_objectives, model, b, has_aux=True, dense_path=dense_path))(batch)
-  ref_grads = nnx.to_pure_dict(nnx.grad(lambda m: loss_fn(m, batch)[0])(model))
-  chex.assert_trees_all_close(grads, ref_grads, atol=1e-6)
+  batch = (tokens, mask, adv.at[2].set(0.0))  # a zero-advantage sequence still has its S_i
+  adv = batch[2]
+  (loss, _), grads, seq, factors = jax.jit(lambda b: proma_jax.policy_gradient_and_sequence_statistics(
+      objectives, model, b, b[2], has_aux=True, dense_path=dense_path))(batch)
+  ref_grads = nnx.grad(lambda m: loss_fn(m, batch)[0])(model)
+  chex.assert_trees_all_close(grads, nnx.to_pure_dict(ref_grads), atol=1e-6)
+  _, _, ref_factors = jax.jit(lambda b: proma_jax.grads_and_dense_factors(
+      lambda m, b: jnp.sum(seq_objective(m, b)), model, b))(batch)
+  assert factors["embed"]["embedding"] is None
+  chex.assert_trees_all_close(factors["hidden"]["kernel"], ref_factors["hidden"]["kernel"],
+                              atol=1e-6, rtol=1e-5)
 
   graphdef, state = nnx.split(model)
 
@@ -217,7 +225,7 @@ def test_capture_statistics_equal_vmap_sequence_gradients(dense_path):
   chex.assert_trees_all_close(c, grads["hidden"]["kernel"], atol=1e-6)
 
   # scope="dense": non-dense leaves get None; the dense kernels are unchanged.
-  _, _, dense_only = jax.jit(lambda b: proma_jax.grads_and_sequence_statistics(
-      loss_and_objectives, model, b, has_aux=True, scope="dense", dense_path=dense_path))(batch)
+  _, _, dense_only, _ = jax.jit(lambda b: proma_jax.policy_gradient_and_sequence_statistics(
+      objectives, model, b, b[2], has_aux=True, scope="dense", dense_path=dense_path))(batch)
   assert dense_only["embed"]["embedding"] is None and dense_only["hidden"]["bias"] is None
   chex.assert_trees_all_close(dense_only["out"]["kernel"], seq["out"]["kernel"])

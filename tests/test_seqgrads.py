@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 from flax import nnx
 
 import proma_jax
@@ -92,14 +93,36 @@ def test_captured_factors_reproduce_dense_kernel_gradients():
     chex.assert_trees_all_close(f.activations.T @ f.output_grads, grads[layer]["kernel"], atol=1e-6)
   assert factors["embed"]["embedding"] is None and factors["hidden"]["bias"] is None
 
-  # With factor_objective: grads stay those of the loss, factors are those of the log-prob objective.
-  def loss_and_objective(m, tokens, mask, adv):
-    logp = token_logprobs(m, tokens)
-    return (-jnp.sum(adv[:, None] * logp * mask) / num_tokens, jnp.sum(logp * mask) / num_tokens)
 
-  _, grads2, factors2 = jax.jit(lambda t, m, a: proma_jax.grads_and_dense_factors(
-      loss_and_objective, model, t, m, a, factor_objective=True))(tokens, mask, adv)
-  chex.assert_trees_all_close(grads2, grads, atol=1e-6)
-  ref_f = nnx.to_pure_dict(nnx.grad(logprob_objective)(model, tokens, mask, adv))
-  f = factors2["hidden"]["kernel"]
-  chex.assert_trees_all_close(f.activations.T @ f.output_grads, ref_f["hidden"]["kernel"], atol=1e-6)
+
+def test_one_backward_capture_gives_loss_gradient_and_advantage_free_factors():
+  """policy_gradient_and_dense_factors: one backward of sum_i c_i f_i gives the gradient of
+  -sum_i A_i f_i for every leaf and the output gradients of sum_i f_i, also for sequences whose
+  advantage is zero (their rows would vanish from the loss's backward) and when all are zero."""
+  model, _, _, _, tokens, mask, adv = setup()
+  num_tokens = mask.sum()
+
+  def objectives(m, b):
+    tokens, mask = b
+    return jnp.sum(token_logprobs(m, tokens) * mask, axis=1) / num_tokens
+
+  def loss_fn(m, b, a):
+    return -jnp.sum(a * objectives(m, b))
+
+  run = jax.jit(lambda b, a: proma_jax.policy_gradient_and_dense_factors(objectives, model, b, a))
+  _, _, ref_factors = jax.jit(lambda b: proma_jax.grads_and_dense_factors(
+      lambda m, b: jnp.sum(objectives(m, b)), model, b))((tokens, mask))
+  for a in (adv, adv.at[jnp.array([1, 3])].set(0.0), 1e-6 * adv, jnp.zeros_like(adv)):
+    loss, grads, factors = run((tokens, mask), a)
+    ref_loss, ref_grads = nnx.value_and_grad(lambda m: loss_fn(m, (tokens, mask), a))(model)
+    scale = float(jnp.max(jnp.abs(a)))
+    chex.assert_trees_all_close(loss, ref_loss, atol=1e-6 * scale)
+    chex.assert_trees_all_close(grads, nnx.to_pure_dict(ref_grads), atol=1e-6 * scale)
+    for layer in ("hidden", "out"):
+      chex.assert_trees_all_close(factors[layer]["kernel"], ref_factors[layer]["kernel"], atol=1e-6,
+                                  rtol=1e-5)
+    if scale == 0:  # every advantage zero: the gradient is zero up to 2^-40 of the S_i
+      assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-12
+  with pytest.raises(ValueError, match="one objective per sequence"):
+    proma_jax.policy_gradient_and_dense_factors(lambda m, b: jnp.sum(objectives(m, b)), model,
+                                                (tokens, mask), adv)
