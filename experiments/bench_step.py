@@ -178,6 +178,27 @@ def print_table(records):
           f"{r['mem_ratio']:6.2f} {r['compile_s']:9.1f}", flush=True)
 
 
+def markdown_tables(records):
+  """The time and memory ratio tables of experiments/README.md, one row per (model, seqs x len)."""
+  cells = {}
+  for r in records:
+    cells.setdefault((r["model"], r["seqs_per_microbatch"], r["seq_len"]), {})[r["variant"]] = r
+  variants = [v for v in VARIANTS if any(v in c for c in cells.values())]
+  lines = []
+  for title, base_key, base_fmt, key in (("Time, x plain", "time_s", "plain s", "time_ratio"),
+                                         ("Peak memory, x plain", "peak_mem_bytes", "plain MiB",
+                                          "mem_ratio")):
+    lines += ["", f"{title}:", "", "| model | seqs x len | " + base_fmt + " | " +
+              " | ".join(v for v in variants if v != "plain") + " |",
+              "| --- | --- | --- | " + " | ".join("---" for v in variants if v != "plain") + " |"]
+    for (model, n_seq, seq_len), c in cells.items():
+      base = c["plain"][base_key]
+      base = f"{base:.3f}" if base_key == "time_s" else f"{base / 2**20:.0f}"
+      ratios = " | ".join(f"{c[v][key]:.2f}x" if v in c else "-" for v in variants if v != "plain")
+      lines.append(f"| {model} | {n_seq} x {seq_len} | {base} | {ratios} |")
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="a subset that runs in under 2 minutes")
@@ -188,7 +209,12 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   parser.add_argument("--out", default="results/bench_step.json")
+  parser.add_argument("--tables", metavar="JSON", help="print the markdown tables of a results file")
   args = parser.parse_args()
+  if args.tables:
+    with open(args.tables) as f:
+      print(markdown_tables(json.load(f)["records"]))
+    return
   if "plain" not in args.variants:
     args.variants = ["plain"] + args.variants
   grid = [(m, n, t) for m in args.models for t in args.lens for n in args.seqs]
@@ -196,22 +222,24 @@ def main():
     grid, args.repeats = [("demo", 4, 128)], 1
     args.variants = [v for v in args.variants if v != "proma_mat"]
 
-  records = []
-  for model_name, n_seq, seq_len in grid:
-    t0 = time.perf_counter()
-    new = bench_config(model_name, n_seq, seq_len, args.microbatches, args.repeats, args.variants)
-    print(f"# {model_name} seqs={n_seq} len={seq_len}: {time.perf_counter() - t0:.0f} s", flush=True)
-    print_table(new)
-    records += new
-  print("\nall configurations:")
-  print_table(records)
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   meta = dict(machine=f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU",
               backend=jax.default_backend(), jax=jax.__version__,
               memory="compiled microbatch executable memory_analysis(): temp+argument+output bytes",
               command=" ".join(["experiments/bench_step.py"] + sys.argv[1:]))
-  with open(args.out, "w") as f:
-    json.dump(dict(meta=meta, records=records), f, indent=1)
+  records = []
+  for idx, (model_name, n_seq, seq_len) in enumerate(grid):
+    t0 = time.perf_counter()
+    new = bench_config(model_name, n_seq, seq_len, args.microbatches, args.repeats, args.variants)
+    print(f"# [{idx + 1}/{len(grid)}] {model_name} seqs={n_seq} len={seq_len}: "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    print_table(new)
+    records += new
+    with open(args.out, "w") as f:  # after every configuration: an interrupted run keeps its cells
+      json.dump(dict(meta=meta, records=records, complete=idx + 1 == len(grid)), f, indent=1)
+  print("\nall configurations:")
+  print_table(records)
+  print(markdown_tables(records))
   print(f"wrote {args.out}")
 
 

@@ -171,15 +171,18 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
   def loss_on_model(model, mb, num_tokens):
     return loss_of_logp(response_logp(model, mb), mb, num_tokens)
 
-  def objectives_and_metrics(model, mb, num_tokens):  # f_i (DESIGN section 2) and loss metrics
+  def objectives_of_logp(logp, mb, num_tokens):  # f_i, advantage-free (DESIGN section 2)
+    return losses.sequence_ratio(logp, mb["old_logp"], mb["mask"], num_tokens)
+
+  def objectives_and_metrics(model, mb, num_tokens):  # f_i and the loss's metrics, one forward
     logp = response_logp(model, mb)
-    f_n = losses.sequence_ratio(logp, mb["old_logp"], mb["mask"], num_tokens)
-    return f_n, loss_of_logp(logp, mb, num_tokens)[1]
+    return objectives_of_logp(logp, mb, num_tokens), loss_of_logp(logp, mb, num_tokens)[1]
 
   def sequence_grads(params, mb, num_tokens):
     def f_i(params, seq):
       one = jax.tree.map(lambda x: x[None], seq)
-      return objectives_and_metrics(policy_lib.bind(policy, params), one, num_tokens)[0][0]
+      model = policy_lib.bind(policy, params)
+      return objectives_of_logp(response_logp(model, one), one, num_tokens)[0]
 
     seqs = {k: mb[k] for k in ("tokens", "valid", "mask", "old_logp")}
     loss, grads, seq_grads = proma_jax.policy_gradient_and_sequence_gradients(
