@@ -209,9 +209,11 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
       loss, grads, extra["seq_grads"] = sequence_grads(params, mb, num_tokens)
     elif algorithm == "proma_intra":
       loss, metrics, grads, extra["factors"] = factor_grads(params, mb, num_tokens)
-    else:  # proma_both: the gradient from the factor pass, sequence gradients from the vmap pass
-      loss, metrics, grads, extra["factors"] = factor_grads(params, mb, num_tokens)
-      _, _, extra["seq_grads"] = sequence_grads(params, mb, num_tokens)
+    else:  # proma_both: gradient, factors and dense S_i from one pass, other leaves' S_i by vmap
+      (loss, metrics), grads, extra["seq_grads"], extra["factors"] = (
+          proma_jax.policy_gradient_and_sequence_statistics(
+              lambda m, b: objectives_and_metrics(m, b, num_tokens), policy_lib.bind(policy, params),
+              mb, mb["advantages"], token_mask=mb["valid"], has_aux=True, scope=c.proma.scope))
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
     return params, opt_state, dict(metrics, **{"loss": loss})
