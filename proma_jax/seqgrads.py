@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def sequence_gradients(seq_objective_fn: Callable[[Any, Any], jax.Array], params: Any,
@@ -107,9 +108,10 @@ def _one_hot_nxs(factors: DenseSequenceFactors) -> jax.Array:
 def dense_sequence_gram(factors: DenseSequenceFactors, chunk_size: int | None = None) -> jax.Array:
   """<S_i, S_j> = sum((A_i A_j^T) * (G_i G_j^T)) for all pairs: E^T ((A A^T) * (G G^T)) E.
 
-  Costs n_tok^2 (d_in + d_out) multiply-adds. The token rows are processed `chunk_size` at a time
-  (default: ceil(n_tok / n_seq), one sequence's worth), so the transient memory is
-  2 chunk_size n_tok floats instead of 2 n_tok^2.
+  The token rows are cut into chunks of `chunk_size` (default: ceil(n_tok / n_seq), one sequence's
+  worth) and only the chunk pairs (p <= q) of the symmetric token-product matrix are computed, each
+  block adding E_p^T B_pq E_q and, for p < q, its transpose: n_tok^2 (d_in + d_out) / 2
+  multiply-adds (half of the full product) and 2 chunk_size^2 transient floats.
   """
   a_nxi, g_nxo = _float32(factors.activations), _float32(factors.output_grads)
   e_nxs = _one_hot_nxs(factors)
@@ -119,14 +121,17 @@ def dense_sequence_gram(factors: DenseSequenceFactors, chunk_size: int | None = 
   num_chunks = -(-n_tok // chunk)
   pad = num_chunks * chunk - n_tok
   pad_rows = lambda x: jnp.pad(x, ((0, pad), (0, 0))).reshape(num_chunks, chunk, x.shape[1])
-  chunks = (pad_rows(a_nxi), pad_rows(g_nxo), pad_rows(e_nxs))
+  a_cxkxi, g_cxkxo, e_cxkxs = pad_rows(a_nxi), pad_rows(g_nxo), pad_rows(e_nxs)
+  first_p, second_q = np.triu_indices(num_chunks)
 
-  def add_chunk(gram_sxs, chunk_rows):
-    a_cxi, g_cxo, e_cxs = chunk_rows
-    products_cxn = (a_cxi @ a_nxi.T) * (g_cxo @ g_nxo.T)
-    return gram_sxs + e_cxs.T @ (products_cxn @ e_nxs), None
+  def add_block(gram_sxs, pair):
+    p, q = pair
+    block_kxk = (a_cxkxi[p] @ a_cxkxi[q].T) * (g_cxkxo[p] @ g_cxkxo[q].T)
+    part_sxs = e_cxkxs[p].T @ block_kxk @ e_cxkxs[q]
+    return gram_sxs + part_sxs + jnp.where(p == q, 0.0, 1.0) * part_sxs.T, None
 
-  gram_sxs, _ = jax.lax.scan(add_chunk, jnp.zeros((e_nxs.shape[1],) * 2, jnp.float32), chunks)
+  gram_sxs, _ = jax.lax.scan(add_block, jnp.zeros((e_nxs.shape[1],) * 2, jnp.float32),
+                             (jnp.asarray(first_p, jnp.int32), jnp.asarray(second_q, jnp.int32)))
   return 0.5 * (gram_sxs + gram_sxs.T)
 
 
@@ -154,7 +159,7 @@ def choose_dense_path(num_sequences: int, tokens_per_sequence: int, d_in: int, d
   """"matrix_free" or "materialise" for a dense kernel, by `mode` or (mode="auto") by multiply-adds.
 
   Beyond the backward pass, per microbatch of n sequences of T tokens (n_tok = n T), |W| = d_in d_out:
-    matrix-free   Gram n_tok^2 (d_in + d_out), <R, S_i> n_tok |W|, combination n_tok |W|;
+    matrix-free   Gram n_tok^2 (d_in + d_out) / 2, <R, S_i> n_tok |W|, combination n_tok |W|;
     materialise   S_i = A_i^T G_i in place of the backward's own A^T G matmul (the kernel gradient
                   becomes -sum_i A_i S_i), then Gram n^2 |W| and inner products, combination and
                   gradient 3 n |W|; memory n |W| floats for the stacked S_i.
@@ -167,6 +172,6 @@ def choose_dense_path(num_sequences: int, tokens_per_sequence: int, d_in: int, d
   if mode != "auto":
     return mode
   n_tok, size = num_sequences * tokens_per_sequence, d_in * d_out
-  matrix_free = n_tok**2 * (d_in + d_out) + 2 * n_tok * size
+  matrix_free = n_tok**2 * (d_in + d_out) // 2 + 2 * n_tok * size
   materialise = (num_sequences**2 + 3 * num_sequences) * size
   return "matrix_free" if matrix_free < materialise else "materialise"
