@@ -208,7 +208,8 @@ def main():
   parser.add_argument("--microbatches", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-  parser.add_argument("--out", default="results/bench_step.json")
+  parser.add_argument("--out", help="results JSON (default results/bench_step.json; with --quick "
+                      "runs/bench_step_quick.json, so a quick run never overwrites the committed grid)")
   parser.add_argument("--tables", metavar="JSON", help="print the markdown tables of a results file")
   args = parser.parse_args()
   if args.tables:
@@ -221,6 +222,8 @@ def main():
   if args.quick:
     grid, args.repeats = [("demo", 4, 128)], 1
     args.variants = [v for v in args.variants if v != "proma_mat"]
+  if args.out is None:
+    args.out = "runs/bench_step_quick.json" if args.quick else "results/bench_step.json"
 
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   meta = dict(machine=f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU",
