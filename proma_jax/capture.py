@@ -1,4 +1,4 @@
-"""Capture of dense-layer activations and output gradients (DESIGN section 6).
+"""Capture of dense-layer activations and output gradients (docs/algorithm.md#one-backward-capture).
 
 This module only *captures*; the math that uses the captured factors lives in
 `projection.py` and knows nothing of the model (the kfac-jax split).
@@ -175,10 +175,11 @@ def policy_gradient_and_dense_factors(
 ) -> tuple[Any, dict, dict]:
   """Policy loss -sum_i A_i f_i, its gradient, and the advantage-free dense factors: ONE backward pass.
 
-  DESIGN defines the sequence gradients S_i and intra-PROMA's output gradients G from the
-  advantage-free objective sum_i f_i, while the optimizer needs the gradient of the loss
-  -sum_i A_i f_i. Sequences do not interact, so the backward pass of sum_i c_i f_i scales every
-  row of sequence i (at every layer) by c_i. One backward with c = `sequence_cotangents(A)` gives
+  The sequence gradients S_i and intra-PROMA's output gradients G come from the advantage-free
+  objective sum_i f_i, while the optimizer needs the gradient of the loss -sum_i A_i f_i
+  (docs/algorithm.md#one-backward-capture). Sequences do not interact, so the backward pass of
+  sum_i c_i f_i scales every row of sequence i (at every layer) by c_i. One backward with
+  c = `sequence_cotangents(A)` gives
     grads = scale * grad(sum_i c_i f_i)            (the loss gradient, see `sequence_cotangents`)
     G     = G_c / c_seq(t), row by row              (the output gradients of sum_i f_i)
   instead of one backward per scalar.

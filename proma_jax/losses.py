@@ -1,4 +1,7 @@
-"""Policy-gradient losses, group-relative advantages and per-step KL estimators (DESIGN 2, 7, 8).
+"""Policy-gradient losses, group-relative advantages and per-step KL estimators.
+
+The math: docs/algorithm.md#the-problem, docs/algorithm.md#losses-and-advantages and
+docs/algorithm.md#metrics.
 
 Every function works on plain arrays of per-token log-probabilities of the response tokens:
   logp_BxL      log pi_theta(y_t | y_<t, x) under the policy being trained,
@@ -79,7 +82,7 @@ def sequence_logprob(
 ) -> jax.Array:
   """f_i = sum_t mask_it * logp_it / num_tokens, per sequence (shape B).
 
-  Its gradient is the on-policy sequence gradient S_i of DESIGN section 2, with the loss's
+  Its gradient is the on-policy sequence gradient S_i (docs/algorithm.md#the-problem), with the loss's
   normalisation, so that sum_i A_i grad f_i is the (negated) REINFORCE gradient.
   """
   logp_BxL = jnp.where(mask_BxL > 0, logp_BxL.astype(jnp.float32), 0.0)
@@ -174,7 +177,7 @@ def kl_step(
   """`kl/step` (k1): mean over response tokens of (logp_before - logp_after).
 
   An unbiased estimate of the per-token KL(pi_before || pi_after) when the tokens were sampled
-  from pi_before (DESIGN section 8; the "ppo_kl" of PPO implementations).
+  from pi_before (docs/algorithm.md#metrics; the "ppo_kl" of PPO implementations).
   """
   return masked_mean(logp_before_BxL - logp_after_BxL, mask_BxL)
 

@@ -1,4 +1,7 @@
-"""Pure linear algebra of PROMA (DESIGN sections 3, 4 and 6), one parameter leaf at a time.
+"""Pure linear algebra of PROMA, one parameter leaf at a time.
+
+The math: docs/algorithm.md#accumulation-proma, docs/algorithm.md#intra-microbatch-proma and
+docs/algorithm.md#matrix-free-statistics-for-dense-layers.
 
 Everything here works on plain float32 arrays and knows nothing of models or optimizers.
 
@@ -85,7 +88,7 @@ def gram_schmidt_coefficients(gram_nxn: jax.Array, inner_n: jax.Array,
   """Coefficients w of P = sum_i w_i S^_i = R - (sequential sweeps of R <- R - <R, S^_i> S^_i)(R).
 
   Sequential, never simultaneous: subtracting all projections at once computes (I - S S^T)^2 R,
-  which blows up for correlated S (DESIGN section 5).
+  which blows up for correlated S (docs/algorithm.md#solvers).
   """
   n = inner_n.shape[0]
 
@@ -119,7 +122,9 @@ def bounded_scale(w_n: jax.Array, gram_nxn: jax.Array, reference_norm: jax.Array
 def removed_component(r: jax.Array, m: jax.Array, raw_gram_nxn: jax.Array, raw_inner_n: jax.Array,
                       combine, *, shrinkage: float, ridge: float, relative_bound: float | None,
                       solver: str) -> tuple[jax.Array, jax.Array]:
-  """shrinkage * P_bounded(R), the part of R that DESIGN section 3 removes, and its norm.
+  """shrinkage * P_bounded(R), the part of R that accumulation-PROMA removes, and its norm.
+
+  docs/algorithm.md#relative-bound-shrinkage-and-skip-fraction.
 
   Args:
     r: the accumulator R (float32), m: this microbatch's gradient M_m (float32, for the bound).
@@ -138,7 +143,9 @@ def removed_component(r: jax.Array, m: jax.Array, raw_gram_nxn: jax.Array, raw_i
 def accumulation_step(r: jax.Array, m: jax.Array, raw_gram_nxn: jax.Array, raw_inner_n: jax.Array,
                       combine, *, shrinkage: float, ridge: float, relative_bound: float | None,
                       solver: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One step of DESIGN section 3 for one leaf: R <- R - shrinkage * P + M.
+  """One step of accumulation-PROMA for one leaf: R <- R - shrinkage * P + M.
+
+  docs/algorithm.md#accumulation-proma.
 
   Arguments as `removed_component`. Returns (new R, ||shrinkage * P_bounded||, ||R||), the last two
   for the reduction metric.
@@ -200,7 +207,9 @@ def row_space_basis(x_nxd: jax.Array, k: int, key: jax.Array, power_iters: int =
 def intra_step(m_ixo: jax.Array, activations_nxi: jax.Array, output_grads_nxo: jax.Array,
                key: jax.Array, *, rank: int, shrinkage: float,
                power_iters: int) -> tuple[jax.Array, jax.Array]:
-  """DESIGN section 4 for one dense kernel: M - shrinkage * Qa Qa^T M Qg Qg^T, and the fraction removed.
+  """Intra-PROMA for one dense kernel: M - shrinkage * Qa Qa^T M Qg Qg^T, and the fraction removed.
+
+  docs/algorithm.md#kronecker-projection-and-the-fraction-removed.
 
   k = min(rank, n, d_in, d_out). Returns (projected M, ||removed|| / ||M||).
   """

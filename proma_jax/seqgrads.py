@@ -1,4 +1,6 @@
-"""Per-sequence statistics for PROMA: the vmap path and the matrix-free dense path (DESIGN 2, 6).
+"""Per-sequence statistics for PROMA: the vmap path and the matrix-free dense path.
+
+The math: docs/algorithm.md#the-vmap-path and docs/algorithm.md#matrix-free-statistics-for-dense-layers.
 
 The sequence gradient S_i is the gradient of the sequence objective f_i (the normalised
 log-probability of sequence i's response tokens, or its ratio-weighted form with stale data),
@@ -53,7 +55,7 @@ def policy_gradient_and_sequence_gradients(
 
 
 # ---------------------------------------------------------------------------------------------
-# Matrix-free statistics of a dense kernel (DESIGN section 6).
+# Matrix-free statistics of a dense kernel (docs/algorithm.md#matrix-free-statistics-for-dense-layers).
 #
 # For y = x W with W (d_in x d_out) and one microbatch, A (n_tok x d_in) holds the layer inputs and
 # G (n_tok x d_out) the gradients of the advantage-free objective sum_i f_i w.r.t. the layer outputs.
