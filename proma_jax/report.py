@@ -5,7 +5,9 @@ A run directory holds
   metrics.jsonl  one JSON object per RL step with at least "step", and usually "reward/mean",
                  "kl/step", "kl/init", "entropy", "time/step_s", plus "val/accuracy" on validation
                  steps (step 0 holds the validation before training).
-A resumed run appends the steps it repeats, so the LAST record of a step wins.
+A resumed run appends the steps it repeats, so the LAST record of a step wins. A line that is not
+valid JSON, or not an object with an integer "step", is skipped with a warning; so is (by `main`)
+a directory without a readable run.json.
 
 Command line:
 
@@ -54,12 +56,21 @@ CURVE_PANELS = (
 def load_run(run_dir: str | os.PathLike) -> Run:
   """{"dir", "meta", "records"} of one run; records sorted by step, the last record of a step wins.
 
-  A line of metrics.jsonl that is not valid JSON (e.g. cut short by a kill) is skipped with a
-  warning.
+  A line of metrics.jsonl that is not valid JSON (e.g. cut short by a kill), or not a JSON object
+  with an integer "step", is skipped with a warning. Raises ValueError if run.json is missing or is
+  not a JSON object (`main` skips such a directory with a warning).
   """
   run_dir = os.fspath(run_dir)
-  with open(os.path.join(run_dir, "run.json")) as f:
-    meta = json.load(f)
+  meta_path = os.path.join(run_dir, "run.json")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise ValueError(f"{meta_path} does not exist: not a run directory") from None
+  except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError included
+    raise ValueError(f"{meta_path} cannot be read as JSON ({e})") from None
+  if not isinstance(meta, dict):
+    raise ValueError(f"{meta_path} holds a {type(meta).__name__}, not a JSON object")
   by_step: dict[int, dict[str, Any]] = {}
   metrics_path = os.path.join(run_dir, "metrics.jsonl")
   if os.path.exists(metrics_path):
@@ -72,7 +83,15 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         except json.JSONDecodeError as e:
           log.warning("%s:%d is not valid JSON (%s); skipping it.", metrics_path, line_number, e)
           continue
-        by_step[int(record["step"])] = record
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, float) and step.is_integer():
+          step = int(step)
+        if isinstance(step, bool) or not isinstance(step, int):
+          log.warning("%s:%d has no integer \"step\" (got %r); skipping it.", metrics_path,
+                      line_number, step)
+          continue
+        record["step"] = step
+        by_step[step] = record
   return {"dir": run_dir, "meta": meta, "records": [by_step[s] for s in sorted(by_step)]}
 
 
@@ -229,7 +248,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--out", required=True, metavar="DIR", help="where to write the outputs")
   parser.add_argument("--title", default="RL fine-tuning curves", help="title of curves.png")
   args = parser.parse_args(argv)
-  runs = [load_run(d) for d in args.run_dirs]
+  runs = []
+  for run_dir in args.run_dirs:
+    try:
+      runs.append(load_run(run_dir))
+    except ValueError as e:
+      log.warning("skipping %s: %s", run_dir, e)
+  if not runs:
+    parser.error("none of the given directories is a run directory (each needs a run.json)")
   summaries = [summarize_run(run) for run in runs]
   os.makedirs(args.out, exist_ok=True)
   write_summary_csv(summaries, os.path.join(args.out, "summary.csv"))

@@ -117,3 +117,48 @@ def test_cli_writes_outputs_and_prints_table(run_dirs, tmp_path, capsys):
   assert "grpo" in printed and "proma" in printed
   assert (out / "summary.csv").stat().st_size > 0
   assert (out / "curves.png").stat().st_size > 0
+
+
+def test_records_without_integer_step_are_skipped_with_a_warning(tmp_path, caplog):
+  """A valid JSON line with no "step" (or a non-integer one, or not an object) is skipped and
+  warned about, like an invalid line; the other records load."""
+  run_dir = tmp_path / "r"
+  write_run(run_dir, {"algorithm": "grpo", "task": "arith", "lr": 1e-4, "seed": 0}, [
+      {"step": 0, "val/accuracy": 0.25},
+      {"reward/mean": 0.5},
+      step_record(1, 0.1, 0.02, 1.5, 0.02),
+      {"step": "two", "reward/mean": 0.5},
+      {"step": None},
+      [1, 2],
+      {"step": 2.0, "reward/mean": 0.2},
+  ])
+  with caplog.at_level("WARNING", logger="proma_jax.report"):
+    run = report.load_run(run_dir)
+  assert [r["step"] for r in run["records"]] == [0, 1, 2]
+  warned = [m for m in caplog.messages if 'no integer "step"' in m]
+  assert [m.split(" has")[0].rsplit(":", 1)[1] for m in warned] == ["2", "4", "5", "6"]
+  assert report.summarize_run(run)["steps"] == 2
+
+
+def test_cli_skips_directories_without_run_json(run_dirs, tmp_path, capsys, caplog):
+  """A directory without run.json (or with a broken one) is skipped with a warning naming it; the
+  report covers the others. With no run directory at all, the CLI exits with a usage error."""
+  stray = tmp_path / "stray"
+  stray.mkdir()
+  (stray / "metrics.jsonl").write_text('{"step": 1}\n')
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "run.json").write_text('{"algorithm": ')
+  out = tmp_path / "results"
+  with caplog.at_level("WARNING", logger="proma_jax.report"):
+    report.main([str(stray), str(run_dirs[0]), str(broken), str(run_dirs[1]), "--out", str(out)])
+  printed = capsys.readouterr().out
+  assert "grpo" in printed and "proma" in printed
+  assert any(f"skipping {stray}" in m and "run.json does not exist" in m for m in caplog.messages)
+  assert any(f"skipping {broken}" in m and "cannot be read as JSON" in m for m in caplog.messages)
+  with open(out / "summary.csv", newline="") as f:
+    assert [row["run"] for row in csv.DictReader(f)] == ["grpo", "proma"]
+  with pytest.raises(SystemExit) as exit_info:
+    report.main([str(stray), "--out", str(out)])
+  assert exit_info.value.code == 2
+  assert "run.json" in capsys.readouterr().err

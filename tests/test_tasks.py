@@ -182,3 +182,79 @@ def test_get_task_unknown_name_lists_known():
   """An unknown task name raises ValueError listing the registered names."""
   with pytest.raises(ValueError, match="arith.*reverse"):
     tasks.get_task("chess")
+
+
+def test_jsonl_loader_names_file_and_line_of_non_utf8_bytes(tmp_path):
+  """Bytes that are not UTF-8 raise ValueError naming the file and line, not UnicodeDecodeError;
+  a UTF-8 byte-order mark at the start of the file is accepted."""
+  path = tmp_path / "latin1.jsonl"
+  path.write_bytes(b'{"prompt": "1+2=", "answer": "3"}\n{"prompt": "caf\xe9=", "answer": "3"}\n')
+  with pytest.raises(ValueError, match=r"latin1\.jsonl, line 2: not valid UTF-8") as error:
+    tasks.load_jsonl(path)
+  assert not isinstance(error.value, UnicodeDecodeError)
+  with pytest.raises(ValueError, match=r"latin1\.jsonl, line 2: not valid UTF-8"):
+    tasks.get_task("jsonl", train_path=path)
+  bom = tmp_path / "bom.jsonl"
+  bom.write_bytes(b'\xef\xbb\xbf{"prompt": "1+2=", "answer": "3"}\n')
+  assert tasks.load_jsonl(bom) == [tasks.Example("1+2=", "3")]
+
+
+def _records_with_one_long_prompt(tmp_path, length=3000):
+  records = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(10)]
+  records.insert(6, {"prompt": "1" * (length - 2) + "+1=", "answer": "42"})  # line 7
+  return _write_jsonl(tmp_path / "data.jsonl", records)
+
+
+def test_jsonl_task_rejects_a_too_long_prompt_naming_the_example(tmp_path):
+  """One 3000-character prompt among short ones: by default the task build fails, naming the file,
+  the line, the prompt's length and the maximum, so nothing is sized for it."""
+  path = _records_with_one_long_prompt(tmp_path)
+  with pytest.raises(ValueError, match=r"data\.jsonl, line 7: prompt is 3002 tokens \(BOS "
+                                       r"included\) > max_prompt_tokens 256") as error:
+    tasks.get_task("jsonl", train_path=path)
+  assert "too_long" in str(error.value)
+  with pytest.raises(ValueError, match=r"line 7: answer is 3 tokens \(EOS included\) > "
+                                       r"max_answer_tokens 2"):
+    tasks.get_task("jsonl", train_path=path, max_prompt_tokens=4000, max_answer_tokens=2)
+  big = tasks.get_task("jsonl", train_path=path, max_prompt_tokens=3002)
+  assert big.prompt_width == 3002
+
+
+def test_jsonl_task_checks_the_val_file_too(tmp_path):
+  """The val file is held to the same limits, and its records are named by its own lines."""
+  train = _write_jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+  val = _write_jsonl(tmp_path / "val.jsonl", [{"prompt": "1+1=", "answer": "2"},
+                                             {"prompt": "12345+1=", "answer": "12346"}])
+  with pytest.raises(ValueError, match=r"val\.jsonl, line 2: prompt is 9 tokens"):
+    tasks.get_task("jsonl", train_path=train, val_path=val, max_prompt_tokens=8)
+
+
+def test_jsonl_task_truncates_or_skips_too_long_records(tmp_path, caplog):
+  """too_long="truncate" keeps a prompt's end and an answer's beginning within the limits;
+  "skip" drops the record. Both warn with the count and the first record over a limit."""
+  path = _records_with_one_long_prompt(tmp_path)
+  kwargs = dict(train_path=path, val_path=path, max_prompt_tokens=8, max_answer_tokens=2)
+  with caplog.at_level("WARNING", logger="proma_jax.tasks.jsonl"):
+    truncated = tasks.get_task("jsonl", too_long="truncate", **kwargs)
+  assert any("2 of 11 records" in m and "truncated" in m and "line 7" in m
+             for m in caplog.messages)
+  examples = set(truncated.train_examples(11, seed=0))
+  assert tasks.Example("1111+1=", "4") in examples and tasks.Example("9+1=", "1") in examples
+  assert truncated.prompt_width == 8 and truncated.answer_width == 2
+  skipped = tasks.get_task("jsonl", too_long="skip", **kwargs)
+  assert {ex.prompt for ex in skipped.train_examples(9, seed=0)} == {f"{i}+1=" for i in range(9)}
+  assert skipped.prompt_width == len("9+1=") + 1
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_prompt_tokens=1), "config.task_kwargs.max_prompt_tokens"),
+    (dict(max_prompt_tokens=2.5), "config.task_kwargs.max_prompt_tokens"),
+    (dict(max_answer_tokens=0), "config.task_kwargs.max_answer_tokens"),
+    (dict(too_long="drop"), "config.task_kwargs.too_long"),
+    (dict(train_path=None), "config.task_kwargs.train_path"),
+])
+def test_jsonl_task_validates_its_options_naming_the_field(tmp_path, kwargs, field):
+  """Invalid length options, or no train_path, raise ValueError naming the config field."""
+  kwargs = {"train_path": _records_with_one_long_prompt(tmp_path, length=10), **kwargs}
+  with pytest.raises(ValueError, match=field):
+    tasks.get_task("jsonl", **kwargs)
