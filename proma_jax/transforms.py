@@ -1,4 +1,4 @@
-"""PROMA as Optax gradient transformations (DESIGN sections 3 and 4).
+"""PROMA as Optax gradient transformations (docs/algorithm.md: "Accumulation PROMA", "Intra-microbatch PROMA").
 
 Each microbatch's policy gradient M_m is fed to `update` as `grads`, one call per microbatch. The
 transform keeps the accumulator R (float32), projects it as the chosen variant prescribes, and on
@@ -40,9 +40,37 @@ from proma_jax.capture import DenseFactors
 from proma_jax.seqgrads import DenseSequenceFactors
 
 
+def _concrete(value) -> float | None:
+  """`value` as a Python float when it is a concrete number, None when it is traced.
+
+  Under `optax.inject_hyperparams` the factories are called inside jit with tracers for every
+  numeric argument: those cannot be validated (the concrete values were checked at `init`).
+  """
+  if value is None or isinstance(value, jax.core.Tracer):
+    return None
+  return float(value)
+
+
+def _check_range(name: str, value, ok, expected: str) -> None:
+  v = _concrete(value)
+  if v is not None and not (jnp.isfinite(v) and ok(v)):
+    raise ValueError(f"{name} must be {expected}, got {value}")
+
+
+def _check_static_int(name: str, value, minimum: int) -> None:
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{name} sets array shapes or loop counts and must be a Python int; under "
+                    f"optax.inject_hyperparams pass static_args=({name!r}, ...)")
+  if int(value) != value or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class AccumulationOptions:
-  """Knobs of accumulation-PROMA (DESIGN section 3)."""
+  """Knobs of accumulation-PROMA (docs/algorithm.md, "Accumulation PROMA").
+
+  Numbers may be traced (scheduled by `optax.inject_hyperparams`); only concrete ones are checked.
+  """
 
   shrinkage: float = 1.0
   ridge: float = 1e-2
@@ -51,21 +79,27 @@ class AccumulationOptions:
   solver: str = "exact"
 
   def __post_init__(self):
-    if self.shrinkage < 0:
-      raise ValueError(f"shrinkage must be >= 0, got {self.shrinkage}")
-    if self.ridge < 0:
-      raise ValueError(f"ridge must be >= 0, got {self.ridge}")
-    if self.relative_bound is not None and self.relative_bound < 0:
-      raise ValueError(f"relative_bound must be >= 0 or None, got {self.relative_bound}")
-    if not 0.0 <= self.skip_fraction <= 1.0:
-      raise ValueError(f"skip_fraction must be in [0, 1], got {self.skip_fraction}")
+    _check_range("shrinkage", self.shrinkage, lambda v: v >= 0, ">= 0")
+    _check_range("ridge", self.ridge, lambda v: v >= 0, ">= 0")
+    if self.relative_bound is not None:
+      _check_range("relative_bound", self.relative_bound, lambda v: v >= 0, ">= 0 or None")
+    _check_range("skip_fraction", self.skip_fraction, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
     if self.solver not in projection.SOLVERS:
       raise ValueError(f"unknown solver {self.solver!r}; expected one of {projection.SOLVERS}")
+
+  @property
+  def projects(self) -> bool:
+    """False only for a concrete shrinkage of 0 (plain accumulation: no seq_grads needed)."""
+    return _concrete(self.shrinkage) != 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class IntraOptions:
-  """Knobs of intra-microbatch PROMA (DESIGN section 4)."""
+  """Knobs of intra-microbatch PROMA (docs/algorithm.md, "Intra-microbatch PROMA").
+
+  `rank` and `power_iters` fix shapes and loop counts: Python ints (static under
+  `optax.inject_hyperparams`). `shrinkage` and `seed` may be traced.
+  """
 
   rank: int = 10
   shrinkage: float = 1.0
@@ -73,12 +107,9 @@ class IntraOptions:
   seed: int = 0
 
   def __post_init__(self):
-    if self.rank < 1:
-      raise ValueError(f"rank must be >= 1, got {self.rank}")
-    if self.shrinkage < 0:
-      raise ValueError(f"shrinkage must be >= 0, got {self.shrinkage}")
-    if self.power_iters < 0:
-      raise ValueError(f"power_iters must be >= 0, got {self.power_iters}")
+    _check_static_int("rank", self.rank, 1)
+    _check_range("shrinkage", self.shrinkage, lambda v: v >= 0, ">= 0")
+    _check_static_int("power_iters", self.power_iters, 0)
 
 
 class ProMAState(NamedTuple):
@@ -91,9 +122,13 @@ class ProMAState(NamedTuple):
   dropped:         microbatches dropped so far because their gradient or statistics were not finite.
   reduction_sum, projected: running sum of ||shrinkage * P|| / ||R|| over this step's projected
                    microbatches, and their number.
+  accepted:        finite microbatches accumulated so far this step; when a step ends with none,
+                   the inner optimizer does not step (no weight decay, no count advance).
   reduction:       that mean for the last completed step (metric `proma/reduction`).
-  intra_sum:       like params, running sum of each kernel's fraction of norm removed this step.
-  intra_reduction: like params, its mean over the last completed step (0 for unprojected leaves).
+  intra_sum:       like params, running sum of each kernel's fraction of norm removed this step
+                   (None for variants without intra projection).
+  intra_reduction: like params, its mean over the last completed step (0 for unprojected leaves;
+                   None without intra projection).
   update_norm:     global norm of the R handed to the inner optimizer at the last completed step.
   """
 
@@ -104,6 +139,7 @@ class ProMAState(NamedTuple):
   dropped: jax.Array
   reduction_sum: jax.Array
   projected: jax.Array
+  accepted: jax.Array
   reduction: jax.Array
   intra_sum: Any
   intra_reduction: Any
@@ -184,38 +220,74 @@ def _all_finite(leaves) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.array(True)]))
 
 
+def _cast_like(tree, reference):
+  """`tree`'s leaves in the dtypes of `reference`'s leaves (as `optax.MultiSteps` hands the sum on)."""
+  return jax.tree.map(lambda x, ref: x.astype(jnp.asarray(ref).dtype), tree, reference)
+
+
 def _proma(inner: optax.GradientTransformation, num_microbatches: int,
            accumulation: AccumulationOptions | None, intra: IntraOptions | None,
-           axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
-  if int(num_microbatches) != num_microbatches or num_microbatches < 1:
+           axis_name: str | None = None,
+           inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
+  if not isinstance(num_microbatches, jax.core.Tracer) and (
+      int(num_microbatches) != num_microbatches or num_microbatches < 1):
     raise ValueError(f"num_microbatches must be an integer >= 1, got {num_microbatches}")
   inner = optax.with_extra_args_support(inner)
-  first_projected = (0.0 if accumulation is None else accumulation.skip_fraction) * num_microbatches
+  inner_args = (inner_args,) if isinstance(inner_args, str) else tuple(inner_args)
+  # The statistics this variant projects with: each must be given (a misspelt or missing keyword
+  # would otherwise silently run plain accumulation).
+  required = tuple(name for name, needed in (
+      ("seq_grads", accumulation is not None and accumulation.projects),
+      ("factors", intra is not None)) if needed)
+  accepted_args = {"seq_grads", "factors"} | set(inner_args)
+  skip_fraction = 0.0 if accumulation is None else accumulation.skip_fraction
 
   def init_fn(params):
-    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-    scalars = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+    # Every leaf is its own buffer, so the state can be donated to a jitted step.
+    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    scalar = lambda dtype=jnp.float32: jnp.zeros((), dtype)
+    intra_tree = (lambda: None) if intra is None else (
+        lambda: jax.tree.map(lambda _: scalar(), params))
     return ProMAState(
-        microbatch=jnp.zeros((), jnp.int32), accumulator=zeros, inner_state=inner.init(params),
-        count=jnp.zeros((), jnp.int32), dropped=jnp.zeros((), jnp.int32),
-        reduction_sum=jnp.zeros((), jnp.float32), projected=jnp.zeros((), jnp.int32),
-        reduction=jnp.zeros((), jnp.float32), intra_sum=scalars, intra_reduction=scalars,
-        update_norm=jnp.zeros((), jnp.float32))
+        microbatch=scalar(jnp.int32), accumulator=zeros(), inner_state=inner.init(params),
+        count=scalar(jnp.int32), dropped=scalar(jnp.int32), reduction_sum=scalar(),
+        projected=scalar(jnp.int32), accepted=scalar(jnp.int32), reduction=scalar(),
+        intra_sum=intra_tree(), intra_reduction=intra_tree(), update_norm=scalar())
 
-  def update_fn(grads, state: ProMAState, params=None, *, seq_grads=None, factors=None,
-                **extra_args):
+  def update_fn(grads, state: ProMAState, params=None, **extra_args):
+    unknown = sorted(set(extra_args) - accepted_args)
+    if unknown:
+      raise TypeError(
+          f"update() got unexpected keyword argument(s) {unknown}; this transform takes "
+          f"{list(required) or 'no statistics'}" + (
+              f" and forwards {list(inner_args)} to the inner optimizer" if inner_args else
+              " (name keywords meant for the inner optimizer in inner_args=...)"))
+    seq_grads, factors = extra_args.pop("seq_grads", None), extra_args.pop("factors", None)
+    given = {"seq_grads": seq_grads if accumulation is not None else None,
+             "factors": factors if intra is not None else None}
+    for name, value in (("seq_grads", seq_grads), ("factors", factors)):
+      if value is not None and given[name] is None:
+        raise TypeError(f"{name}= was given but this transform does not project with it; it "
+                        f"takes {list(required) or 'no statistics'}")
     paths_leaves, grads_def = jax.tree_util.tree_flatten_with_path(grads)
     paths = [p for p, _ in paths_leaves]
     g_leaves = [jnp.asarray(g) for _, g in paths_leaves]
     _check_params(paths, g_leaves, grads_def, params)
-    s_leaves = _leaves_like_grads("seq_grads", seq_grads if accumulation else None, grads_def, paths)
-    f_leaves = _leaves_like_grads("factors", factors if intra else None, grads_def, paths)
+    s_leaves = _leaves_like_grads("seq_grads", given["seq_grads"], grads_def, paths)
+    f_leaves = _leaves_like_grads("factors", given["factors"], grads_def, paths)
     for path, g, s, f in zip(paths, g_leaves, s_leaves, f_leaves):
       _check_seq_grads(path, g, s)
       _check_factors(path, g, f)
+    for name in required:
+      if all(leaf is None for leaf in jax.tree.leaves(given[name], is_leaf=lambda x: x is None)):
+        raise ValueError(
+            f"this PROMA transform projects with {name}= but update() got "
+            f"{'none' if given[name] is None else 'a tree whose leaves are all None'}: without it "
+            f"the step would be plain gradient accumulation. Pass {name}=... (leaves left None "
+            f"are accumulated unprojected)")
     r_leaves = grads_def.flatten_up_to(state.accumulator)
 
-    # Intra-microbatch projection of M_m, kernel by kernel.
+    # Intra-microbatch projection of M_m, kernel by kernel (float32).
     m_leaves, intra_fracs = [], []
     base_key = jax.random.fold_in(jax.random.PRNGKey(0 if intra is None else intra.seed), state.count)
     for idx, (g, f) in enumerate(zip(g_leaves, f_leaves)):
@@ -231,7 +303,8 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
     # Accumulation projection of R against this microbatch's sequence gradients. With axis_name
     # (inside shard_map), m and s are this device's own: new_r holds its change M - shrinkage * P
     # of R, summed over the devices by one psum below (the local data-parallel mode).
-    project = state.microbatch.astype(jnp.float32) >= max(first_projected, 1.0)
+    project = state.microbatch.astype(jnp.float32) >= jnp.maximum(
+        skip_fraction * num_microbatches, 1.0)
     new_r, removed_sq, r_sq = [], jnp.zeros(()), jnp.zeros(())
     for r, m, s in zip(r_leaves, m_leaves, s_leaves):
       if s is None:
@@ -266,25 +339,33 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
     ratio = jnp.sqrt(removed_sq) / jnp.sqrt(jnp.maximum(r_sq, 1e-30))
     reduction_sum = state.reduction_sum + jnp.where(counted, ratio, 0.0)
     projected = state.projected + counted.astype(jnp.int32)
-    intra_sum = grads_def.unflatten([
-        acc + jnp.where(finite, frac, 0.0)
-        for acc, frac in zip(grads_def.flatten_up_to(state.intra_sum), intra_fracs)])
+    accepted = state.accepted + finite.astype(jnp.int32)
     accumulator = grads_def.unflatten(new_r)
 
+    # The inner optimizer runs on every call and its result is selected (as optax.MultiSteps
+    # does): a lax.cond here makes XLA copy the inner state of every layer and hold the copies
+    # through the backward pass (experiments/README.md, "Memory of the inner-optimizer select").
+    # It steps once per M microbatches, and not at all when every microbatch was dropped.
     last = state.microbatch == num_microbatches - 1
-    update_shapes = jax.eval_shape(
-        lambda a, s: inner.update(a, s, params, **extra_args)[0], accumulator, state.inner_state)
+    steps = last & (accepted > 0)
+    inner_updates, stepped_state = inner.update(
+        _cast_like(accumulator, grads), state.inner_state, params, **extra_args)
+    updates = jax.tree.map(lambda u: jnp.where(steps, u, jnp.zeros_like(u)), inner_updates)
+    inner_state = jax.tree.map(
+        lambda old, new: jnp.where(steps, new, old).astype(jnp.asarray(old).dtype),
+        state.inner_state, stepped_state)
 
-    def finish(_):
-      updates, inner_state = inner.update(accumulator, state.inner_state, params, **extra_args)
-      return updates, inner_state
-
-    def hold(_):
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), update_shapes)
-      return zeros, state.inner_state
-
-    updates, inner_state = jax.lax.cond(last, finish, hold, None)
     reset = lambda tree: jax.tree.map(lambda x: jnp.where(last, jnp.zeros_like(x), x), tree)
+    if intra is None:
+      intra_sum = intra_reduction = None
+    else:
+      intra_sum = grads_def.unflatten([
+          acc + jnp.where(finite, frac, 0.0)
+          for acc, frac in zip(grads_def.flatten_up_to(state.intra_sum), intra_fracs)])
+      intra_reduction = jax.tree.map(
+          lambda s, old: jnp.where(last, s / num_microbatches, old), intra_sum,
+          state.intra_reduction)
+      intra_sum = reset(intra_sum)
     new_state = ProMAState(
         microbatch=jnp.where(last, 0, state.microbatch + 1).astype(jnp.int32),
         accumulator=reset(accumulator),
@@ -293,10 +374,10 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
         dropped=state.dropped + (~finite).astype(jnp.int32),
         reduction_sum=reset(reduction_sum),
         projected=reset(projected),
+        accepted=reset(accepted),
         reduction=jnp.where(last, reduction_sum / jnp.maximum(projected, 1), state.reduction),
-        intra_sum=reset(intra_sum),
-        intra_reduction=jax.tree.map(
-            lambda s, old: jnp.where(last, s / num_microbatches, old), intra_sum, state.intra_reduction),
+        intra_sum=intra_sum,
+        intra_reduction=intra_reduction,
         update_norm=jnp.where(last, optax.tree.norm(accumulator), state.update_norm),
     )
     return updates, new_state
@@ -304,12 +385,26 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def microbatch_accumulation(inner: optax.GradientTransformation, num_microbatches: int, *,
+                            axis_name: str | None = None,
+                            inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
+  """Plain gradient accumulation with the PROMA transforms' state, metrics and dtype handling.
+
+      R <- sum_m M_m;   inner.update(R) after M calls
+
+  The baseline the PROMA variants are compared against (same code path with projection off).
+  `update(grads, state, params=None)` takes no statistics.
+  """
+  return _proma(inner, num_microbatches, None, None, axis_name, inner_args)
+
+
 def proma_accumulation(inner: optax.GradientTransformation, num_microbatches: int, *,
                        shrinkage: float = 1.0, ridge: float = 1e-2,
                        relative_bound: float | None = None, skip_fraction: float = 0.0,
                        solver: str = "exact",
-                       axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
-  """Accumulation-based PROMA (DESIGN section 3), layer-wise on every leaf with sequence gradients.
+                       axis_name: str | None = None,
+    inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
+  """Accumulation-based PROMA (docs/algorithm.md, "Accumulation PROMA"), layer-wise on every leaf with sequence gradients.
 
       R <- M_1;  for m = 2..M:  R <- R - shrinkage * P_m(R) + M_m;  inner.update(R)
 
@@ -320,8 +415,13 @@ def proma_accumulation(inner: optax.GradientTransformation, num_microbatches: in
   < skip_fraction * M are accumulated without projection. shrinkage=0 is plain accumulation.
 
   Args:
-    inner: the optimizer that receives R once per M microbatches.
+    inner: the optimizer that receives R once per M microbatches, cast to the dtypes of `grads`
+      (R itself and the solve are float32; bf16 or mixed-precision trees work as with
+      `optax.MultiSteps`).
     num_microbatches: M, microbatches per optimizer step.
+    inner_args: names of extra `update` keywords to forward to the inner optimizer. Any other
+      keyword raises TypeError, and a missing `seq_grads` raises ValueError (unless shrinkage is
+      a concrete 0), so a misspelt argument never silently runs plain accumulation.
     axis_name: None (one device, or exact mode under sharded jit), or the mesh axis of
       `jax.shard_map` that `update` is called in: local mode, R <- R + sum_d (M^(d) -
       shrinkage * P^(d)(R)) with P^(d) the projection onto device d's own sequences (an
@@ -331,17 +431,23 @@ def proma_accumulation(inner: optax.GradientTransformation, num_microbatches: in
     `update(grads, state, params=None, *, seq_grads)`: grads is M_m (any pytree); seq_grads has the
     structure of grads, each leaf of shape (n_seq, *leaf.shape) (the S_i), or, for a 2-D dense
     kernel, a `DenseSequenceFactors` (the S_i in factored form; statistics computed matrix-free),
-    or None (leaf accumulated unprojected). Non-finite microbatches are dropped and counted in `state.dropped`.
+    or None (leaf accumulated unprojected). Non-finite microbatches are dropped and counted in
+    `state.dropped`; if every microbatch of a step is dropped, the inner optimizer does not step.
+
+  Scheduling: `optax.inject_hyperparams(proma_accumulation)(inner, M, shrinkage=0.5)` makes
+  shrinkage, ridge, relative_bound and skip_fraction state that can be changed or scheduled under
+  jit (`relative_bound` only if given as a number).
   """
   return _proma(inner, num_microbatches,
                 AccumulationOptions(shrinkage, ridge, relative_bound, skip_fraction, solver), None,
-                axis_name)
+                axis_name, inner_args)
 
 
 def proma_intra(inner: optax.GradientTransformation, num_microbatches: int, *, rank: int = 10,
                 shrinkage: float = 1.0, power_iters: int = 1, seed: int = 0,
-                axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
-  """Intra-microbatch PROMA (DESIGN section 4) on every dense kernel with factors.
+                axis_name: str | None = None,
+    inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
+  """Intra-microbatch PROMA (docs/algorithm.md, "Intra-microbatch PROMA") on every dense kernel.
 
       M_m <- M_m - shrinkage * Qa Qa^T M_m Qg Qg^T;   R <- R + M_m;   inner.update(R) after M calls
 
@@ -355,27 +461,31 @@ def proma_intra(inner: optax.GradientTransformation, num_microbatches: int, *, r
     `update(grads, state, params=None, *, factors)`: factors has the structure of grads with a
     `DenseFactors(activations (n, d_in), output_grads (n, d_out))` at 2-D kernel leaves and None
     elsewhere (accumulated unprojected). The fraction of each kernel's norm removed, averaged
-    over the step, is in `state.intra_reduction`.
+    over the step, is in `state.intra_reduction`. Missing `factors` raises; `inner_args` and
+    dtypes as in `proma_accumulation`. Under `optax.inject_hyperparams`, `rank` and `power_iters`
+    must be in static_args (they fix shapes and loop counts).
   """
   return _proma(inner, num_microbatches, None, IntraOptions(rank, shrinkage, power_iters, seed),
-                axis_name)
+                axis_name, inner_args)
 
 
 def proma_both(inner: optax.GradientTransformation, num_microbatches: int, *, rank: int = 10,
                intra_shrinkage: float = 1.0, power_iters: int = 1, seed: int = 0,
                shrinkage: float = 1.0, ridge: float = 1e-2, relative_bound: float | None = None,
                skip_fraction: float = 0.0, solver: str = "exact",
-               axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
+               axis_name: str | None = None,
+    inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
   """Both variants: intra-project M_m (`proma_intra`), then project R as `proma_accumulation` and add M_m.
 
       M'_m = M_m - intra_shrinkage * Qa Qa^T M_m Qg Qg^T;   R <- R - shrinkage * P_m(R) + M'_m
 
-  The relative bound is taken against ||M'_m||. `update(grads, state, params, *, seq_grads, factors)`.
+  The relative bound is taken against ||M'_m||. `update(grads, state, params, *, seq_grads, factors)`:
+  both are required (a missing one raises).
   With `axis_name`, both projections are device-local: R <- R + sum_d (M'^(d) - shrinkage P^(d)(R)).
   """
   return _proma(inner, num_microbatches,
                 AccumulationOptions(shrinkage, ridge, relative_bound, skip_fraction, solver),
-                IntraOptions(rank, intra_shrinkage, power_iters, seed), axis_name)
+                IntraOptions(rank, intra_shrinkage, power_iters, seed), axis_name, inner_args)
 
 
 def _find_proma_state(opt_state) -> ProMAState | None:
@@ -394,7 +504,8 @@ def proma_metrics(opt_state) -> dict[str, jax.Array]:
 
   `proma/reduction`: mean over projected microbatches of ||shrinkage * P|| / ||R||.
   `proma/intra_reduction`: mean over projected kernels of the fraction of norm removed, and
-  `proma/intra_reduction/<leaf path>` per kernel. `proma/dropped`: non-finite microbatches dropped.
+  (intra variants) `proma/intra_reduction/<leaf path>` for every leaf, 0 where nothing was removed.
+  Jittable. `proma/dropped`: non-finite microbatches dropped.
   `grad/norm`: global norm of the accumulated update direction R handed to the inner optimizer.
   """
   state = _find_proma_state(opt_state)
@@ -402,12 +513,17 @@ def proma_metrics(opt_state) -> dict[str, jax.Array]:
     raise ValueError("opt_state holds no ProMAState")
   metrics = {"proma/reduction": state.reduction, "proma/dropped": state.dropped,
              "grad/norm": state.update_norm}
+  if state.intra_reduction is None:  # no intra projection in this variant
+    metrics["proma/intra_reduction"] = jnp.zeros((), jnp.float32)
+    return metrics
+  # Every leaf is listed (0 for leaves never projected) so that the keys do not depend on values
+  # and the function can be jitted; the mean is over the leaves that had something removed.
   per_leaf = {
       f"proma/intra_reduction/{jax.tree_util.keystr(path, simple=True, separator='/')}": value
-      for path, value in jax.tree_util.tree_flatten_with_path(state.intra_reduction)[0]
-      if float(value) > 0.0
-  }
+      for path, value in jax.tree_util.tree_flatten_with_path(state.intra_reduction)[0]}
+  values = jnp.stack(list(per_leaf.values()) or [jnp.zeros((), jnp.float32)])
+  positive = values > 0
   metrics["proma/intra_reduction"] = (
-      jnp.mean(jnp.stack(list(per_leaf.values()))) if per_leaf else jnp.zeros((), jnp.float32))
+      jnp.sum(jnp.where(positive, values, 0.0)) / jnp.maximum(jnp.sum(positive), 1))
   metrics.update(per_leaf)
   return metrics

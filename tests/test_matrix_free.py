@@ -1,4 +1,4 @@
-"""Matrix-free statistics of dense kernels (DESIGN section 6) equal the materialised / vmap ones."""
+"""Matrix-free statistics of dense kernels (docs/algorithm.md#matrix-free-statistics-for-dense-layers) equal the materialised / vmap ones."""
 
 import chex
 import jax
@@ -76,16 +76,18 @@ def microbatch(key, n_seq=4):
   return grads, factors, {"kernel": s32, "bias": bias_s}
 
 
-@pytest.mark.parametrize("make_tx", [
-    lambda: proma_jax.proma_accumulation(optax.identity(), 4),
-    lambda: proma_jax.proma_accumulation(optax.identity(), 4, relative_bound=0.3, solver="gram_schmidt"),
-    lambda: proma_jax.proma_both(optax.identity(), 4, rank=3),
+@pytest.mark.parametrize("make_tx, takes_factors", [
+    (lambda: proma_jax.proma_accumulation(optax.identity(), 4), False),
+    (lambda: proma_jax.proma_accumulation(optax.identity(), 4, relative_bound=0.3,
+                                          solver="gram_schmidt"), False),
+    (lambda: proma_jax.proma_both(optax.identity(), 4, rank=3), True),
 ])
-def test_transform_with_dense_sequence_factors_equals_stacked(make_tx):
+def test_transform_with_dense_sequence_factors_equals_stacked(make_tx, takes_factors):
   """The optimizer's R after 4 microbatches is the same whether the kernel's S_i come stacked or factored."""
   tx = make_tx()
   params = {"kernel": jnp.zeros((6, 4)), "bias": jnp.zeros(4)}
-  update = jax.jit(lambda g, st, s, f: tx.update(g, st, params, seq_grads=s, factors=f))
+  update = jax.jit(lambda g, st, s, f: tx.update(
+      g, st, params, seq_grads=s, **(dict(factors=f) if takes_factors else {})))
   st_stacked = st_factored = tx.init(params)
   plain = jax.tree.map(jnp.zeros_like, params)
   for key in jax.random.split(jax.random.PRNGKey(3), 4):

@@ -1,4 +1,4 @@
-"""PROMA transforms against an independent float64 NumPy computation of DESIGN sections 3 and 4."""
+"""PROMA transforms against an independent float64 NumPy computation of docs/algorithm.md: "Accumulation PROMA", "Intra-microbatch PROMA"."""
 
 import chex
 import jax
@@ -11,7 +11,7 @@ import proma_jax
 from proma_jax import projection
 
 # ---------------------------------------------------------------------------------------------
-# float64 NumPy reference of DESIGN section 3, written from the spec, leaf by leaf.
+# float64 NumPy reference of docs/algorithm.md#accumulation-proma, written from the math, leaf by leaf.
 
 
 def np_project(r, s, m, *, shrinkage, ridge, relative_bound, solver):
@@ -99,7 +99,7 @@ def params_like():
 ])
 def test_accumulation_matches_float64_reference(shrinkage, ridge, relative_bound, skip_fraction,
                                                 solver):
-  """R handed to the optimizer equals a float64 NumPy evaluation of DESIGN section 3."""
+  """R handed to the optimizer equals a float64 NumPy evaluation of docs/algorithm.md#accumulation-proma."""
   num = 4
   batches = [correlated_microbatch(k, n_seq=5) for k in jax.random.split(jax.random.PRNGKey(0), num)]
   tx = proma_jax.proma_accumulation(optax.identity(), num, shrinkage=shrinkage, ridge=ridge,
