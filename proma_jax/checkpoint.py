@@ -31,6 +31,7 @@ Usage:
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import zlib
 from typing import Any, Mapping
@@ -98,6 +99,10 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
+    if (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, numbers.Integral)
+        or max_to_keep < 1):
+      # orbax reads 0 as "keep nothing" and None as "keep everything": neither is asked for here.
+      raise ValueError(f"max_to_keep must be an integer >= 1, got {max_to_keep!r}")
     self.directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True

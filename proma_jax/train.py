@@ -14,7 +14,14 @@ projection off). They differ only in the microbatch gradient function and the ex
   python -m proma_jax.train --config=configs/arith.py:proma --workdir=runs/arith_proma \
       --config.steps=50 --config.optim.lr=3e-4
 
-Rerunning the same command resumes from the latest checkpoint in --workdir.
+Rerunning the same command resumes from the latest checkpoint in --workdir, with metrics.jsonl cut
+back to that checkpoint's step (rows logged after it, and a line cut short by a kill, are dropped and
+recomputed). The resumed config must equal the one in <workdir>/run.json except for the run-time
+fields RESUMABLE_FIELDS (steps, checkpoint.every, checkpoint.max_to_keep, eval.every,
+sft.checkpoint_dir, distributed.coordinator, distributed.process_id); any other difference is refused
+with every differing field named, unless --allow_config_change (recorded in run.json under
+"config_changes"). A run holds an exclusive lock on <workdir>/.lock: a second run on the same
+workdir fails at once, naming the holder's pid.
 
 Data parallelism (`proma_jax.mesh`): --config.mesh.data=D shards each microbatch's sequences over a
 ("data",) mesh of D devices with params replicated; --config.mesh.mode=exact (the single-device
@@ -30,9 +37,13 @@ Rollouts, log-prob statistics and evaluation run replicated on every device of t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import math
+import numbers
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -50,6 +61,7 @@ import proma_jax
 from proma_jax import losses
 from proma_jax.config import ALGORITHMS
 from proma_jax import mesh as mesh_lib
+from proma_jax import model as model_lib
 from proma_jax import policy as policy_lib
 from proma_jax import sft
 from proma_jax.checkpoint import Checkpointer
@@ -62,53 +74,142 @@ _SCOPES = ("all", "dense")
 # Config validation: before anything is compiled, naming the field.
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _non_finite_fields(node, prefix: str = "") -> list[tuple[str, Any]]:
+  """(dotted field, value) of every float that is NaN or infinite, anywhere in a config."""
+  if isinstance(node, (dict, ml_collections.ConfigDict)):
+    return [bad for key, value in node.items()
+            for bad in _non_finite_fields(value, f"{prefix}{key}.")]
+  if isinstance(node, (list, tuple)):
+    return [bad for i, value in enumerate(node)
+            for bad in _non_finite_fields(value, f"{prefix[:-1]}[{i}].")]
+  if isinstance(node, float) and not math.isfinite(node):
+    return [(prefix[:-1], node)]
+  return []
+
+
 def validate_config(c: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first invalid field of an RL config."""
+  """Raises ValueError naming the first invalid field of an RL config (`config.<field>: ...`).
+
+  Every numeric field is checked against its valid range (integers where the field counts or
+  seeds something), and no float anywhere in the config, task_kwargs included, may be NaN or
+  infinite.
+  """
 
   def need(ok: bool, field: str, message: str):
     if not ok:
       raise ValueError(f"config.{field}: {message}")
 
+  def get(field: str):
+    node = c
+    for part in field.split("."):
+      node = node[part]
+    return node
+
+  def integer(field: str, minimum: int):
+    value = get(field)
+    need(_is_int(value) and value >= minimum, field,
+         f"must be an integer >= {minimum}, got {value!r}")
+
+  def number(field: str, ok, expected: str, optional: bool = False):
+    value = get(field)
+    if optional and value is None:
+      return
+    need(_is_finite_number(value) and ok(value), field,
+         f"must be a finite number {expected}{' or None' if optional else ''}, got {value!r}")
+
   need(c.algorithm in ALGORITHMS, "algorithm", f"unknown {c.algorithm!r}; expected one of {ALGORITHMS}")
-  need(c.steps >= 0, "steps", f"must be >= 0, got {c.steps}")
+  integer("seed", 0)
+  integer("steps", 0)
+
+  for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
+    integer(f"model.{field}", 1)
+  mo = c.model
+  need(mo.n_heads % mo.n_kv_heads == 0, "model.n_kv_heads",
+       f"{mo.n_kv_heads} does not divide model.n_heads={mo.n_heads} (grouped-query attention)")
+  need(mo.head_dim % 2 == 0, "model.head_dim", f"must be even (rotary embedding), got {mo.head_dim}")
+  for field in ("dtype", "param_dtype"):
+    need(mo[field] in model_lib._DTYPES, f"model.{field}",
+         f"unknown {mo[field]!r}; expected one of {sorted(model_lib._DTYPES)}")
+  need(isinstance(mo.tie_embeddings, bool), "model.tie_embeddings",
+       f"must be True or False, got {mo.tie_embeddings!r}")
+  integer("model.seed", 0)
+
   r, t = c.rollout, c.train
-  need(r.group_size >= 2, "rollout.group_size", f"must be >= 2 for group advantages, got {r.group_size}")
-  need(r.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {r.prompts_per_step}")
-  need(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
-  need(r.extra_new_tokens >= 0, "rollout.extra_new_tokens", f"must be >= 0, got {r.extra_new_tokens}")
+  integer("rollout.prompts_per_step", 1)
+  need(_is_int(r.group_size) and r.group_size >= 2, "rollout.group_size",
+       f"must be >= 2 for group advantages, got {r.group_size!r}")
+  number("rollout.temperature", lambda v: v > 0, "> 0")
+  integer("rollout.extra_new_tokens", 0)
+  integer("train.num_minibatches", 1)
+  integer("train.num_microbatches", 1)
   batch = r.prompts_per_step * r.group_size
-  need(t.num_minibatches >= 1 and batch % t.num_minibatches == 0, "train.num_minibatches",
+  need(batch % t.num_minibatches == 0, "train.num_minibatches",
        f"{t.num_minibatches} does not divide the rollout batch of {batch} sequences "
        f"(rollout.prompts_per_step * rollout.group_size)")
   minibatch = batch // t.num_minibatches
-  need(t.num_microbatches >= 1 and minibatch % t.num_microbatches == 0, "train.num_microbatches",
+  need(minibatch % t.num_microbatches == 0, "train.num_microbatches",
        f"{t.num_microbatches} does not divide the minibatch of {minibatch} sequences")
   microbatch, m, d = minibatch // t.num_microbatches, c.mesh, c.distributed
-  need(m.data >= 1 and microbatch % m.data == 0, "mesh.data",
+  integer("mesh.data", 1)
+  need(microbatch % m.data == 0, "mesh.data",
        f"{m.data} does not divide the microbatch of {microbatch} sequences, which are sharded over "
        "the mesh.data devices")
   need(m.mode in mesh_lib.MODES, "mesh.mode", f"unknown {m.mode!r}; expected one of {mesh_lib.MODES}")
-  need(d.num_processes >= 1, "distributed.num_processes", f"must be >= 1, got {d.num_processes}")
-  need(0 <= d.process_id < d.num_processes, "distributed.process_id",
-       f"must be in [0, {d.num_processes}), got {d.process_id}")
+  integer("distributed.num_processes", 1)
+  need(_is_int(d.process_id) and 0 <= d.process_id < d.num_processes, "distributed.process_id",
+       f"must be in [0, {d.num_processes}), got {d.process_id!r}")
   need(d.num_processes == 1 or m.data % d.num_processes == 0, "mesh.data",
        f"a {d.num_processes}-process run shards over all devices of all processes; "
        f"{m.data} is not a multiple of distributed.num_processes")
-  o = c.optim
-  need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-  need(o.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0, got {o.max_grad_norm}")
-  need(c.grpo.eps_low >= 0 and c.grpo.eps_high >= 0, "grpo.eps_low/eps_high", "must be >= 0")
-  need(c.grpo.dual_clip is None or c.grpo.dual_clip > 1, "grpo.dual_clip", "must be > 1 or None")
+  host, _, port = str(d.coordinator).rpartition(":")
+  need(bool(host) and port.isdigit() and 0 < int(port) < 65536, "distributed.coordinator",
+       f"must be host:port, got {d.coordinator!r}")
+
+  number("optim.lr", lambda v: v > 0, "> 0")
+  number("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)")
+  number("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)")
+  number("optim.weight_decay", lambda v: v >= 0, ">= 0")
+  number("optim.max_grad_norm", lambda v: v > 0, "> 0")
+
+  number("grpo.eps_low", lambda v: 0 <= v <= 1, "in [0, 1]")
+  number("grpo.eps_high", lambda v: v >= 0, ">= 0")
+  number("grpo.dual_clip", lambda v: v > 1, "> 1", optional=True)
+
   p = c.proma
   need(p.solver in _SOLVERS, "proma.solver", f"unknown {p.solver!r}; expected one of {_SOLVERS}")
   need(p.scope in _SCOPES, "proma.scope", f"unknown {p.scope!r}; expected one of {_SCOPES}")
-  need(p.shrinkage >= 0, "proma.shrinkage", f"must be >= 0, got {p.shrinkage}")
-  need(p.ridge >= 0, "proma.ridge", f"must be >= 0, got {p.ridge}")
-  need(p.rank >= 1, "proma.rank", f"must be >= 1, got {p.rank}")
-  need(0 <= p.skip_fraction <= 1, "proma.skip_fraction", f"must be in [0, 1], got {p.skip_fraction}")
-  need(c.eval.every >= 1, "eval.every", f"must be >= 1, got {c.eval.every}")
-  need(c.eval.num_examples >= 1, "eval.num_examples", f"must be >= 1, got {c.eval.num_examples}")
-  need(c.checkpoint.every >= 1, "checkpoint.every", f"must be >= 1, got {c.checkpoint.every}")
+  number("proma.shrinkage", lambda v: v >= 0, ">= 0")
+  number("proma.ridge", lambda v: v >= 0, ">= 0")
+  number("proma.relative_bound", lambda v: v >= 0, ">= 0", optional=True)
+  number("proma.skip_fraction", lambda v: 0 <= v <= 1, "in [0, 1]")
+  integer("proma.rank", 1)
+  number("proma.intra_shrinkage", lambda v: v >= 0, ">= 0")
+  integer("proma.power_iters", 0)
+  integer("proma.range_finder_seed", 0)
+
+  integer("eval.every", 1)
+  integer("eval.num_examples", 1)
+  integer("eval.seed", 0)
+  integer("checkpoint.every", 1)
+  integer("checkpoint.max_to_keep", 1)
+
+  integer("sft.steps", 0)
+  integer("sft.batch_size", 1)
+  number("sft.lr", lambda v: v > 0, "> 0")
+  integer("sft.seed", 0)
+  need(isinstance(c.sft.checkpoint_dir, str) and bool(c.sft.checkpoint_dir), "sft.checkpoint_dir",
+       f"must be a non-empty path, got {c.sft.checkpoint_dir!r}")
+
+  for field, value in _non_finite_fields(c):  # task_kwargs and any field added later
+    need(False, field, f"must be finite, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,25 +485,187 @@ def _trainer_for(c: ml_collections.ConfigDict) -> tuple[Trainer, dict]:
   return _TRAINERS[key]
 
 
-def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> list[dict]:
+# Config fields that may differ between a run and its resumption without --allow_config_change:
+# they say how long to run, where to cache, how often to checkpoint or evaluate, and how this
+# process reaches the others, none of what a step computes. A field listed here covers its subfields.
+RESUMABLE_FIELDS = ("steps", "checkpoint.every", "checkpoint.max_to_keep", "eval.every",
+                    "sft.checkpoint_dir", "distributed.coordinator", "distributed.process_id")
+
+
+class ConfigChangedError(ValueError):
+  """The workdir holds a run whose config differs from the new one in a field that matters."""
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another process holds the workdir's lock: a run is already using it."""
+
+
+_ABSENT = "<absent>"
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+  """{dotted field: (old, new)} for every leaf of two JSON configs that differs (or is missing)."""
+  changes = {}
+  for key in sorted(set(old) | set(new), key=str):
+    a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+    if isinstance(a, dict) and isinstance(b, dict):
+      changes.update(config_changes(a, b, f"{prefix}{key}."))
+    elif a != b or type(a) is not type(b) and not (_is_finite_number(a) and _is_finite_number(b)):
+      changes[f"{prefix}{key}"] = (a, b)
+  return changes
+
+
+def _is_resumable(field: str) -> bool:
+  return any(field == f or field.startswith(f + ".") for f in RESUMABLE_FIELDS)
+
+
+def _check_resume_config(workdir: str, config: dict, allow_config_change: bool) -> tuple[dict, dict]:
+  """(the previous run.json or {}, its overridden changes {field: (old, new)}).
+
+  Raises ConfigChangedError naming every differing field other than RESUMABLE_FIELDS, unless
+  `allow_config_change`.
+  """
+  path = os.path.join(workdir, "run.json")
+  if not os.path.exists(path):
+    return {}, {}
+  hint = ("continue with the stored config, start a new --workdir, or pass --allow_config_change "
+          "(run(..., allow_config_change=True)) to continue this run under the new config")
+  try:
+    with open(path) as f:
+      previous = json.load(f)
+    stored = previous["config"]
+    if not isinstance(stored, dict):
+      raise TypeError(f"'config' is a {type(stored).__name__}")
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    if not allow_config_change:
+      raise ConfigChangedError(
+          f"{path} holds no readable config ({type(e).__name__}: {e}), so this run cannot be "
+          f"checked against it; {hint}") from None
+    logging.warning("%s holds no readable config (%s); continuing under the new config", path, e)
+    return {}, {"<run.json>": ("unreadable", "replaced")}
+  changes = {field: change for field, change in config_changes(stored, config).items()
+             if not _is_resumable(field)}
+  if changes and not allow_config_change:
+    lines = "\n".join(f"  config.{field}: {json.dumps(old, default=str)} -> "
+                      f"{json.dumps(new, default=str)}" for field, (old, new) in changes.items())
+    raise ConfigChangedError(
+        f"{workdir} holds a run with a different config (run.json); resuming it would mix two "
+        f"experiments in one record. Differing fields (stored -> new):\n{lines}\nFix: {hint}. "
+        f"Fields that may change on resume: {', '.join(RESUMABLE_FIELDS)}.")
+  if changes:
+    print(f"{workdir}: continuing under a changed config (--allow_config_change): "
+          + ", ".join(f"config.{f}" for f in changes))
+  return previous, changes
+
+
+def _write_json_atomically(path: str, value: dict) -> None:
+  """Writes `path` through a temporary file and os.replace: readers see the old or the new file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def truncate_metrics(path: str, step: int | None) -> int:
+  """Cuts `metrics.jsonl` back to the records of a restored checkpoint; returns lines dropped.
+
+  Keeps, in order and byte for byte, the complete lines (newline-terminated) holding a JSON
+  record whose "step" is <= `step` (the step-0 validation record included); drops any line past
+  the checkpoint (logged before a crash, and about to be recomputed), a partial last line, and
+  anything unreadable. `step=None` (nothing restored: the run starts over) empties the file.
+  """
+  if not os.path.exists(path):
+    return 0
+  with open(path, "rb") as f:
+    data = f.read()
+  lines = data.split(b"\n")  # the last element is b"" or a line cut short
+  kept = []
+  for line in lines[:-1]:
+    try:
+      record = json.loads(line)
+      keep = step is not None and record["step"] <= step
+    except (ValueError, KeyError, TypeError):
+      keep = False
+    if keep:
+      kept.append(line + b"\n")
+  dropped = len(lines) - 1 - len(kept) + (lines[-1] != b"")
+  if dropped:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+      f.write(b"".join(kept))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  return dropped
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds an exclusive fcntl lock on `<workdir>/.lock` (which names the holder) for the block.
+
+  Raises WorkdirLockedError at once, naming the holder's pid, when another process holds it.
+  The kernel releases the lock when the holder exits, however it exits (SIGKILL included).
+  """
+  path = os.path.join(workdir, ".lock")
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 256, 0).decode(errors="replace").split()
+      who = f"pid {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "a process"
+      raise WorkdirLockedError(
+          f"{workdir} is in use by another run ({who}, holding {path}); wait for it to finish "
+          "or stop it, or use another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    try:
+      yield
+    finally:
+      os.ftruncate(fd, 0)
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+        allow_config_change: bool = False) -> list[dict]:
   """Trains `c.steps` RL steps in `workdir`, resuming from its latest checkpoint. Returns the
   metrics records written by this call (one per step, plus the step-0 validation record).
 
-  In a multi-process run (c.distributed) every process calls this; only process 0 writes
-  run.json and metrics.jsonl, and checkpoints are saved collectively (orbax writes from process 0).
+  Resuming: a workdir holding run.json is resumed only under the same config, up to
+  RESUMABLE_FIELDS (steps, checkpoint.every, checkpoint.max_to_keep, eval.every,
+  sft.checkpoint_dir, distributed.coordinator, distributed.process_id); any other difference
+  raises ConfigChangedError naming every differing field, unless `allow_config_change` (then
+  run.json takes the new config and lists the change under "config_changes"). metrics.jsonl is
+  cut back to the restored checkpoint's step first (to nothing without one), so a run killed at
+  any point and resumed leaves the file an uninterrupted run would have written. run.json is
+  (re)written, atomically, only once these checks and the restore have passed.
+
+  The run holds an exclusive lock on `<workdir>/.lock` for its lifetime; a second run on the same
+  workdir raises WorkdirLockedError at once, naming the holder's pid.
+
+  In a multi-process run (c.distributed) every process calls this; only process 0 takes the lock
+  and writes run.json and metrics.jsonl, and checkpoints are saved collectively (orbax writes from
+  process 0). Every process checks the config against run.json, so all refuse together.
   """
   validate_config(c)
+  os.makedirs(workdir, exist_ok=True)
+  lead = c.distributed.process_id == 0  # == jax.process_index() once distributed is initialised
+  with workdir_lock(workdir) if lead else contextlib.nullcontext():
+    return _run(c, workdir, progress=progress, allow_config_change=allow_config_change)
+
+
+def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
+         allow_config_change: bool) -> list[dict]:
+  config = _to_json(c)
+  previous, changes = _check_resume_config(workdir, config, allow_config_change)
   mesh_lib.initialize_distributed(c.distributed.num_processes, c.distributed.process_id,
                                   c.distributed.coordinator)
   lead = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   trainer, warm_summary = _trainer_for(c)
   warm_params = trainer.init_params
-  meta = {"algorithm": c.algorithm, "task": c.task, "lr": c.optim.lr, "seed": c.seed,
-          "warm_start": warm_summary, "config": _to_json(c)}
-  if lead:
-    with open(os.path.join(workdir, "run.json"), "w") as f:
-      json.dump(meta, f, indent=1)
 
   params, opt_state, start = warm_params, trainer.init_opt_state(warm_params, c.optim.lr), 0
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.max_to_keep)
@@ -412,8 +675,22 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
     params, opt_state = trainer.replicate((state["params"], state["opt_state"]))
     print(f"resuming {workdir} from step {start}")
 
-  records = []
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if lead:
+    dropped = truncate_metrics(metrics_path, start if restored is not None else None)
+    if dropped:
+      print(f"{metrics_path}: dropped {dropped} line(s) logged after the restored step {start}")
+    if start == 0 or start < c.steps:  # the run starts or extends: record what it runs
+      history = list(previous.get("config_changes", []))
+      if changes:
+        history.append({"step": start, "changes": {f: list(v) for f, v in changes.items()}})
+      meta = {"algorithm": c.algorithm, "task": c.task, "lr": c.optim.lr, "seed": c.seed,
+              "warm_start": warm_summary, "config": config}
+      if history:
+        meta["config_changes"] = history
+      _write_json_atomically(os.path.join(workdir, "run.json"), meta)
+
+  records = []
   with (open(metrics_path, "a") if lead else contextlib.nullcontext()) as log, \
       _StopRequested() as stop:
 
@@ -452,11 +729,18 @@ def main():
   config = config_flags.DEFINE_config_file(
       "config", None, "Experiment config (configs/<task>.py:<algorithm>).")
   workdir = flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, run.json, checkpoints/.")
+  allow_config_change = flags.DEFINE_bool(
+      "allow_config_change", False,
+      "Resume a workdir whose run.json holds a config that differs in more than the fields that "
+      f"may change on resume ({', '.join(RESUMABLE_FIELDS)}); run.json then takes the new config.")
   flags.mark_flags_as_required(["config", "workdir"])
   def _main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines off the console
-    run(config.value, workdir.value)
+    try:
+      run(config.value, workdir.value, allow_config_change=allow_config_change.value)
+    except (ConfigChangedError, WorkdirLockedError) as e:
+      sys.exit(f"error: {e}")
 
   app.run(_main)
 

@@ -151,3 +151,11 @@ def test_different_structure_raises_instead_of_starting_over(tmp_path):
   with pytest.raises(IncompatibleCheckpointError, match="step 1"):
     ckpt.restore({"w": jnp.zeros((2, 4))})
   assert os.path.isdir(tmp_path / "1")
+
+
+@pytest.mark.parametrize("max_to_keep", [0, -1, None, 1.5])
+def test_max_to_keep_below_one_is_refused(tmp_path, max_to_keep):
+  """orbax reads max_to_keep=0 as "keep nothing" (and None as "keep all"): refuse, don't guess."""
+  with pytest.raises((ValueError, TypeError), match="max_to_keep"):
+    Checkpointer(tmp_path, max_to_keep=max_to_keep)
+  assert not os.path.exists(tmp_path / "0")

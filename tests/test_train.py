@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -24,11 +26,6 @@ def tiny_config(algorithm, warm_dir, steps=2):
   c.eval.update(every=2, num_examples=8)
   c.checkpoint.every = 1
   return c
-
-
-@pytest.fixture(scope="module")
-def warm_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("warm_start")
 
 
 def read_metrics(workdir):
@@ -97,3 +94,82 @@ def test_invalid_config_names_the_field(field, value, match, tmp_path):
   with pytest.raises(ValueError, match=match):
     train.run(c, str(tmp_path / "run"), progress=False)
   assert not (tmp_path / "never_created").exists()
+
+
+INF, NAN = float("inf"), float("nan")
+# (field, invalid value): every numeric field of proma_jax.config.base_config, each out of range
+# (and non-finite for the floats), plus the string fields with a closed set of values.
+INVALID_FIELDS = [
+    ("seed", -1), ("steps", -1),
+    ("model.d_model", 0), ("model.n_layers", 0), ("model.n_heads", 0), ("model.n_kv_heads", 0),
+    ("model.n_kv_heads", 3), ("model.head_dim", 0), ("model.head_dim", 15), ("model.mlp_dim", 0),
+    ("model.dtype", "float16"), ("model.param_dtype", "fp32"), ("model.seed", -1),
+    ("rollout.prompts_per_step", 0), ("rollout.group_size", 1), ("rollout.temperature", INF),
+    ("rollout.temperature", NAN), ("rollout.temperature", 0.0), ("rollout.extra_new_tokens", -1),
+    ("train.num_minibatches", 0), ("train.num_microbatches", 0),
+    ("optim.lr", INF), ("optim.lr", NAN), ("optim.lr", -1e-3), ("optim.b1", 1.0),
+    ("optim.b1", -0.1), ("optim.b2", 1.5), ("optim.b2", NAN), ("optim.weight_decay", -1e-4),
+    ("optim.weight_decay", INF), ("optim.max_grad_norm", 0.0), ("optim.max_grad_norm", INF),
+    ("grpo.eps_low", -0.1), ("grpo.eps_low", 1.5), ("grpo.eps_high", -0.1), ("grpo.eps_high", INF),
+    ("grpo.dual_clip", 1.0), ("grpo.dual_clip", INF),
+    ("proma.shrinkage", -1.0), ("proma.shrinkage", NAN), ("proma.ridge", -1.0),
+    ("proma.ridge", INF), ("proma.relative_bound", -0.5), ("proma.relative_bound", INF),
+    ("proma.skip_fraction", 1.5), ("proma.skip_fraction", NAN), ("proma.rank", 0),
+    ("proma.intra_shrinkage", -1.0), ("proma.intra_shrinkage", INF), ("proma.power_iters", -1),
+    ("proma.range_finder_seed", -1),
+    ("mesh.data", 0), ("distributed.num_processes", 0), ("distributed.process_id", 1),
+    ("distributed.coordinator", "localhost"),
+    ("eval.every", 0), ("eval.num_examples", 0), ("eval.seed", -1),
+    ("checkpoint.every", 0), ("checkpoint.max_to_keep", 0),
+    ("sft.steps", -1), ("sft.batch_size", 0), ("sft.lr", 0.0), ("sft.lr", INF), ("sft.seed", -1),
+    ("sft.checkpoint_dir", ""),
+    ("task_kwargs.noise", NAN),  # any float anywhere, task_kwargs included, must be finite
+]
+
+
+def _set_field(c, field, value):
+  *parents, leaf = field.split(".")
+  node = c
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+
+
+@pytest.mark.parametrize("field,value", INVALID_FIELDS, ids=[f"{f}={v!r}" for f, v in INVALID_FIELDS])
+def test_each_numeric_field_is_range_checked(field, value, tmp_path):
+  """Every config field out of its range (NaN and inf included) is refused naming config.<field>,
+  before the workdir, the warm start or anything compiled exists."""
+  c = tiny_config("proma", tmp_path / "never_created")
+  _set_field(c, field, value)
+  with pytest.raises(ValueError, match=rf"config\.{re.escape(field)}: "):
+    train.run(c, str(tmp_path / "run"), progress=False)
+  assert not (tmp_path / "never_created").exists() and not (tmp_path / "run").exists()
+
+
+def test_every_numeric_config_field_has_an_invalid_case():
+  """INVALID_FIELDS covers every numeric field of the base config (so a new one gets a range)."""
+  from proma_jax.config import base_config
+
+  def numeric_fields(node, prefix=""):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        yield from numeric_fields(value, f"{prefix}{key}.")
+      elif isinstance(value, (int, float)) and not isinstance(value, bool) or (
+          key == "relative_bound"):
+        yield f"{prefix}{key}"
+
+  c = base_config("reverse", "proma")
+  del c.task_kwargs
+  assert set(numeric_fields(c)) - {f for f, _ in INVALID_FIELDS} == set()
+
+
+def test_valid_edge_values_are_accepted(tmp_path):
+  """The range checks do not refuse the boundary values that are meaningful."""
+  c = tiny_config("proma", tmp_path / "warm")
+  for field, value in [("steps", 0), ("optim.b1", 0.0), ("optim.weight_decay", 0.0),
+                       ("proma.relative_bound", None), ("proma.relative_bound", 0.0),
+                       ("proma.power_iters", 0), ("proma.shrinkage", 0.0), ("grpo.dual_clip", None),
+                       ("grpo.eps_low", 1.0), ("rollout.extra_new_tokens", 0), ("sft.steps", 0),
+                       ("model.dtype", "bfloat16"), ("checkpoint.max_to_keep", 1)]:
+    _set_field(c, field, value)
+    train.validate_config(c)
