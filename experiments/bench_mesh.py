@@ -93,7 +93,7 @@ def run_one(algorithm: str, devices: int, mode: str, args) -> dict:
   c.mesh.update(data=devices, mode=mode)
   policy, params = policy_lib.make_policy(c)
   trainer = train.Trainer(c, policy, params)
-  params = trainer.init_params
+  params = trainer.fresh_params()
   opt_state = trainer.init_opt_state(params, c.optim.lr)
   microbatches, num_tokens = synthetic_microbatches(policy, params, args.num_microbatches,
                                                     args.microbatch)

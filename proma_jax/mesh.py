@@ -105,7 +105,8 @@ def shard_sequences(tree: Any, mesh: Mesh) -> Any:
 
 def data_parallel(update_fn: Callable, mesh: Mesh, mode: str) -> Callable:
   """The jitted `(params, opt_state, microbatch, num_tokens) -> (params, opt_state, metrics)` on
-  the mesh: params, opt_state, num_tokens and all outputs replicated, the microbatch sharded.
+  the mesh: params, opt_state, num_tokens and all outputs replicated, the microbatch sharded;
+  params and opt_state donated.
 
   mode "exact": `update_fn` is the single-device function; jit partitions it.
   mode "local": `update_fn` runs per device under `jax.shard_map` on its own rows and must do its
@@ -116,10 +117,11 @@ def data_parallel(update_fn: Callable, mesh: Mesh, mode: str) -> Callable:
     raise ValueError(f"config.mesh.mode: unknown {mode!r}; expected one of {MODES}")
   rep, data = replicated(mesh), sequence_sharded(mesh)
   if mode == "exact":
-    return jax.jit(update_fn, in_shardings=(rep, rep, data, rep), out_shardings=rep)
+    return jax.jit(update_fn, in_shardings=(rep, rep, data, rep), out_shardings=rep,
+                   donate_argnums=(0, 1))
   # check_vma=False: the factor capture differentiates with plain (unannotated) cotangents, which
   # the varying-manual-axes type check rejects inside shard_map. Replication of the outputs is what
   # the transforms' own psum guarantees (and tests/test_distributed.py checks with check_vma=True).
   return jax.jit(jax.shard_map(update_fn, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P()),
-                               out_specs=P(), check_vma=False))
+                               out_specs=P(), check_vma=False), donate_argnums=(0, 1))
 

@@ -1,6 +1,6 @@
 """RL fine-tuning: rollout -> advantages -> minibatches -> microbatches -> transform -> optimizer.
 
-Every algorithm runs on this one code path (DESIGN sections 7-8): the same rollouts, advantages,
+Every algorithm runs on one code path (docs/algorithm.md#the-problem): the same rollouts, advantages,
 data order, token-mean normalisation (exact across microbatches), AdamW with global-norm clipping,
 and the same microbatch accumulator (`proma_jax.transforms`; the baselines accumulate with
 projection off). They differ only in the microbatch gradient function and the extra inputs:
@@ -237,8 +237,8 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
   if c.algorithm == "proma_both":
     return proma_jax.proma_both(inner, m, intra_shrinkage=p.intra_shrinkage, **intra,
                                 **accumulation, **axis)
-  # Baselines: the same accumulator with no sequence statistics is plain gradient accumulation.
-  return proma_jax.proma_accumulation(inner, m, shrinkage=0.0, **axis)
+  # Baselines: the same accumulator, state and metrics with projection off.
+  return proma_jax.microbatch_accumulation(inner, m, **axis)
 
 
 def _local_mode(c: ml_collections.ConfigDict) -> bool:
@@ -251,7 +251,8 @@ def _is_dense_kernel(path) -> bool:
 
 def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Policy,
                            tx: optax.GradientTransformationExtraArgs, mesh=None):
-  """The jitted (params, opt_state, microbatch, num_tokens) -> (params, opt_state, metrics).
+  """The jitted (params, opt_state, microbatch, num_tokens) -> (params, opt_state, metrics);
+  params and opt_state are donated.
 
   With a mesh, jitted on it (`mesh_lib.data_parallel`): the microbatch sharded over "data", the
   rest replicated; in local mode each device's metrics (sums over its tokens) are psum-ed.
@@ -272,7 +273,7 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
   def loss_on_model(model, mb, num_tokens):
     return loss_of_logp(response_logp(model, mb), mb, num_tokens)
 
-  def objectives_of_logp(logp, mb, num_tokens):  # f_i, advantage-free (DESIGN section 2)
+  def objectives_of_logp(logp, mb, num_tokens):  # f_i, advantage-free (docs/algorithm.md#the-problem)
     return losses.sequence_ratio(logp, mb["old_logp"], mb["mask"], num_tokens)
 
   def objectives_and_metrics(model, mb, num_tokens):  # f_i and the loss's metrics, one forward
@@ -323,8 +324,9 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
     params, opt_state, metrics = update(params, opt_state, mb, num_tokens)
     return params, opt_state, jax.lax.psum(metrics, mesh_lib.DATA_AXIS)
 
+  # params and opt_state are donated: the step updates them in place (callers keep no reference).
   if mesh is None:
-    return jax.jit(update)
+    return jax.jit(update, donate_argnums=(0, 1))
   return mesh_lib.data_parallel(update_local if _local_mode(c) else update, mesh, c.mesh.mode)
 
 
@@ -361,6 +363,11 @@ class Trainer:
 
   def evaluate(self, params: dict) -> float:
     return policy_lib.greedy_accuracy(self.policy, params, self.val_examples)
+
+  def fresh_params(self) -> dict:
+    """A copy of the initial params to train (the microbatch update donates its params, and
+    `init_params` must survive for kl/init and later runs of a sweep)."""
+    return self.replicate(jax.tree.map(jnp.copy, self.init_params))
 
   def init_opt_state(self, params: dict, lr: float):
     return self.replicate(
@@ -428,7 +435,8 @@ def _transform_metrics(algorithm: str, opt_state) -> dict:
   metrics = proma_jax.proma_metrics(opt_state)
   keep = ["grad/norm"] + ([k for k in metrics if k.count("/") == 1 and k.startswith("proma/")]
                           if algorithm.startswith("proma") else [])
-  return {k: metrics[k] for k in keep}
+  # Copies: the state's own buffers are donated to the next microbatch update.
+  return {k: jnp.copy(metrics[k]) for k in keep}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,9 +673,8 @@ def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
                                   c.distributed.coordinator)
   lead = jax.process_index() == 0
   trainer, warm_summary = _trainer_for(c)
-  warm_params = trainer.init_params
-
-  params, opt_state, start = warm_params, trainer.init_opt_state(warm_params, c.optim.lr), 0
+  params = trainer.fresh_params()
+  opt_state, start = trainer.init_opt_state(params, c.optim.lr), 0
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.max_to_keep)
   restored = checkpointer.restore({"params": params, "opt_state": opt_state})
   if restored is not None:

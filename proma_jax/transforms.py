@@ -344,7 +344,7 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
 
     # The inner optimizer runs on every call and its result is selected (as optax.MultiSteps
     # does): a lax.cond here makes XLA copy the inner state of every layer and hold the copies
-    # through the backward pass (experiments/README.md, "Memory of the inner-optimizer select").
+    # through the backward pass (experiments/README.md, "Memory against depth").
     # It steps once per M microbatches, and not at all when every microbatch was dropped.
     last = state.microbatch == num_microbatches - 1
     steps = last & (accepted > 0)
