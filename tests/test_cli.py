@@ -10,8 +10,13 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The model and batch of tests/test_run_records.py's CLI runs, so the two share compiled programs
+# through the run's compilation cache (tests/conftest.py).
 TINY = ["--config.model.d_model=32", "--config.model.n_layers=1", "--config.model.n_heads=2",
-        "--config.model.n_kv_heads=1", "--config.sft.steps=20", "--config.eval.num_examples=8",
+        "--config.model.n_kv_heads=1", "--config.model.mlp_dim=64",
+        "--config.rollout.prompts_per_step=8", "--config.rollout.group_size=2",
+        "--config.train.num_minibatches=2", "--config.train.num_microbatches=2",
+        "--config.sft.steps=20", "--config.sft.batch_size=32", "--config.eval.num_examples=8",
         "--config.checkpoint.every=1000"]
 
 

@@ -65,7 +65,7 @@ def test_section_documents_each_route():
 def _run(command: list[str], cwd: pathlib.Path, returncode: int = 0) -> subprocess.CompletedProcess:
   # A compilation cache shared by the commands of one test: programs they have in common (the warm
   # start step, sampling) compile once.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cwd / "jax_cache"),
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", 
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)

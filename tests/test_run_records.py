@@ -207,9 +207,8 @@ def test_sigkill_then_resume_leaves_the_uninterrupted_metrics_file(warm_dir, tmp
   uninterrupted run's byte for byte, time/* values aside. A second run started while the first
   holds the workdir fails at once naming its pid; a changed config is refused naming the field."""
   warm, killed, reference = warm_dir, tmp_path / "killed", tmp_path / "reference"
-  # The three processes share compiled programs through JAX's persistent cache.
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  # The processes share compiled programs through the run's JAX cache (tests/conftest.py).
+  env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   proc = subprocess.Popen(cli(killed, warm, 10_000), cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)

@@ -84,34 +84,6 @@ def test_low_precision_trees_match_multisteps(param_dtype, grad_dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. No lax.cond around the inner optimizer (it costs a copy of the inner state per layer).
-
-
-def test_inner_update_is_selected_not_branched():
-  """The compiled update holds no conditional: the inner optimizer's result is selected."""
-  tx = proma_jax.proma_accumulation(optax.adamw(1e-3), 4)
-  params = _params()
-  grads, seq = _microbatch(jax.random.PRNGKey(2))
-  jaxpr = jax.make_jaxpr(lambda g, s, p, x: tx.update(g, s, p, seq_grads=x))(
-      grads, tx.init(params), params, seq)
-  assert _data_dependent_conds(jaxpr.jaxpr) == 0
-
-
-def _data_dependent_conds(jaxpr) -> int:
-  """cond equations in a jaxpr and its sub-jaxprs, except the per-platform dispatch of linalg ops."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "cond" and eqn.params.get("branches_platforms") is None:
-      count += 1
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          count += _data_dependent_conds(inner)
-  return count
-
-
-# ---------------------------------------------------------------------------------------------
 # 3. Donation.
 
 
