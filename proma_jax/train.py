@@ -566,11 +566,11 @@ def _check_resume_config(workdir: str, config: dict, allow_config_change: bool) 
   return previous, changes
 
 
-def _write_json_atomically(path: str, value: dict) -> None:
+def _write_atomically(path: str, data: bytes) -> None:
   """Writes `path` through a temporary file and os.replace: readers see the old or the new file."""
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
+  with open(tmp, "wb") as f:
+    f.write(data)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
@@ -600,12 +600,7 @@ def truncate_metrics(path: str, step: int | None) -> int:
       kept.append(line + b"\n")
   dropped = len(lines) - 1 - len(kept) + (lines[-1] != b"")
   if dropped:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-      f.write(b"".join(kept))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomically(path, b"".join(kept))
   return dropped
 
 
@@ -695,7 +690,7 @@ def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
               "warm_start": warm_summary, "config": config}
       if history:
         meta["config_changes"] = history
-      _write_json_atomically(os.path.join(workdir, "run.json"), meta)
+      _write_atomically(os.path.join(workdir, "run.json"), json.dumps(meta, indent=1).encode())
 
   records = []
   with (open(metrics_path, "a") if lead else contextlib.nullcontext()) as log, \

@@ -262,11 +262,9 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
           f"{list(required) or 'no statistics'}" + (
               f" and forwards {list(inner_args)} to the inner optimizer" if inner_args else
               " (name keywords meant for the inner optimizer in inner_args=...)"))
-    seq_grads, factors = extra_args.pop("seq_grads", None), extra_args.pop("factors", None)
-    given = {"seq_grads": seq_grads if accumulation is not None else None,
-             "factors": factors if intra is not None else None}
-    for name, value in (("seq_grads", seq_grads), ("factors", factors)):
-      if value is not None and given[name] is None:
+    given = {name: extra_args.pop(name, None) for name in ("seq_grads", "factors")}
+    for name, takes in (("seq_grads", accumulation is not None), ("factors", intra is not None)):
+      if given[name] is not None and not takes:
         raise TypeError(f"{name}= was given but this transform does not project with it; it "
                         f"takes {list(required) or 'no statistics'}")
     paths_leaves, grads_def = jax.tree_util.tree_flatten_with_path(grads)
@@ -344,7 +342,7 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
 
     # The inner optimizer steps once per M microbatches, and not at all when every microbatch of
     # the step was dropped. It runs inside a lax.cond. Selecting its result with jnp.where (as
-    # optax.MultiSteps does) was measured to need more memory at every depth, 56-217 MiB more on
+    # optax.MultiSteps does) was measured to need more memory at every depth, 56-252 MiB more on
     # 1-8 Qwen3-0.6B-shaped layers (experiments/README.md, "Memory against depth").
     last = state.microbatch == num_microbatches - 1
     steps = last & (accepted > 0)
@@ -409,7 +407,7 @@ def proma_accumulation(inner: optax.GradientTransformation, num_microbatches: in
                        relative_bound: float | None = None, skip_fraction: float = 0.0,
                        solver: str = "exact",
                        axis_name: str | None = None,
-    inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
+                       inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
   """Accumulation-based PROMA (docs/algorithm.md, "Accumulation PROMA"), layer-wise on every leaf with sequence gradients.
 
       R <- M_1;  for m = 2..M:  R <- R - shrinkage * P_m(R) + M_m;  inner.update(R)
@@ -452,7 +450,7 @@ def proma_accumulation(inner: optax.GradientTransformation, num_microbatches: in
 def proma_intra(inner: optax.GradientTransformation, num_microbatches: int, *, rank: int = 10,
                 shrinkage: float = 1.0, power_iters: int = 1, seed: int = 0,
                 axis_name: str | None = None,
-    inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
+                inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
   """Intra-microbatch PROMA (docs/algorithm.md, "Intra-microbatch PROMA") on every dense kernel.
 
       M_m <- M_m - shrinkage * Qa Qa^T M_m Qg Qg^T;   R <- R + M_m;   inner.update(R) after M calls
@@ -480,7 +478,7 @@ def proma_both(inner: optax.GradientTransformation, num_microbatches: int, *, ra
                shrinkage: float = 1.0, ridge: float = 1e-2, relative_bound: float | None = None,
                skip_fraction: float = 0.0, solver: str = "exact",
                axis_name: str | None = None,
-    inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
+               inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
   """Both variants: intra-project M_m (`proma_intra`), then project R as `proma_accumulation` and add M_m.
 
       M'_m = M_m - intra_shrinkage * Qa Qa^T M_m Qg Qg^T;   R <- R - shrinkage * P_m(R) + M'_m

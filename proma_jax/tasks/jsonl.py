@@ -184,7 +184,6 @@ def jsonl_task(
   if train_path is None or not os.fspath(train_path):
     raise ValueError("config.task_kwargs.train_path: required for the jsonl task, e.g. "
                      "--config=configs/jsonl.py --config.task_kwargs.train_path=my.jsonl")
-  _check_length_options(max_prompt_tokens, max_answer_tokens, too_long)
   limits = dict(max_prompt_tokens=max_prompt_tokens, max_answer_tokens=max_answer_tokens,
                 too_long=too_long)
   examples = fit_lengths(train_path, _numbered_examples(train_path, tokenizer), **limits)
