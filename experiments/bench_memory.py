@@ -30,7 +30,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # noqa: E402  (the same step functions as the step-time benchmark)
-from proma_jax import model as model_lib  # noqa: E402
+from proma_jax.models import decoder as model_lib  # noqa: E402
 
 VARIANTS = ("plain", "proma_mat", "intra", "both_mat")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

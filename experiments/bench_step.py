@@ -39,7 +39,8 @@ import optax
 from flax import nnx
 
 import proma_jax
-from proma_jax import losses, model as model_lib
+from proma_jax import losses
+from proma_jax.models import decoder as model_lib
 
 MODELS = {
     # A small demo-sized decoder.

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from proma_jax import sampling, tasks
-from proma_jax.model import ModelConfig, make_model, token_logprobs
+from proma_jax.models.decoder import ModelConfig, make_model, token_logprobs
 
 
 class Policy(NamedTuple):
@@ -47,7 +47,7 @@ def make_policy(config: ml_collections.ConfigDict) -> tuple[Policy, dict]:
 def model_fingerprint(policy: Policy) -> str:
   """A short string identifying the model shape, for naming cached warm starts."""
   cfg = dataclasses.asdict(policy.model_config)
-  return "-".join(f"{k}{v}" for k, v in sorted(cfg.items()) if k not in ("rope_theta", "norm_eps"))
+  return "-".join(f"{k}{v}" for k, v in sorted(cfg.items()) if k not in ("rope_theta", "norm_eps", "attention_impl", "remat"))
 
 
 def bind(policy: Policy, params: dict) -> nnx.Module:

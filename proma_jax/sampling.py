@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from proma_jax.model import init_cache, positions_from_valid
+from proma_jax.models.decoder import init_cache, positions_from_valid
 
 
 class Rollout(NamedTuple):

@@ -61,7 +61,7 @@ import proma_jax
 from proma_jax import losses
 from proma_jax.config import ALGORITHMS
 from proma_jax import mesh as mesh_lib
-from proma_jax import model as model_lib
+from proma_jax.models import decoder as model_lib
 from proma_jax import policy as policy_lib
 from proma_jax import sft
 from proma_jax.checkpoint import Checkpointer

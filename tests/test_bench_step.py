@@ -8,7 +8,7 @@ import jax
 import pytest
 from flax import nnx
 
-from proma_jax import model as model_lib
+from proma_jax.models import decoder as model_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "experiments"))

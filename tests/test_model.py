@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from proma_jax import capture
-from proma_jax.model import (ModelConfig, init_cache, make_model, positions_from_valid,
+from proma_jax.models.decoder import (ModelConfig, init_cache, make_model, positions_from_valid,
                              token_logprobs)
 from proma_jax.sampling import sample
 

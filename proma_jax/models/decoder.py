@@ -1,9 +1,11 @@
-"""A miniature Qwen3: decoder-only transformer in Flax NNX with an explicit KV cache.
+"""The decoder of the Qwen3 and Llama families in Flax NNX, with an explicit KV cache.
 
-Architecture (HF Qwen3, parameter names included): token embedding `embed_tokens`; `n_layers`
+One module covers Qwen3 (q/k RMSNorm, `qk_norm=True`) and Llama 3 / SmolLM2 (`qk_norm=False`,
+optional Llama-3 rope scaling); the demo's tiny model is a preset of the same decoder
+(`models.presets`). Architecture (HF Qwen3/Llama, parameter names included): token embedding `embed_tokens`; `n_layers`
 pre-norm blocks
     h = x + self_attn(input_layernorm(x)),    out = h + mlp(post_attention_layernorm(h)),
-with grouped-query attention (RMSNorm `q_norm`/`k_norm` over each head, then rotary positions) and
+with grouped-query attention (Qwen3: RMSNorm `q_norm`/`k_norm` over each head; then rotary positions) and
 a SwiGLU MLP `down_proj(silu(gate_proj(x)) * up_proj(x))`; final `norm`; logits from the tied
 embedding (`embed_tokens.attend`) or an untied `lm_head`. Every linear layer is a bias-free
 `capture.Dense` with a 2-D kernel (d_in, d_out), called once per forward pass, so that
@@ -31,9 +33,7 @@ from flax import nnx
 from proma_jax.capture import Dense
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Finite "minus infinity" for masked attention logits: a fully masked row gives a uniform
-# softmax instead of NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_ATTENTION_IMPLS = (None, "xla", "cudnn")
 _INIT = nnx.initializers.normal(stddev=0.02)
 
 
@@ -54,6 +54,17 @@ class ModelConfig:
   norm_eps: float = 1e-6
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # Qwen3 normalises each query/key head before the rotary embedding; Llama does not.
+  qk_norm: bool = True
+  # Llama 3.1+ "llama3" rope scaling: (factor, low_freq_factor, high_freq_factor,
+  # original_max_position_embeddings), or None for plain rotary frequencies.
+  rope_scaling: tuple[float, float, float, int] | None = None
+  # `jax.nn.dot_product_attention` implementation: None (cuDNN where available, else XLA),
+  # "xla" or "cudnn".
+  attention_impl: str | None = None
+  # Rematerialise each decoder block in the backward pass (`jax.checkpoint`): activations inside
+  # a block are recomputed instead of stored; see `Transformer.__call__` for what stays live.
+  remat: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -69,6 +80,17 @@ class ModelConfig:
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name} must be one of {sorted(_DTYPES)}, "
                          f"got {getattr(self, name)!r}")
+    if self.attention_impl not in _ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl must be one of {_ATTENTION_IMPLS}, "
+                       f"got {self.attention_impl!r}")
+    if self.rope_scaling is not None:
+      if len(self.rope_scaling) != 4 or not all(v > 0 for v in self.rope_scaling):
+        raise ValueError("ModelConfig.rope_scaling must be None or four positive numbers (factor, "
+                         "low_freq_factor, high_freq_factor, original_max_position_embeddings), "
+                         f"got {self.rope_scaling!r}")
+      if self.rope_scaling[1] >= self.rope_scaling[2]:
+        raise ValueError(f"ModelConfig.rope_scaling: low_freq_factor={self.rope_scaling[1]} must be "
+                         f"below high_freq_factor={self.rope_scaling[2]}")
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -104,14 +126,35 @@ def positions_from_valid(valid_BxT: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1, 0)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float,
+                     scaling: tuple[float, float, float, int] | None = None) -> jax.Array:
+  """Inverse frequencies theta^(-2i/H), i < H/2, float32; with Llama 3's `scaling` applied.
+
+  Llama 3 ("llama3" rope type, HF `_compute_llama3_parameters`): wavelengths 2 pi / f longer than
+  original_max / low_freq_factor are divided by `factor`, those shorter than
+  original_max / high_freq_factor are kept, and the band between is interpolated smoothly.
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None:
+    return inv_freq
+  factor, low, high, original = scaling
+  wavelen = 2 * jnp.pi / inv_freq
+  smooth = (original / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+  is_medium = (wavelen <= original / low) & (wavelen >= original / high)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float,
+               scaling: tuple[float, float, float, int] | None = None) -> jax.Array:
   """Rotary embedding, HF rotate-half convention, computed in float32.
 
-  With x = [x1, x2] split in halves and angles phi_i = pos * theta^(-2i/H), i < H/2:
+  With x = [x1, x2] split in halves and angles phi_i = pos * f_i (`rope_frequencies`), i < H/2:
       rope(x) = [x1 cos(phi) - x2 sin(phi), x2 cos(phi) + x1 sin(phi)].
   """
   h = x_BxTxNxH.shape[-1]
-  inv_freq_Hh = theta ** (-2.0 * jnp.arange(h // 2, dtype=jnp.float32) / h)
+  inv_freq_Hh = rope_frequencies(h, theta, scaling)
   phi_BxTx1xHh = (positions_BxT.astype(jnp.float32)[..., None] * inv_freq_Hh)[:, :, None, :]
   cos, sin = jnp.cos(phi_BxTx1xHh), jnp.sin(phi_BxTx1xHh)
   x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
@@ -139,7 +182,7 @@ def _dense(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> Dense:
 
 
 class Attention(nnx.Module):
-  """Grouped-query self-attention with per-head q/k RMSNorm and rotary positions (Qwen3)."""
+  """Grouped-query self-attention with rotary positions (and Qwen3's per-head q/k RMSNorm)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     n, k, h, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
@@ -147,8 +190,8 @@ class Attention(nnx.Module):
     self.k_proj = _dense(cfg, d, k * h, rngs)
     self.v_proj = _dense(cfg, d, k * h, rngs)
     self.o_proj = _dense(cfg, n * h, d, rngs)
-    self.q_norm = RMSNorm(h, cfg)
-    self.k_norm = RMSNorm(h, cfg)
+    self.q_norm = RMSNorm(h, cfg) if cfg.qk_norm else None
+    self.k_norm = RMSNorm(h, cfg) if cfg.qk_norm else None
     self.cfg = cfg
 
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, cache_index):
@@ -156,15 +199,19 @@ class Attention(nnx.Module):
 
     kv_cache: None (keys are the T inputs) or a layer's `(k_BxSxKxH, v_BxSxKxH)`, to which the new
     keys/values are written at slots [cache_index, cache_index + T). Returns (out_BxTxD, new kv).
+    The product is `jax.nn.dot_product_attention` (`cfg.attention_impl`): cuDNN's fused kernel on
+    GPUs where it applies, XLA's softmax(q k^T) v elsewhere.
     """
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q_BxTxNxH = self.q_norm(self.q_proj(x_BxTxD).reshape(b, t, n, h))
-    k_BxTxKxH = self.k_norm(self.k_proj(x_BxTxD).reshape(b, t, k, h))
+    q_BxTxNxH = self.q_proj(x_BxTxD).reshape(b, t, n, h)
+    k_BxTxKxH = self.k_proj(x_BxTxD).reshape(b, t, k, h)
     v_BxTxKxH = self.v_proj(x_BxTxD).reshape(b, t, k, h)
-    q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta)
-    k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+    if cfg.qk_norm:
+      q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
+    q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
+    k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
     if kv_cache is None:
       k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
     else:
@@ -174,15 +221,11 @@ class Attention(nnx.Module):
           k_cache_BxSxKxH, k_BxTxKxH.astype(k_cache_BxSxKxH.dtype), start)
       v_BxSxKxH = jax.lax.dynamic_update_slice(
           v_cache_BxSxKxH, v_BxTxKxH.astype(v_cache_BxSxKxH.dtype), start)
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-    logits_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH,
-                                  k_BxSxKxH.astype(q_BxTxKxGxH.dtype)).astype(jnp.float32)
-    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS * h ** -0.5,
-                                 _MASK_VALUE)
-    probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(cfg.compute_dtype)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS,
-                               v_BxSxKxH.astype(cfg.compute_dtype))
-    return self.o_proj(out_BxTxKxGxH.reshape(b, t, n * h)), (k_BxSxKxH, v_BxSxKxH)
+    dtype = cfg.compute_dtype
+    out_BxTxNxH = jax.nn.dot_product_attention(
+        q_BxTxNxH.astype(dtype), k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype),
+        mask=mask_BxTxS[:, None], scale=h ** -0.5, implementation=cfg.attention_impl)
+    return self.o_proj(out_BxTxNxH.reshape(b, t, n * h)), (k_BxSxKxH, v_BxSxKxH)
 
 
 class MLP(nnx.Module):
@@ -211,6 +254,18 @@ class Block(nnx.Module):
                                           mask_BxTxS, kv_cache, cache_index)
     h_BxTxD = x_BxTxD + attn_BxTxD
     return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD)), kv_cache
+
+
+def _call_block(block, x_BxTxD, positions_BxT, mask_BxTxS, kv, cache_index):
+  return block(x_BxTxD, positions_BxT, mask_BxTxS, kv, cache_index)
+
+
+# With `cfg.remat`, each block's backward recomputes its forward from the block input: what stays
+# live between the forward and the backward pass is, per layer, the block input x (B, T, D) plus
+# whatever the block hands out, which under `proma_jax.capture` is every Dense layer's input A
+# (needed by PROMA's statistics anyway). Inner activations (q, k, v, attention weights, the MLP's
+# (B, T, F) hidden) are recomputed. The KV-cache path (sampling, no backward) never remats.
+_remat_block = nnx.remat(_call_block, static_argnums=(5,), graph=False)
 
 
 class Transformer(nnx.Module):
@@ -258,8 +313,9 @@ class Transformer(nnx.Module):
 
     x_BxTxD = self.embed_tokens(tokens_BxT)
     new_kv = []
+    call_block = _remat_block if self.cfg.remat and cache is None else _call_block
     for layer, kv in zip(self.layers, kv_caches):
-      x_BxTxD, kv = layer(x_BxTxD, positions_BxT, mask_BxTxS, kv, cache_index)
+      x_BxTxD, kv = call_block(layer, x_BxTxD, positions_BxT, mask_BxTxS, kv, cache_index)
       new_kv.append(kv)
     x_BxTxD = self.norm(x_BxTxD)
     if self.lm_head is None:
@@ -274,6 +330,18 @@ class Transformer(nnx.Module):
 def make_model(cfg: ModelConfig, seed: int) -> Transformer:
   """A freshly initialised decoder: N(0, 0.02^2) kernels and embeddings, unit norm scales."""
   return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def forward_logits(model: Transformer, tokens_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+  """float32 next-token logits (B, T, V) of a left-padded batch: the entry point for outside checks.
+
+  mask_BxT is 1 for real tokens and 0 for padding; position ids count real tokens only
+  (`cumsum(mask) - 1`, `positions_from_valid`). Rows at padding positions are finite but
+  meaningless. Equal to Hugging Face transformers' `model(input_ids, attention_mask).logits` on
+  the same checkpoint (tests/test_pretrained.py).
+  """
+  logits_BxTxV, _ = model(tokens_BxT, positions_from_valid(mask_BxT), mask_BxT)
+  return logits_BxTxV
 
 
 def token_logprobs(model: Transformer, tokens_BxT: jax.Array, valid_BxT: jax.Array,
