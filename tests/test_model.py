@@ -1,5 +1,6 @@
-"""Tests of the decoder (`proma_jax.model`) and its KV-cache sampler (`proma_jax.sampling`)."""
+"""Tests of the decoder (`proma_jax.models.decoder`) and its KV-cache sampler (`proma_jax.sampling`)."""
 
+import dataclasses
 import functools
 
 import chex
@@ -187,9 +188,49 @@ def test_every_dense_is_captured_once(split_model):
   assert found == 7 * CFG.n_layers
 
 
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_chunked_logprobs_equal_full_vocabulary(tie_embeddings):
+  """logits_chunk > 0 (a rematerialised lax.map over position chunks, one not dividing B (T-1))
+  gives the same log-probs, entropies and parameter gradients as the full (B, T, V) computation."""
+  tokens, valid = _left_padded(7, [6, 4, 2], 6)
+
+  def run(chunk):
+    cfg = dataclasses.replace(CFG, tie_embeddings=tie_embeddings, logits_chunk=chunk)
+    graphdef, state = nnx.split(make_model(cfg, seed=0))
+
+    @jax.jit
+    def value_and_grads(state):
+      def objective(state):
+        logp, entropy = token_logprobs(nnx.merge(graphdef, state), tokens, valid)
+        return jnp.sum(logp * valid[:, 1:]) + 0.3 * jnp.sum(entropy * valid[:, 1:]), (logp, entropy)
+      return jax.value_and_grad(objective, has_aux=True)(state)
+
+    return value_and_grads(state)
+
+  chex.assert_trees_all_close(run(0), run(4), atol=1e-5, rtol=1e-5)
+
+
+def test_remat_blocks_give_the_same_gradients_and_factors():
+  """remat=True (each block recomputed in the backward pass) changes neither the loss gradient
+  nor the dense factors that `capture` records inside the rematerialised blocks."""
+  tokens, valid = _left_padded(8, [6, 3], 6)
+
+  def loss_fn(m, tokens_BxT, valid_BxT):
+    logp, _ = token_logprobs(m, tokens_BxT, valid_BxT)
+    return jnp.sum(logp * valid_BxT[:, 1:])
+
+  def run(remat):
+    graphdef, state = nnx.split(make_model(dataclasses.replace(CFG, remat=remat), seed=0))
+    return jax.jit(lambda s: capture.grads_and_dense_factors(
+        loss_fn, nnx.merge(graphdef, s), tokens, valid, token_mask=valid))(state)
+
+  chex.assert_trees_all_close(run(False), run(True), atol=1e-6)
+
+
 @pytest.mark.parametrize("field, value", [
     ("n_kv_heads", 3), ("head_dim", 7), ("vocab_size", 0), ("dtype", "float16"),
-    ("param_dtype", "int8"),
+    ("param_dtype", "int8"), ("logits_chunk", -1), ("attention_impl", "flash"),
+    ("rope_scaling", (8.0, 4.0, 1.0, 32)),
 ])
 def test_config_validation_names_the_field(field, value):
   """An invalid ModelConfig raises ValueError whose message names the offending field."""

@@ -65,6 +65,9 @@ class ModelConfig:
   # Rematerialise each decoder block in the backward pass (`jax.checkpoint`): activations inside
   # a block are recomputed instead of stored; see `Transformer.__call__` for what stays live.
   remat: bool = False
+  # `token_logprobs` computes log-softmax and entropy over the vocabulary in chunks of this many
+  # token positions (0: all positions at once), so that no (B, T, V) array is ever formed.
+  logits_chunk: int = 0
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -80,6 +83,8 @@ class ModelConfig:
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name} must be one of {sorted(_DTYPES)}, "
                          f"got {getattr(self, name)!r}")
+    if not (isinstance(self.logits_chunk, int) and self.logits_chunk >= 0):
+      raise ValueError(f"ModelConfig.logits_chunk must be an integer >= 0, got {self.logits_chunk!r}")
     if self.attention_impl not in _ATTENTION_IMPLS:
       raise ValueError(f"ModelConfig.attention_impl must be one of {_ATTENTION_IMPLS}, "
                        f"got {self.attention_impl!r}")
@@ -295,6 +300,18 @@ class Transformer(nnx.Module):
     Returns:
       `(logits_BxTxV float32, new_cache)`, `new_cache` None when `cache` is None.
     """
+    x_BxTxD, new_cache = self.hidden_states(tokens_BxT, positions_BxT, valid_BxT, cache,
+                                            cache_index)
+    if self.lm_head is None:
+      logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, self.embed_tokens.embedding[...].astype(
+          x_BxTxD.dtype), preferred_element_type=jnp.float32)
+    else:
+      logits_BxTxV = self.lm_head(x_BxTxD)
+    return logits_BxTxV.astype(jnp.float32), new_cache
+
+  def hidden_states(self, tokens_BxT, positions_BxT, valid_BxT, cache=None, cache_index=None,
+                    ) -> tuple[jax.Array, KVCache | None]:
+    """The final-norm hidden states (B, T, D) in the compute dtype, and the new cache."""
     _, t = tokens_BxT.shape
     valid_BxT = valid_BxT.astype(bool)
     if cache is None:
@@ -317,14 +334,16 @@ class Transformer(nnx.Module):
     for layer, kv in zip(self.layers, kv_caches):
       x_BxTxD, kv = call_block(layer, x_BxTxD, positions_BxT, mask_BxTxS, kv, cache_index)
       new_kv.append(kv)
-    x_BxTxD = self.norm(x_BxTxD)
-    if self.lm_head is None:
-      logits_BxTxV = self.embed_tokens.attend(x_BxTxD)
-    else:
-      logits_BxTxV = self.lm_head(x_BxTxD)
     new_cache = None if cache is None else KVCache(
         k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv), valid_BxS=key_valid_BxS)
-    return logits_BxTxV.astype(jnp.float32), new_cache
+    return self.norm(x_BxTxD), new_cache
+
+  def head_kernel(self) -> jax.Array:
+    """The output projection (D, V) in the compute dtype: the tied embedding's transpose or
+    `lm_head`'s kernel, as a plain array (a chunked head bypasses `Dense` capture)."""
+    if self.lm_head is None:
+      return self.embed_tokens.embedding[...].T.astype(self.cfg.compute_dtype)
+    return self.lm_head.kernel[...].astype(self.cfg.compute_dtype)
 
 
 def make_model(cfg: ModelConfig, seed: int) -> Transformer:
@@ -350,12 +369,44 @@ def token_logprobs(model: Transformer, tokens_BxT: jax.Array, valid_BxT: jax.Arr
 
   With p_t = softmax(logits_t) the model's distribution of token t+1 given tokens[:, :t+1]
   (positions from `positions_from_valid(valid_BxT)`):
-      logp[:, t]    = log p_t(tokens[:, t+1]),
-      entropy[:, t] = -sum_v p_t(v) log p_t(v),          t = 0 .. T-2.
-  Both are float32 (B, T-1) and unmasked: callers mask with valid_BxT[:, 1:] (or a response mask).
+      logp[:, t]    = log p_t(tokens[:, t+1]) = logits_t[y] - logsumexp(logits_t),
+      entropy[:, t] = -sum_v p_t(v) log p_t(v) = logsumexp(logits_t) - sum_v p_t(v) logits_t[v],
+  t = 0 .. T-2. Both are float32 (B, T-1) and unmasked: callers mask with valid_BxT[:, 1:] (or a
+  response mask).
+
+  With `model.cfg.logits_chunk = C > 0` the B (T-1) positions are processed C at a time by a
+  rematerialised `lax.map`: at most a (C, V) float32 block of logits exists, forward or backward,
+  instead of (B, T, V). The head then reads its kernel as a plain array (`head_kernel`), so an
+  untied `lm_head` is not a captured `Dense` (its statistics, if any, come from the vmap path).
   """
-  logits_BxTxV, _ = model(tokens_BxT, positions_from_valid(valid_BxT), valid_BxT)
-  logp_BxTmxV = jax.nn.log_softmax(logits_BxTxV[:, :-1], axis=-1)
-  logp_BxTm = jnp.take_along_axis(logp_BxTmxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-  entropy_BxTm = -jnp.sum(jnp.exp(logp_BxTmxV) * logp_BxTmxV, axis=-1)
-  return logp_BxTm, entropy_BxTm
+  positions_BxT = positions_from_valid(valid_BxT)
+  chunk = model.cfg.logits_chunk
+  if not chunk:
+    logits_BxTxV, _ = model(tokens_BxT, positions_BxT, valid_BxT)
+    return _logp_and_entropy(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])
+  x_BxTxD, _ = model.hidden_states(tokens_BxT, positions_BxT, valid_BxT)
+  b, t, d = x_BxTxD.shape
+  n = b * (t - 1)
+  n_chunks = -(-n // chunk)
+  x_NxD = jnp.pad(x_BxTxD[:, :-1].reshape(n, d), ((0, n_chunks * chunk - n), (0, 0)))
+  y_N = jnp.pad(tokens_BxT[:, 1:].reshape(n), (0, n_chunks * chunk - n))
+  w_DxV = model.head_kernel()
+
+  @jax.checkpoint
+  def one_chunk(xy):
+    x_CxD, y_C = xy
+    logits_CxV = jnp.dot(x_CxD, w_DxV, preferred_element_type=jnp.float32)
+    return _logp_and_entropy(logits_CxV, y_C)
+
+  logp, entropy = jax.lax.map(one_chunk, (x_NxD.reshape(n_chunks, chunk, d),
+                                          y_N.reshape(n_chunks, chunk)))
+  return logp.reshape(-1)[:n].reshape(b, t - 1), entropy.reshape(-1)[:n].reshape(b, t - 1)
+
+
+def _logp_and_entropy(logits_xV: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """log p(target) and the entropy of softmax(logits) over the last axis, float32."""
+  logits_xV = logits_xV.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits_xV, axis=-1)
+  logp = jnp.take_along_axis(logits_xV, targets[..., None], axis=-1)[..., 0] - lse
+  probs_xV = jnp.exp(logits_xV - lse[..., None])
+  return logp, lse - jnp.sum(probs_xV * logits_xV, axis=-1)
