@@ -12,21 +12,21 @@ GENERATED_TASKS = ("arith", "reverse", "sort")
 
 
 def test_tokenizer_round_trip():
-  """decode(encode(s)) == s for every alphabet character; ids are specials then the alphabet."""
+  """decode(encode(s)) == s for every alphabet character; ids are specials then the alphabet;
+  encode adds no special token."""
   tok = CharTokenizer()
   assert (tok.pad_id, tok.bos_id, tok.eos_id) == (PAD, BOS, EOS) == (0, 1, 2)
   text = tok.alphabet
   ids = tok.encode(text)
-  assert ids[0] == BOS
-  assert sorted(ids[1:]) == list(range(3, tok.vocab_size))
-  assert tok.decode(ids) == text
-  assert tok.decode(tok.encode("12+35=", bos=False, eos=True) + [PAD, PAD]) == "12+35="
+  assert sorted(ids) == list(range(3, tok.vocab_size))
+  assert tok.decode(ids) == tok.decode([BOS] + ids) == text
+  assert tok.decode(tok.encode("12+35=") + [EOS, PAD, PAD]) == "12+35="
 
 
 def test_tokenizer_decode_stops_at_eos_and_skips_pad_bos():
   """decode stops at the first EOS and skips PAD and BOS."""
   tok = CharTokenizer()
-  ids = [BOS, PAD] + tok.encode("ab", bos=False) + [EOS] + tok.encode("cd", bos=False)
+  ids = [BOS, PAD] + tok.encode("ab") + [EOS] + tok.encode("cd")
   assert tok.decode(ids) == "ab"
 
 
@@ -92,11 +92,11 @@ def test_batch_rewards_read_tokens_up_to_eos():
   tok = CharTokenizer()
   answers = ["47", "47", "47", "47", "47"]
   rows = [
-      tok.encode("47", bos=False, eos=True) + [PAD, PAD],       # correct
-      tok.encode("47", bos=False) + [PAD, PAD, PAD],            # ran out without EOS
-      tok.encode("48", bos=False, eos=True) + [PAD, PAD],       # wrong
-      tok.encode("47", bos=False, eos=True) + tok.encode("9", bos=False) + [EOS],  # after EOS
-      [BOS] + tok.encode("47", bos=False, eos=True) + [PAD],   # special token before EOS
+      tok.encode("47") + [EOS, PAD, PAD],                # correct
+      tok.encode("47") + [PAD, PAD, PAD],                # ran out without EOS
+      tok.encode("48") + [EOS, PAD, PAD],                # wrong
+      tok.encode("47") + [EOS] + tok.encode("9") + [EOS],  # after EOS
+      [BOS] + tok.encode("47") + [EOS, PAD],             # special token before EOS
   ]
   response_BxL = np.asarray(rows, dtype=np.int32)
   mask_BxL = np.zeros_like(response_BxL, dtype=np.float32)
@@ -114,8 +114,8 @@ def test_encode_prompts_left_pads():
   tok = CharTokenizer()
   tokens_BxP, valid_BxP = tasks.encode_prompts(tok, ["1+2=", "12+34="], width=8)
   assert tokens_BxP.dtype == np.int32 and valid_BxP.dtype == np.float32
-  np.testing.assert_array_equal(tokens_BxP[0], [PAD, PAD, PAD] + tok.encode("1+2="))
-  np.testing.assert_array_equal(tokens_BxP[1], [PAD] + tok.encode("12+34="))
+  np.testing.assert_array_equal(tokens_BxP[0], [PAD, PAD, PAD, BOS] + tok.encode("1+2="))
+  np.testing.assert_array_equal(tokens_BxP[1], [PAD, BOS] + tok.encode("12+34="))
   np.testing.assert_array_equal(valid_BxP, [[0, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 1]])
   with pytest.raises(ValueError, match="width"):
     tasks.encode_prompts(tok, ["123456789="], width=8)
@@ -125,8 +125,8 @@ def test_encode_completions_right_pads_with_eos():
   """encode_completions writes answer + EOS from column 0, pads on the right, masks them."""
   tok = CharTokenizer()
   tokens_BxL, mask_BxL = tasks.encode_completions(tok, ["7", "47"], width=4)
-  np.testing.assert_array_equal(tokens_BxL, [tok.encode("7", False, True) + [PAD, PAD],
-                                             tok.encode("47", False, True) + [PAD]])
+  np.testing.assert_array_equal(tokens_BxL, [tok.encode("7") + [EOS, PAD, PAD],
+                                             tok.encode("47") + [EOS, PAD]])
   np.testing.assert_array_equal(mask_BxL, [[1, 1, 0, 0], [1, 1, 1, 0]])
   with pytest.raises(ValueError, match="width"):
     tasks.encode_completions(tok, ["1234"], width=4)

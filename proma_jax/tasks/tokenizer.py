@@ -1,6 +1,7 @@
 """Character-level tokenizer and batch encoding of prompts and completions.
 
-Token ids: PAD=0, BOS=1, EOS=2, then one id per character of a fixed alphabet. Prompts are encoded
+Token ids: PAD=0, BOS=1, EOS=2, then one id per character of a fixed alphabet. `encode` adds no
+special tokens (the `proma_jax.models.tokenizer.Tokenizer` interface). Prompts are encoded
 as BOS + characters and LEFT-padded, so every prompt ends at the same position and sampling starts
 in one column for the whole batch. Completions (answers for a supervised warm start) are encoded as
 characters + EOS and RIGHT-padded, like sampled responses.
@@ -29,14 +30,15 @@ class CharTokenizer:
 
   Usage:
     tok = CharTokenizer()
-    ids = tok.encode("12+35=")          # [BOS, '1', '2', '+', '3', '5', '=']
-    tok.decode(ids + [EOS, PAD])         # "12+35="
+    ids = tok.encode("12+35=")              # ['1', '2', '+', '3', '5', '=']
+    tok.decode([BOS] + ids + [EOS, PAD])     # "12+35="
   """
 
   alphabet: str = DEFAULT_ALPHABET
   pad_id: int = dataclasses.field(default=PAD, init=False)
   bos_id: int = dataclasses.field(default=BOS, init=False)
   eos_id: int = dataclasses.field(default=EOS, init=False)
+  chat_template: str | None = dataclasses.field(default=None, init=False)
 
   def __post_init__(self):
     if len(set(self.alphabet)) != len(self.alphabet):
@@ -58,11 +60,10 @@ class CharTokenizer:
             f"character {char!r} at position {position} of {text!r} is not in the tokenizer "
             f"alphabet {self.alphabet!r}")
 
-  def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-    """Token ids of `text`, optionally preceded by BOS and followed by EOS."""
+  def encode(self, text: str) -> list[int]:
+    """Token ids of the characters of `text`, without special tokens."""
     self.check_text(text)
-    ids = [self._char_to_id[char] for char in text]
-    return ([BOS] if bos else []) + ids + ([EOS] if eos else [])
+    return [self._char_to_id[char] for char in text]
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids` up to the first EOS, skipping PAD and BOS."""
@@ -78,6 +79,10 @@ class CharTokenizer:
       chars.append(self.alphabet[token - NUM_SPECIAL])
     return "".join(chars)
 
+  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Raises ValueError: the character tokenizer has no chat template."""
+    raise ValueError("tokenizer has no chat template; encode the prompt text directly")
+
 
 def encode_prompts(
     tokenizer: CharTokenizer, prompts: Sequence[str], width: int
@@ -92,7 +97,7 @@ def encode_prompts(
   tokens_BxP = np.full((len(prompts), width), PAD, dtype=np.int32)
   valid_BxP = np.zeros((len(prompts), width), dtype=np.float32)
   for row, prompt in enumerate(prompts):
-    ids = tokenizer.encode(prompt, bos=True)
+    ids = [BOS] + tokenizer.encode(prompt)
     if len(ids) > width:
       raise ValueError(f"prompt {prompt!r} needs {len(ids)} tokens (with BOS) > width {width}")
     tokens_BxP[row, width - len(ids):] = ids
@@ -113,7 +118,7 @@ def encode_completions(
   tokens_BxL = np.full((len(answers), width), PAD, dtype=np.int32)
   mask_BxL = np.zeros((len(answers), width), dtype=np.float32)
   for row, answer in enumerate(answers):
-    ids = tokenizer.encode(answer, bos=False, eos=True)
+    ids = tokenizer.encode(answer) + [EOS]
     if len(ids) > width:
       raise ValueError(f"answer {answer!r} needs {len(ids)} tokens (with EOS) > width {width}")
     tokens_BxL[row, :len(ids)] = ids
