@@ -1,0 +1,149 @@
+"""Pretrained Qwen3 / Llama checkpoints (Hugging Face directories or GGUF files) into the decoder.
+
+    model, tokenizer = load_pretrained("path/to/Qwen3-0.6B", param_dtype="bfloat16")
+    model, tokenizer = load_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+The decoder's parameter at path p of its pure parameter dict (`nnx.to_pure_dict`) is the HF
+tensor `model.<p joined by ".">.weight` (`lm_head.weight` for the untied head): `embed_tokens/
+embedding` <- `model.embed_tokens.weight`, `layers/3/self_attn/q_proj/kernel` <-
+`model.layers.3.self_attn.q_proj.weight` transposed (HF stores (d_out, d_in), flax (d_in, d_out)),
+`layers/3/input_layernorm/scale` <- `model.layers.3.input_layernorm.weight`, `norm/scale` <-
+`model.norm.weight`.
+
+Every parameter is assigned exactly once; the checkpoint must hold exactly these tensors. One
+exception: a tied checkpoint (`tie_word_embeddings`) may also store `lm_head.weight` if it equals
+`model.embed_tokens.weight` (some exports save the tied matrix twice); an unequal one is an error,
+since the decoder would silently ignore it. Tensors are read, checked (shape, finite values),
+transposed, cast to `param_dtype` and placed on the device one at a time, so the host holds at
+most a tensor or two beyond the model at any moment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import pathlib
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from proma_jax.models import gguf as gguf_checkpoint
+from proma_jax.models import hf
+from proma_jax.models.decoder import ModelConfig, Transformer
+from proma_jax.models.hf import Checkpoint, CheckpointError
+
+__all__ = ["CheckpointError", "load_model", "load_pretrained"]
+
+_EMBEDDING, _LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+@contextlib.contextmanager
+def _open(path: str | pathlib.Path) -> Iterator[Checkpoint]:
+  path = pathlib.Path(path)
+  if path.is_dir():
+    with hf.open_checkpoint(path) as ckpt:
+      yield ckpt
+  elif path.is_file() and path.suffix == ".gguf":
+    yield gguf_checkpoint.open_checkpoint(path)
+  else:
+    raise CheckpointError(f"{path}: not a Hugging Face checkpoint directory (config.json + "
+                          "safetensors) nor a .gguf file")
+
+
+def _config(ckpt: Checkpoint, overrides: dict[str, Any]) -> ModelConfig:
+  """The checkpoint's `ModelConfig` with `overrides` (dtypes, max_len, remat, ...) applied."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise TypeError(f"unknown ModelConfig field(s) {unknown} to override")
+  cfg = dataclasses.replace(hf.config_from_hf(ckpt.config, ckpt.config_source), **overrides)
+  if ckpt.rope_factors is not None:
+    gguf_checkpoint.check_rope_factors(ckpt.rope_factors, cfg, ckpt.tensors_source)
+  return cfg
+
+
+def _hf_name(path: tuple) -> str:
+  """The HF tensor name of the decoder parameter at `path` in its pure parameter dict."""
+  prefix = () if path[0] == "lm_head" else ("model",)
+  return ".".join(str(key) for key in (*prefix, *path[:-1], "weight"))
+
+
+def _read(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> np.ndarray:
+  """Tensor `name` of `ckpt`, checked to be floating point, of `shape` and finite."""
+  w = ckpt.read(name)
+  where = ckpt.origins[name]
+  if not jnp.issubdtype(w.dtype, jnp.floating):
+    raise CheckpointError(f"{where}: tensor {name} has dtype {w.dtype}, expected floating point")
+  if tuple(w.shape) != shape:
+    raise CheckpointError(f"{where}: tensor {name} has shape {tuple(w.shape)}, expected {shape}")
+  finite = np.isfinite(w)
+  if not finite.all():
+    raise CheckpointError(f"{where}: tensor {name} has {finite.size - int(finite.sum())} "
+                          "non-finite values (NaN or inf)")
+  return w
+
+
+def _check_names(ckpt: Checkpoint, expected: set[str], cfg: ModelConfig) -> None:
+  """Raise on a parameter the checkpoint lacks or a tensor the decoder has no parameter for."""
+  missing = sorted(expected - set(ckpt.origins))
+  if missing:
+    raise CheckpointError(f"{ckpt.tensors_source}: missing tensor {missing[0]} "
+                          f"({len(missing)} missing: {missing[:4]}...)")
+  tied_head = {_LM_HEAD} if cfg.tie_embeddings else set()
+  unexpected = sorted(set(ckpt.origins) - expected - tied_head)
+  if unexpected:
+    raise CheckpointError(f"{ckpt.origins[unexpected[0]]}: unexpected tensor {unexpected[0]}, "
+                          f"which the decoder has no parameter for ({len(unexpected)} unexpected: "
+                          f"{unexpected[:4]}...)")
+
+
+def _load(ckpt: Checkpoint, cfg: ModelConfig) -> Transformer:
+  """The decoder of `cfg` with every parameter read from `ckpt` (see the module docstring)."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+  paths = {_hf_name(path): path for path in flat}
+  _check_names(ckpt, set(paths), cfg)
+  loaded = {}
+  for name, path in paths.items():
+    leaf = flat[path]
+    is_kernel = path[-1] == "kernel"
+    w = _read(ckpt, name, leaf.shape[::-1] if is_kernel else leaf.shape)
+    # A fresh C-ordered copy: JAX on CPU aliases NumPy buffers, and `w` may be a view of the file.
+    loaded[path] = jax.device_put(np.array(w.T if is_kernel else w, leaf.dtype, order="C"))
+    del w
+  if cfg.tie_embeddings and _LM_HEAD in ckpt.origins:
+    embedding = ckpt.read(_EMBEDDING)
+    if not np.array_equal(_read(ckpt, _LM_HEAD, embedding.shape), embedding):
+      raise CheckpointError(f"{ckpt.origins[_LM_HEAD]}: tensor {_LM_HEAD} differs from "
+                            f"{_EMBEDDING}, but the config ties them (tie_word_embeddings)")
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(loaded))
+  return nnx.merge(graphdef, state)
+
+
+def load_model(path: str | pathlib.Path, *, param_dtype: str = "float32", dtype: str = "float32",
+               **config_overrides) -> Transformer:
+  """The decoder of the checkpoint at `path` (HF directory or .gguf file), weights only.
+
+  param_dtype: storage dtype of the parameters ("float32" or "bfloat16"); dtype: compute dtype.
+  config_overrides: other `ModelConfig` fields, e.g. max_len, remat, attention_impl, or the
+  rope_scaling of a Llama 3.1+ GGUF file. Raises `CheckpointError` (a ValueError) naming the
+  tensor and the file on an unsupported architecture or a missing, unexpected, misshapen or
+  non-finite tensor.
+  """
+  with _open(path) as ckpt:
+    return _load(ckpt, _config(ckpt, dict(config_overrides, param_dtype=param_dtype,
+                                          dtype=dtype)))
+
+
+def load_pretrained(path: str | pathlib.Path, *, param_dtype: str = "float32",
+                    dtype: str = "float32", **config_overrides) -> tuple[Transformer, Any]:
+  """(decoder, tokenizer) of the checkpoint at `path`; see `load_model` for the arguments. The
+  tokenizer comes from the directory's tokenizer files or the GGUF file's metadata
+  (`models.tokenizer`)."""
+  with _open(path) as ckpt:
+    cfg = _config(ckpt, dict(config_overrides, param_dtype=param_dtype, dtype=dtype))
+    return _load(ckpt, cfg), ckpt.load_tokenizer()
