@@ -126,10 +126,11 @@ def test_hf_dir_errors_name_the_file_key_or_token(tmp_path):
     tokenizer_lib.from_hf_dir(path)
 
 
-# Ids of SmolLM2-135M-Instruct's tokenizer: its vocabulary and merges from the GGUF file with the
-# original tokenizer.json pre-tokenizer (digits one by one, then the byte-level GPT-2 regex), as
-# llama.cpp's "smollm" pre-tokenizer does. transformers' GGUF loader ignores tokenizer.ggml.pre =
-# "smollm" and differs where spaces precede a digit (its ids in the comments).
+# Ids of SmolLM2-135M-Instruct's tokenizer, from llama.cpp (llama-cpp-python 0.3.36, vocab_only) on
+# this GGUF file, and equal to its vocabulary and merges under the original tokenizer.json
+# pre-tokenizer (digits one by one, then the byte-level GPT-2 regex). transformers' GGUF loader
+# (5.24) ignores tokenizer.ggml.pre = "smollm" and differs where whitespace precedes a digit (its
+# ids in the comments).
 SMOLLM2_IDS = [
     ("Hello, world! This is SmolLM2.", [19556, 28, 905, 17, 669, 314, 3511, 308, 34519, 34, 30]),
     ("12345 + 678 = 13023", [33, 34, 35, 36, 37, 1232, 216, 38, 39, 40, 446, 216, 33, 35, 32, 34,
@@ -143,6 +144,7 @@ SMOLLM2_IDS = [
     ("a  1", [81, 256, 33]),                           # transformers: [81, 216, 216, 33]
     ("Total:   100", [17647, 42, 333, 33, 32, 32]),    # [17647, 42, 256, 216, 33, 32, 32]
     ("  5 apples", [256, 37, 13855]),                  # [216, 216, 37, 13855]
+    ("x=1\r\n2", [104, 45, 33, 2738, 34]),              # [104, 45, 33, 201, 198, 34]
     ("", []),
 ]
 SMOLLM2_CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
