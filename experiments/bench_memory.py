@@ -30,7 +30,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # noqa: E402  (the same step functions as the step-time benchmark)
-from proma_jax.models import decoder as model_lib  # noqa: E402
+from proma_jax.models import decoder as model_lib, presets  # noqa: E402
 
 VARIANTS = ("plain", "proma_mat", "intra", "both_mat")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,6 +122,15 @@ def main():
   parser.add_argument("--step", choices=("bench", "train"), default="bench",
                       help="bench: experiments/bench_step.py's step (MultiSteps baseline); train: "
                       "the training loop's own microbatch update (reverse task, Qwen3 layers)")
+  parser.add_argument("--preset", choices=sorted(presets.PRESETS),
+                      help="a checkpoint's full shape (vocabulary included) instead of "
+                      "bench_step's qwen3_stack (Qwen3-0.6B layers, vocabulary 2048)")
+  parser.add_argument("--dtype", default="float32", help="compute dtype")
+  parser.add_argument("--param_dtype", default="float32", help="parameter storage dtype")
+  parser.add_argument("--remat", action="store_true", help="rematerialise every decoder block")
+  parser.add_argument("--logits_chunk", type=int, default=0,
+                      help="token positions per log-softmax chunk (0: the whole (B, T, V))")
+  parser.add_argument("--attention_impl", default=None, choices=(None, "xla", "cudnn"))
   parser.add_argument("--out", default="results/bench_memory.json")
   parser.add_argument("--tables", metavar="JSON", help="print the markdown table of a results file")
   args = parser.parse_args()
@@ -132,14 +141,24 @@ def main():
   variants = ["plain"] + [v for v in args.variants if v != "plain"]
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-  meta = dict(machine=f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU",
+  machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU" if jax.default_backend()
+             == "cpu" else f"{jax.devices()[0].device_kind} ({jax.default_backend()})")
+  meta = dict(machine=machine,
               jax=jax.__version__, commit=commit, seqs=args.seqs, len=args.len,
-              microbatches=args.microbatches, step=args.step,
+              microbatches=args.microbatches, step=args.step, preset=args.preset,
+              dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
+              logits_chunk=args.logits_chunk, attention_impl=args.attention_impl,
+              backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
               memory="compiled microbatch step (params, opt_state donated): temp + arguments + "
                      "outputs - aliased bytes",
               command=" ".join(["experiments/bench_memory.py"] + sys.argv[1:]))
   records = []
-  base_cfg = bench_step.MODELS["qwen3_stack"]
+  options = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
+                 logits_chunk=args.logits_chunk, attention_impl=args.attention_impl)
+  if args.preset:
+    base_cfg = presets.preset(args.preset, **options)
+  else:
+    base_cfg = dataclasses.replace(bench_step.MODELS["qwen3_stack"], **options)
   for depth in args.depths:
     cfg = dataclasses.replace(base_cfg, n_layers=depth)
     for variant in variants:

@@ -59,8 +59,8 @@ class ModelConfig:
   # Llama 3.1+ "llama3" rope scaling: (factor, low_freq_factor, high_freq_factor,
   # original_max_position_embeddings), or None for plain rotary frequencies.
   rope_scaling: tuple[float, float, float, int] | None = None
-  # `jax.nn.dot_product_attention` implementation: None (cuDNN where available, else XLA),
-  # "xla" or "cudnn".
+  # `jax.nn.dot_product_attention` implementation: "xla", "cudnn", or None: cuDNN's fused kernel
+  # on a GPU with bfloat16 compute, XLA everywhere else (see `attention_implementation`).
   attention_impl: str | None = None
   # Rematerialise each decoder block in the backward pass (`jax.checkpoint`): activations inside
   # a block are recomputed instead of stored; see `Transformer.__call__` for what stays live.
@@ -186,6 +186,15 @@ def _dense(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> Dense:
                param_dtype=cfg.storage_dtype, kernel_init=_INIT, rngs=rngs)
 
 
+def attention_implementation(cfg: ModelConfig) -> str:
+  """`cfg.attention_impl`, with None resolved: "cudnn" on a GPU backend with bfloat16 compute (its
+  fused kernel never forms the (B, N, T, S) scores), else "xla" (float32 scores; CPU, TPU, fp32)."""
+  if cfg.attention_impl is not None:
+    return cfg.attention_impl
+  on_gpu = jax.default_backend() == "gpu"
+  return "cudnn" if on_gpu and cfg.compute_dtype == jnp.bfloat16 else "xla"
+
+
 class Attention(nnx.Module):
   """Grouped-query self-attention with rotary positions (and Qwen3's per-head q/k RMSNorm)."""
 
@@ -229,7 +238,7 @@ class Attention(nnx.Module):
     dtype = cfg.compute_dtype
     out_BxTxNxH = jax.nn.dot_product_attention(
         q_BxTxNxH.astype(dtype), k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype),
-        mask=mask_BxTxS[:, None], scale=h ** -0.5, implementation=cfg.attention_impl)
+        mask=mask_BxTxS[:, None], scale=h ** -0.5, implementation=attention_implementation(cfg))
     return self.o_proj(out_BxTxNxH.reshape(b, t, n * h)), (k_BxSxKxH, v_BxSxKxH)
 
 
