@@ -29,6 +29,8 @@ class DenseFactors(NamedTuple):
 
   activations:  (n_tokens, d_in)   layer inputs, zero rows for padding tokens.
   output_grads: (n_tokens, d_out)  gradient of the objective w.r.t. the layer outputs.
+  Both stay in the layer's compute dtype (bfloat16 under bf16 compute); the statistics that use
+  them compute in float32.
   """
 
   activations: jax.Array
@@ -67,7 +69,9 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
 
 
 def _flatten_tokens(x: jax.Array, width: int) -> jax.Array:
-  return x.reshape(-1, width).astype(jnp.float32)
+  # In the compute dtype: the statistics cast to float32 inside their own products
+  # (seqgrads, projection), so no float32 copy of every layer's inputs stays live.
+  return x.reshape(-1, width)
 
 
 def grads_and_dense_factors(
@@ -114,7 +118,7 @@ def grads_and_dense_factors(
   grads = _pure(param_grads)
   inputs, output_grads = _pure(inputs), _pure(output_grads)
   factors = jax.tree.map(lambda _: None, grads)
-  mask = None if token_mask is None else token_mask.reshape(-1, 1).astype(jnp.float32)
+  mask = None if token_mask is None else token_mask.reshape(-1, 1)
   for path, module in nnx.iter_modules(model):
     if not isinstance(module, Dense):
       continue
@@ -126,7 +130,7 @@ def grads_and_dense_factors(
     except KeyError:
       continue  # the layer was not called by this loss
     if mask is not None:
-      a = a * mask
+      a = a * mask.astype(a.dtype)
     _set(factors, tuple(path) + ("kernel",), DenseFactors(a, g))
   return out, grads, factors
 
@@ -216,7 +220,8 @@ def policy_gradient_and_dense_factors(
     if f is None:
       return None
     t = _tokens_per_sequence(jax.tree_util.keystr(path), f.output_grads.shape[0], n_seq)
-    return DenseFactors(f.activations, f.output_grads / jnp.repeat(c_n, t)[:, None])
+    g = f.output_grads / jnp.repeat(c_n, t)[:, None]
+    return DenseFactors(f.activations, g.astype(f.output_grads.dtype))
 
   factors = jax.tree_util.tree_map_with_path(advantage_free, factors,
                                              is_leaf=lambda x: x is None or isinstance(x, DenseFactors))
@@ -280,7 +285,8 @@ def policy_gradient_and_sequence_statistics(
                                                       n_seq))
     else:
       s_nxixo = jnp.einsum("bti,bto->bio", f.activations.reshape(n_seq, t, d_in),
-                           f.output_grads.reshape(n_seq, t, d_out))
+                           f.output_grads.reshape(n_seq, t, d_out),
+                           preferred_element_type=jnp.float32)
       seq_leaves.append(s_nxixo)
       grad_leaves[idx] = (-jnp.tensordot(advantages_n.astype(jnp.float32), s_nxixo, axes=1)
                           ).astype(g.dtype)

@@ -231,3 +231,45 @@ def test_capture_statistics_equal_vmap_sequence_gradients(dense_path):
       objectives, model, b, b[2], has_aux=True, scope="dense", dense_path=dense_path))(batch)
   assert dense_only["embed"]["embedding"] is None and dense_only["hidden"]["bias"] is None
   chex.assert_trees_all_close(dense_only["out"]["kernel"], seq["out"]["kernel"])
+
+
+def test_bf16_factors_stay_bf16_and_statistics_compute_in_float32():
+  """Under bfloat16 compute the captured factors keep the layer's dtype (no float32 copy of every
+  layer's inputs stays live); the matrix-free Gram, inner products and materialised S_i computed
+  from them equal float64 NumPy ones on the same bfloat16 values."""
+  from proma_jax.models.decoder import ModelConfig, make_model, token_logprobs
+  cfg = ModelConfig(vocab_size=17, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                    mlp_dim=24, max_len=16, dtype="bfloat16")
+  model = make_model(cfg, seed=0)
+  n_seq, length = 3, 6
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (n_seq, length), 0, cfg.vocab_size)
+  valid = jnp.arange(length)[None] >= jnp.array([0, 2, 3])[:, None]
+  adv = jnp.array([1.0, -0.5, 2.0])
+
+  def objectives(m, batch):
+    logp, _ = token_logprobs(m, batch[0], batch[1])
+    return jnp.sum(logp * batch[1][:, 1:], axis=1)
+
+  def run(dense_path):
+    return jax.jit(lambda b: proma_jax.policy_gradient_and_sequence_statistics(
+        objectives, model, b, adv, token_mask=b[1], scope="dense", dense_path=dense_path))(
+            (tokens, valid))
+
+  _, _, seq, factors = run("matrix_free")
+  _, _, seq_mat, _ = run("materialise")
+  f = factors["layers"][0]["mlp"]["down_proj"]["kernel"]
+  assert f.activations.dtype == jnp.bfloat16 and f.output_grads.dtype == jnp.bfloat16
+  a = np.asarray(f.activations.astype(jnp.float32), np.float64).reshape(n_seq, length, -1)
+  g = np.asarray(f.output_grads.astype(jnp.float32), np.float64).reshape(n_seq, length, -1)
+  s_ref = np.einsum("nti,nto->nio", a, g)
+  r = np.asarray(jax.random.normal(jax.random.PRNGKey(3), s_ref.shape[1:]), np.float64)
+  gram, inner = jax.jit(seqgrads.dense_statistics)(jnp.asarray(r, jnp.float32),
+                                                    seq["layers"][0]["mlp"]["down_proj"]["kernel"])
+  scale = np.abs(s_ref).max()
+  np.testing.assert_allclose(gram, np.einsum("nio,mio->nm", s_ref, s_ref), rtol=1e-4,
+                             atol=1e-5 * scale**2)
+  np.testing.assert_allclose(inner, np.einsum("io,nio->n", r, s_ref), rtol=1e-4,
+                             atol=1e-5 * scale * np.abs(r).max())
+  s_mat = seq_mat["layers"][0]["mlp"]["down_proj"]["kernel"]
+  assert s_mat.dtype == jnp.float32
+  np.testing.assert_allclose(s_mat, s_ref, rtol=1e-4, atol=1e-5 * scale)
