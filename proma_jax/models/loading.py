@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import pathlib
 from typing import Any, Iterator
 
@@ -100,10 +101,17 @@ def _check_names(ckpt: Checkpoint, expected: set[str], cfg: ModelConfig) -> None
                           f"{unexpected[:4]}...)")
 
 
+@functools.lru_cache(maxsize=8)
+def _abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, abstract parameter state) of the decoder of `cfg`: tracing the constructor costs
+  ~1.5 s at SmolLM2's size, so a second load of the same shape reuses it."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+
 def _load(ckpt: Checkpoint, cfg: ModelConfig) -> Transformer:
   """The decoder of `cfg` with every parameter read from `ckpt` (see the module docstring)."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract, nnx.Param)
+  graphdef, abstract_state = _abstract_model(cfg)
+  state = jax.tree.map(lambda x: x, abstract_state)  # a fresh tree to fill; the cache stays abstract
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
   paths = {_hf_name(path): path for path in flat}
   _check_names(ckpt, set(paths), cfg)
