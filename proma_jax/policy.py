@@ -47,7 +47,7 @@ def make_policy(config: ml_collections.ConfigDict) -> tuple[Policy, dict]:
 def model_fingerprint(policy: Policy) -> str:
   """A short string identifying the model shape, for naming cached warm starts."""
   cfg = dataclasses.asdict(policy.model_config)
-  return "-".join(f"{k}{v}" for k, v in sorted(cfg.items()) if k not in ("rope_theta", "norm_eps", "attention_impl", "remat"))
+  return "-".join(f"{k}{v}" for k, v in sorted(cfg.items()) if k not in ("rope_theta", "norm_eps", "attention_impl", "remat", "logits_chunk"))
 
 
 def bind(policy: Policy, params: dict) -> nnx.Module:
