@@ -1,6 +1,8 @@
-"""Run records: resume refuses a changed config, metrics.jsonl survives SIGKILL, one run per workdir.
+"""Run records: resume refuses a changed config, metrics.jsonl survives SIGTERM and SIGKILL, one run
+per workdir.
 
-The command-line test kills a real `python -m proma_jax.train` with SIGKILL; the others call
+The command-line test stops a real `python -m proma_jax.train` with SIGTERM, then with SIGKILL;
+the others call
 `train.run` in this process (the warm start of conftest's `warm_dir` and the compiled trainer
 are shared with tests/test_train.py).
 """
@@ -202,18 +204,36 @@ def checkpoint_steps(workdir):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_leaves_the_uninterrupted_metrics_file(warm_dir, tmp_path):
-  """SIGKILL a run after a checkpoint, leave a line cut short, resume: metrics.jsonl equals an
-  uninterrupted run's byte for byte, time/* values aside. A second run started while the first
-  holds the workdir fails at once naming its pid; a changed config is refused naming the field."""
+def test_signals_then_resume_leave_the_uninterrupted_metrics_file(warm_dir, tmp_path):
+  """SIGTERM mid-run checkpoints the finished step and exits 143; rerunning resumes from it.
+  SIGKILL that run later, leave a line cut short, resume: metrics.jsonl equals an uninterrupted
+  run's byte for byte, time/* values aside. A second run started while the first holds the
+  workdir fails at once naming its pid; a changed config is refused naming the field."""
   warm, killed, reference = warm_dir, tmp_path / "killed", tmp_path / "reference"
   # The processes share compiled programs through the run's JAX cache (tests/conftest.py).
   env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  proc = subprocess.Popen(cli(killed, warm, 10_000), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  start = lambda: subprocess.Popen(cli(killed, warm, 10_000), cwd=REPO, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+
+  def wait_for_steps(proc, n):
+    while not (os.path.exists(killed / "metrics.jsonl") and len(logged_steps(killed)) >= n):
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+      time.sleep(0.02)
+
+  proc = start()
   try:
-    deadline = time.time() + 300
+    wait_for_steps(proc, 3)
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, out
+  terminated = max(logged_steps(killed))
+  assert terminated >= 2 and checkpoint_steps(killed)[-1] == terminated
+
+  proc = start()
+  try:
     while not (os.path.exists(killed / ".lock") and (killed / ".lock").read_text()):
       assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
       time.sleep(0.1)
@@ -222,17 +242,16 @@ def test_sigkill_then_resume_leaves_the_uninterrupted_metrics_file(warm_dir, tmp
     assert second.returncode == 1, second.stdout + second.stderr
     assert f"in use by another run (pid {proc.pid} " in second.stderr
     assert proc.poll() is None  # the first run goes on
-    while not (os.path.exists(killed / "metrics.jsonl") and max(logged_steps(killed), default=0) >= 4):
-      assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
-      time.sleep(0.02)
+    wait_for_steps(proc, terminated + 3)
   finally:
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=60)
+  assert f"resuming {killed} from step {terminated}" in out
   assert proc.returncode == -signal.SIGKILL
   last_checkpoint = checkpoint_steps(killed)[-1]
+  steps = max(logged_steps(killed)) + 3
   with open(killed / "metrics.jsonl", "ab") as f:  # as if killed in the middle of a write
-    f.write(b'{"step": %d, "loss": 0.0' % (max(logged_steps(killed)) + 1))
-  steps = max(last_checkpoint, 4) + 3
+    f.write(b'{"step": %d, "loss": 0.0' % (steps - 2))
 
   ref = subprocess.run(cli(reference, warm, steps), cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
