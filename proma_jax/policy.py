@@ -44,10 +44,15 @@ def make_policy(config: ml_collections.ConfigDict) -> tuple[Policy, dict]:
   return policy, nnx.to_pure_dict(state)
 
 
+# ModelConfig fields left out of the warm-start key: fixed for the demo's decoder, or options that
+# change memory and speed but not the function the model computes.
+_NOT_IN_FINGERPRINT = ("rope_theta", "norm_eps", "attention_impl", "remat", "logits_chunk")
+
+
 def model_fingerprint(policy: Policy) -> str:
   """A short string identifying the model shape, for naming cached warm starts."""
   cfg = dataclasses.asdict(policy.model_config)
-  return "-".join(f"{k}{v}" for k, v in sorted(cfg.items()) if k not in ("rope_theta", "norm_eps", "attention_impl", "remat", "logits_chunk"))
+  return "-".join(f"{k}{v}" for k, v in sorted(cfg.items()) if k not in _NOT_IN_FINGERPRINT)
 
 
 def bind(policy: Policy, params: dict) -> nnx.Module:
