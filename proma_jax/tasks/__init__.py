@@ -14,7 +14,15 @@ from __future__ import annotations
 from typing import Callable
 
 from proma_jax.tasks.arithmetic import arithmetic_task
-from proma_jax.tasks.base import Example, Task, batch_rewards, decode_responses, reward
+from proma_jax.tasks.base import (
+    Example,
+    Scores,
+    Task,
+    batch_rewards,
+    decode_responses,
+    reward,
+    score_responses,
+)
 from proma_jax.tasks.jsonl import jsonl_task, load_jsonl
 from proma_jax.tasks.sequence import reverse_task, sequence_task, sort_task
 from proma_jax.tasks.tokenizer import (
@@ -59,6 +67,8 @@ __all__ = [
     "load_jsonl",
     "reverse_task",
     "reward",
+    "Scores",
+    "score_responses",
     "sequence_task",
     "sort_task",
 ]

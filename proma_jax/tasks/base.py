@@ -1,17 +1,21 @@
-"""Task records, the exact-match reward, and the `Task` container every task factory returns.
+"""Task records, rewards, response scoring, and the `Task` container every task factory returns.
 
-A task has a `train` split and a harder, out-of-distribution `val` split (longer operands, longer
-strings, or a held-out file), both deterministic functions of a seed, and a verifiable reward.
+A task has a `train` split and a `val` split (harder, out-of-distribution operands or strings, a
+held-out file, or a benchmark's test split), both deterministic functions of a seed, and a
+verifiable reward. Tasks written for the character tokenizer (arith, reverse, sort, jsonl) know
+their widths in characters; text tasks for pretrained tokenizers (gsm8k, word_arith) leave the
+widths to the policy, which measures prompts in its own tokenizer's tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from proma_jax.tasks.tokenizer import BOS, EOS, PAD, CharTokenizer
+from proma_jax.tasks.tokenizer import CharTokenizer
 
 SPLITS = ("train", "val")
 
@@ -23,7 +27,10 @@ class Example(NamedTuple):
   answer: str
 
 
+# (response_text, terminated, answer) -> reward.
 RewardFn = Callable[[str, bool, str], float]
+# (response_text, terminated) -> whether the response has the requested answer format.
+FormatFn = Callable[[str, bool], bool]
 # (split, n, rng) -> n examples of that split.
 SampleFn = Callable[[str, int, np.random.Generator], list[Example]]
 
@@ -35,14 +42,16 @@ def reward(response_text: str, terminated: bool, answer: str) -> float:
 
 
 def decode_responses(
-    tokenizer: CharTokenizer, response_BxL: np.ndarray, mask_BxL: np.ndarray
+    tokenizer, response_BxL: np.ndarray, mask_BxL: np.ndarray
 ) -> list[tuple[str, bool]]:
   """(text before the first EOS, well_formed) for each row of sampled response tokens.
 
+  `tokenizer` is any `proma_jax.models.tokenizer.Tokenizer` (its eos_id, pad_id, bos_id are read).
   Only tokens with mask > 0 are read, in order. A response is well formed iff it contains an EOS
   and no PAD or BOS before it: one that ran out of tokens, or emitted a special token mid-answer,
   is not.
   """
+  eos, pad, bos = tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id
   response_BxL = np.asarray(response_BxL)
   mask_BxL = np.asarray(mask_BxL)
   if response_BxL.shape != mask_BxL.shape or response_BxL.ndim != 2:
@@ -51,15 +60,62 @@ def decode_responses(
   decoded = []
   for ids, mask in zip(response_BxL, mask_BxL):
     ids = [int(token) for token in ids[mask > 0]]
-    end = ids.index(EOS) if EOS in ids else len(ids)
+    end = ids.index(eos) if eos in ids else len(ids)
     body = ids[:end]
-    well_formed = end < len(ids) and PAD not in body and BOS not in body
+    well_formed = end < len(ids) and pad not in body and (bos is None or bos not in body)
     decoded.append((tokenizer.decode(body), well_formed))
   return decoded
 
 
+class Scores(NamedTuple):
+  """The scores of a batch of responses (`score_responses`).
+
+  rewards_B:   float32 reward of each response; 0 where the reward function raised.
+  formatted_B: bool, the response has the task's answer format (`Task.format_fn`; without one,
+               it ended with EOS).
+  errors:      how many calls of the reward function raised (each scored 0).
+  """
+
+  rewards_B: np.ndarray
+  formatted_B: np.ndarray
+  errors: int
+
+
+def score_responses(tokenizer, response_BxL: np.ndarray, mask_BxL: np.ndarray,
+                    answers: Sequence[str], reward_fn: RewardFn = reward,
+                    format_fn: FormatFn | None = None) -> Scores:
+  """Rewards and format flags of sampled responses, never raising on a reward function's error.
+
+  A reward function that raises (or returns something that is not a finite number) scores 0 for
+  that response and is counted in `Scores.errors`, with a warning naming the first error, so one
+  bad response or bug in a user's reward never stops a run. See `decode_responses` for how tokens
+  become (text, well_formed).
+  """
+  decoded = decode_responses(tokenizer, response_BxL, mask_BxL)
+  if len(decoded) != len(answers):
+    raise ValueError(f"{len(decoded)} responses but {len(answers)} answers")
+  rewards, formatted, errors, first_error = [], [], 0, None
+  for (text, ok), answer in zip(decoded, answers):
+    try:
+      value = float(reward_fn(text, ok, answer))
+      if not np.isfinite(value):
+        raise ValueError(f"reward {value} is not finite")
+    except Exception as error:  # pylint: disable=broad-except
+      value, errors = 0.0, errors + 1
+      first_error = first_error or f"{type(error).__name__}: {error} (response {text[:80]!r})"
+    rewards.append(value)
+    try:
+      formatted.append(bool(format_fn(text, ok)) if format_fn is not None else ok)
+    except Exception:  # pylint: disable=broad-except
+      formatted.append(False)
+  if errors:
+    warnings.warn(f"reward function raised on {errors} of {len(answers)} responses (scored 0); "
+                  f"first: {first_error}")
+  return Scores(np.asarray(rewards, np.float32), np.asarray(formatted, bool), errors)
+
+
 def batch_rewards(
-    tokenizer: CharTokenizer,
+    tokenizer,
     response_BxL: np.ndarray,
     mask_BxL: np.ndarray,
     answers: Sequence[str],
@@ -67,13 +123,9 @@ def batch_rewards(
 ) -> np.ndarray:
   """rewards_B (float32): reward_fn(text_b, well_formed_b, answers[b]) for each sampled response.
 
-  See `decode_responses` for how tokens become (text, well_formed).
+  See `score_responses` (a raising reward function scores 0) and `decode_responses`.
   """
-  decoded = decode_responses(tokenizer, response_BxL, mask_BxL)
-  if len(decoded) != len(answers):
-    raise ValueError(f"{len(decoded)} responses but {len(answers)} answers")
-  rewards = [reward_fn(text, ok, answer) for (text, ok), answer in zip(decoded, answers)]
-  return np.asarray(rewards, dtype=np.float32)
+  return score_responses(tokenizer, response_BxL, mask_BxL, answers, reward_fn).rewards_B
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +135,15 @@ class Task:
   Attributes:
     name: registry name of the task.
     sample: (split, n, rng) -> n examples of split "train" or "val".
-    prompt_width: tokens (BOS included) of the longest prompt of either split; a valid `width`
-      for `encode_prompts`.
-    answer_width: tokens (EOS included) of the longest answer of either split; the shortest
-      response length that can earn reward.
+    prompt_width: character-tokenizer tokens (BOS included) of the longest prompt of either
+      split, a valid `width` for `encode_prompts`; None for text tasks meant for pretrained
+      tokenizers (the policy measures their prompts in its tokenizer's tokens).
+    answer_width: character-tokenizer tokens (EOS included) of the longest answer of either
+      split, the shortest response length that can earn reward; None for text tasks (the config
+      sets `rollout.max_new_tokens`).
     reward_fn: (response_text, terminated, answer) -> reward.
+    format_fn: (response_text, terminated) -> whether the response has the requested answer
+      format (reported as `reward/format`); None: terminated with EOS.
 
   Usage:
     task = get_task("arith")
@@ -97,9 +153,10 @@ class Task:
 
   name: str
   sample: SampleFn
-  prompt_width: int
-  answer_width: int
+  prompt_width: int | None
+  answer_width: int | None
   reward_fn: RewardFn = reward
+  format_fn: FormatFn | None = None
 
   def examples(self, split: str, n: int, seed: int) -> list[Example]:
     """`n` examples of `split`, a deterministic function of (split, seed)."""
