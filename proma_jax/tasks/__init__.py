@@ -13,6 +13,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+from proma_jax.tasks.answers import (
+    answer_format,
+    extract_final_answer,
+    normalize_number,
+    number_reward,
+)
 from proma_jax.tasks.arithmetic import arithmetic_task
 from proma_jax.tasks.base import (
     Example,
@@ -23,6 +29,7 @@ from proma_jax.tasks.base import (
     reward,
     score_responses,
 )
+from proma_jax.tasks.gsm8k import gsm8k_task
 from proma_jax.tasks.jsonl import jsonl_task, load_jsonl
 from proma_jax.tasks.sequence import reverse_task, sequence_task, sort_task
 from proma_jax.tasks.tokenizer import (
@@ -33,12 +40,15 @@ from proma_jax.tasks.tokenizer import (
     encode_completions,
     encode_prompts,
 )
+from proma_jax.tasks.word_arith import word_arith_task
 
 TASKS: dict[str, Callable[..., Task]] = {
     "arith": arithmetic_task,
     "reverse": reverse_task,
     "sort": sort_task,
     "jsonl": jsonl_task,
+    "gsm8k": gsm8k_task,
+    "word_arith": word_arith_task,
 }
 
 
@@ -57,18 +67,24 @@ __all__ = [
     "CharTokenizer",
     "Example",
     "Task",
+    "answer_format",
     "arithmetic_task",
     "batch_rewards",
     "decode_responses",
     "encode_completions",
     "encode_prompts",
+    "extract_final_answer",
     "get_task",
+    "gsm8k_task",
     "jsonl_task",
     "load_jsonl",
+    "normalize_number",
+    "number_reward",
     "reverse_task",
     "reward",
     "Scores",
     "score_responses",
     "sequence_task",
     "sort_task",
+    "word_arith_task",
 ]

@@ -1,0 +1,70 @@
+"""Arithmetic questions in words, for a small pretrained instruct model on the CPU.
+
+Prompt "What is 37 + 8? Answer with just the number.", answer "45". Operands are drawn as in the
+"arith" task (`arithmetic._operand_range`: train and val operands from their own digit ranges);
+subtraction may give a negative answer. The reward accepts the last number of the response, so
+"45", " 45\\n" and "The answer is 45." all score (`answers.number_reward` with strict=False).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from proma_jax.tasks.answers import answer_format, number_reward
+from proma_jax.tasks.arithmetic import OPERATIONS, _operand_range
+from proma_jax.tasks.base import Example, Task
+
+DEFAULT_TEMPLATE = "What is {a} {op} {b}?"
+DEFAULT_INSTRUCTION = "Answer with just the number."
+
+
+def word_arith_task(
+    train_digits: tuple[int, int] = (1, 2),
+    val_digits: tuple[int, int] = (2, 2),
+    ops: str = "+-",
+    template: str = DEFAULT_TEMPLATE,
+    instruction: str = DEFAULT_INSTRUCTION,
+) -> Task:
+  """Task "word_arith": template.format(a=a, op=op, b=b) + " " + instruction -> str(a op b).
+
+  Args:
+    train_digits: (min, max) number of digits of train operands.
+    val_digits: (min, max) number of digits of val operands.
+    ops: the operations to draw from, a subset of "+-*" (written as these symbols).
+    template: the question, with fields {a}, {op} and {b}.
+    instruction: appended after a space ("": the bare question).
+  """
+  if not ops or any(op not in OPERATIONS for op in ops) or len(set(ops)) != len(ops):
+    raise ValueError(f"config.task_kwargs.ops: must be distinct characters of "
+                     f"{''.join(OPERATIONS)!r}, got {ops!r}")
+  try:
+    template.format(a=1, op="+", b=2)
+  except (KeyError, IndexError, ValueError) as error:
+    raise ValueError(f"config.task_kwargs.template: {template!r} must use only the fields {{a}}, "
+                     f"{{op}} and {{b}} ({type(error).__name__}: {error})") from None
+  ranges = {"train": _operand_range(tuple(train_digits)), "val": _operand_range(tuple(val_digits))}
+
+  def question(a: int, op: str, b: int) -> str:
+    text = template.format(a=a, op=op, b=b)
+    return f"{text} {instruction}" if instruction else text
+
+  def sample(split: str, n: int, rng: np.random.Generator) -> list[Example]:
+    low, high = ranges[split]
+    a_N = rng.integers(low, high + 1, size=n)
+    b_N = rng.integers(low, high + 1, size=n)
+    op_N = rng.integers(0, len(ops), size=n)
+    return [
+        Example(question(int(a), ops[k], int(b)), str(OPERATIONS[ops[k]](int(a), int(b))))
+        for a, b, k in zip(a_N, b_N, op_N)
+    ]
+
+  return Task(
+      name="word_arith",
+      sample=sample,
+      prompt_width=None,
+      answer_width=None,
+      reward_fn=functools.partial(number_reward, strict=False),
+      format_fn=functools.partial(answer_format, strict=False),
+  )
