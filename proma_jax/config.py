@@ -16,12 +16,26 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
   c.seed = 0
   c.steps = 40                         # RL steps; each = one rollout batch
 
+  # The tiny decoder trained from scratch (architecture fields below), or with `checkpoint` set,
+  # a pretrained one: a Hugging Face directory, a .gguf file, or package:<module>/<file>
+  # (`proma_jax.models.resolve_checkpoint`). A checkpoint brings its own architecture and
+  # tokenizer, and skips the supervised warm start; of the fields below only dtype, param_dtype,
+  # remat, logits_chunk and attention_impl apply to it.
   c.model = ml_collections.ConfigDict(dict(
+      checkpoint=ml_collections.FieldReference(None, str),
       d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=192,
-      tie_embeddings=True, dtype="float32", param_dtype="float32", seed=0))
+      tie_embeddings=True, dtype="float32", param_dtype="float32", seed=0,
+      remat=False, logits_chunk=0, attention_impl=ml_collections.FieldReference(None, str)))
 
+  # Sampling. max_new_tokens: response tokens (EOS included); None for the character tasks means
+  # their longest answer + extra_new_tokens. Pretrained policies: prompts are rendered with the
+  # tokenizer's chat template (chat_template=True and the tokenizer has one), left-padded to a
+  # multiple of `bucket` tokens (at most max_prompt_tokens), and sampled sample_batch sequences
+  # per call (0: all at once). top_p < 1 is nucleus sampling.
   c.rollout = ml_collections.ConfigDict(dict(
-      prompts_per_step=16, group_size=4, temperature=1.0, extra_new_tokens=2))
+      prompts_per_step=16, group_size=4, temperature=1.0, extra_new_tokens=2,
+      max_new_tokens=ml_collections.FieldReference(None, int), max_prompt_tokens=512, bucket=64,
+      top_p=1.0, chat_template=True, sample_batch=0))
 
   # One RL step: the rollout batch is split into `num_minibatches` optimizer steps (later ones are
   # off-policy), each made of `num_microbatches` microbatches accumulated by the same code path.
@@ -49,6 +63,12 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
       num_processes=1, process_id=0, coordinator="127.0.0.1:12355"))
 
   c.eval = ml_collections.ConfigDict(dict(every=5, num_examples=128, seed=12345))
+  # Experiment logging besides <workdir>/metrics.jsonl: TensorBoard event files under
+  # <workdir>/tensorboard, and Weights & Biases when wandb_project is set (`pip install wandb`;
+  # wandb_mode "offline" needs no network, "disabled" turns it off).
+  c.logging = ml_collections.ConfigDict(dict(
+      tensorboard=True, wandb_project=ml_collections.FieldReference(None, str),
+      wandb_entity=ml_collections.FieldReference(None, str), wandb_mode="online"))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, max_to_keep=3))
 
   # Supervised warm start, shared by every RL run of the same task and model (cached on disk).

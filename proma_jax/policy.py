@@ -2,6 +2,15 @@
 
 Parameters are plain nested dicts (`nnx.to_pure_dict`) so they pass straight through Optax, the
 PROMA transforms and orbax; `bind` turns them back into a model inside jitted code.
+
+Two kinds of policy:
+  - the tiny decoder with the character tokenizer (`config.model.checkpoint` None): prompts are
+    BOS + characters, left-padded to the task's fixed `prompt_width`;
+  - a pretrained checkpoint (`config.model.checkpoint` set) with its own tokenizer: each prompt
+    goes through the tokenizer's chat template (when it has one and `rollout.chat_template`), and
+    a batch is left-padded to its longest prompt rounded up to a multiple of `rollout.bucket`,
+    so prompts of any length compile a few shapes only. Responses are cut back the same way after
+    sampling (`sampling.trim`), so a batch of short answers does not pay for `max_new_tokens`.
 """
 
 from __future__ import annotations
@@ -16,31 +25,67 @@ import numpy as np
 from flax import nnx
 
 from proma_jax import sampling, tasks
+from proma_jax.models import loading
 from proma_jax.models.decoder import ModelConfig, make_model, token_logprobs
+
+# ModelConfig options a run may set on a pretrained checkpoint; the architecture comes from it.
+PRETRAINED_OPTIONS = ("dtype", "param_dtype", "remat", "logits_chunk", "attention_impl")
 
 
 class Policy(NamedTuple):
   """Everything static about a run's policy: task, tokenizer, model structure and widths."""
 
   task: tasks.Task
-  tokenizer: tasks.CharTokenizer
+  tokenizer: Any              # a `proma_jax.models.tokenizer.Tokenizer`
   model_config: ModelConfig
   graphdef: Any
-  prompt_width: int           # P: left-padded prompt tokens (BOS included)
-  max_new_tokens: int         # L: response tokens (EOS included)
+  prompt_width: int | None    # P of the character tokenizer (BOS included); None: bucketed
+  max_new_tokens: int         # L: most response tokens sampled (EOS included)
+  bucket: int = 1             # bucketed prompt and response widths are multiples of this
+  max_prompt_tokens: int = 0  # bucketed prompts: the longest allowed, in tokens
+  chat_template: bool = False  # wrap each prompt in the tokenizer's chat template
+  sample_batch: int = 0       # sequences per sampling call (0: the whole batch at once)
+  top_p: float = 1.0
+
+
+def max_new_tokens(config: ml_collections.ConfigDict, task: tasks.Task) -> int:
+  """`rollout.max_new_tokens`, or for a character task without it, the longest answer plus
+  `rollout.extra_new_tokens`."""
+  if config.rollout.max_new_tokens is not None:
+    return config.rollout.max_new_tokens
+  if task.answer_width is None:
+    raise ValueError(f"config.rollout.max_new_tokens: task {task.name!r} has no fixed answer "
+                     "width; set the number of response tokens to sample")
+  return task.answer_width + config.rollout.extra_new_tokens
 
 
 def make_policy(config: ml_collections.ConfigDict) -> tuple[Policy, dict]:
-  """The policy of `config` and its freshly initialised parameters (a pure dict)."""
+  """The policy of `config` and its initial parameters (a pure dict): freshly initialised for
+  the tiny decoder, read from `config.model.checkpoint` for a pretrained one."""
   task = tasks.get_task(config.task, **config.task_kwargs.to_dict())
+  length = max_new_tokens(config, task)
+  if config.model.checkpoint:
+    options = {k: config.model[k] for k in PRETRAINED_OPTIONS}
+    model, tokenizer = loading.load_pretrained(config.model.checkpoint, **options)
+    graphdef, state = nnx.split(model)
+    r = config.rollout
+    policy = Policy(task, tokenizer, model.cfg, graphdef, None, length, bucket=r.bucket,
+                    max_prompt_tokens=r.max_prompt_tokens,
+                    chat_template=bool(r.chat_template and tokenizer.chat_template),
+                    sample_batch=r.sample_batch, top_p=r.top_p)
+    return policy, nnx.to_pure_dict(state)
+  if task.prompt_width is None:
+    raise ValueError(f"config.model.checkpoint: task {task.name!r} is a text task for pretrained "
+                     "tokenizers; set the checkpoint (a Hugging Face directory or .gguf file)")
   tokenizer = tasks.CharTokenizer()
-  max_new_tokens = task.answer_width + config.rollout.extra_new_tokens
-  model_kwargs = {k: v for k, v in config.model.to_dict().items() if k != "seed"}
+  model_kwargs = {k: v for k, v in config.model.to_dict().items()
+                  if k not in ("seed", "checkpoint")}
   model_config = ModelConfig(vocab_size=tokenizer.vocab_size,
-                             max_len=task.prompt_width + max_new_tokens, **model_kwargs)
+                             max_len=task.prompt_width + length, **model_kwargs)
   model = make_model(model_config, config.model.seed)
   graphdef, state = nnx.split(model)
-  policy = Policy(task, tokenizer, model_config, graphdef, task.prompt_width, max_new_tokens)
+  policy = Policy(task, tokenizer, model_config, graphdef, task.prompt_width, length,
+                  sample_batch=config.rollout.sample_batch, top_p=config.rollout.top_p)
   return policy, nnx.to_pure_dict(state)
 
 
@@ -59,35 +104,99 @@ def bind(policy: Policy, params: dict) -> nnx.Module:
   return nnx.merge(policy.graphdef, params)
 
 
-def response_logprobs(policy: Policy, model: nnx.Module, tokens_BxT: jax.Array,
-                      valid_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(logp_BxL, entropy_BxL) of the response positions (T = P + L), unmasked.
+def response_logprobs(model: nnx.Module, tokens_BxT: jax.Array, valid_BxT: jax.Array,
+                      response_len: int) -> tuple[jax.Array, jax.Array]:
+  """(logp_BxL, entropy_BxL) of the last L = `response_len` positions (T = P + L), unmasked.
 
-  `model` is the policy module (`bind(policy, params)` for a parameter dict)."""
+  `model` is the policy module (`bind(policy, params)` for a parameter dict); L is static (the
+  response mask's width).
+  """
   logp, entropy = token_logprobs(model, tokens_BxT, valid_BxT)
-  start = policy.prompt_width - 1
+  start = tokens_BxT.shape[1] - response_len - 1
   return logp[:, start:], entropy[:, start:]
 
 
+def prompt_ids(policy: Policy, prompt: str) -> list[int]:
+  """The token ids of one prompt as the policy sees it (special tokens included)."""
+  tok = policy.tokenizer
+  if policy.prompt_width is not None:  # the character tokenizer: BOS + characters
+    return [tok.bos_id] + tok.encode(prompt)
+  if policy.chat_template:
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]))
+  bos = [tok.bos_id] if getattr(tok, "add_bos", False) and tok.bos_id is not None else []
+  return bos + tok.encode(prompt)
+
+
+def round_up(n: int, multiple: int) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
 def encode(policy: Policy, examples: list[tasks.Example]) -> tuple[np.ndarray, np.ndarray]:
-  return tasks.encode_prompts(policy.tokenizer, [ex.prompt for ex in examples], policy.prompt_width)
+  """(prompts_BxP int32, valid_BxP float32): the prompts left-padded to one width P.
+
+  P is the task's fixed width for the character tokenizer, else the longest prompt rounded up to
+  a multiple of `policy.bucket`. Raises ValueError naming the prompt when one is longer than
+  `max_prompt_tokens`.
+  """
+  if policy.prompt_width is not None:
+    return tasks.encode_prompts(policy.tokenizer, [ex.prompt for ex in examples],
+                                policy.prompt_width)
+  ids = [prompt_ids(policy, ex.prompt) for ex in examples]
+  longest = max(len(row) for row in ids)
+  if longest > policy.max_prompt_tokens:
+    row = max(range(len(ids)), key=lambda i: len(ids[i]))
+    raise ValueError(f"a prompt needs {longest} tokens > config.rollout.max_prompt_tokens="
+                     f"{policy.max_prompt_tokens}: {examples[row].prompt[:200]!r}")
+  width = min(round_up(longest, policy.bucket), policy.max_prompt_tokens)
+  prompts = np.full((len(ids), width), policy.tokenizer.pad_id, np.int32)
+  valid = np.zeros((len(ids), width), np.float32)
+  for r, row in enumerate(ids):
+    prompts[r, width - len(row):] = row
+    valid[r, width - len(row):] = 1.0
+  return prompts, valid
 
 
 def generate(policy: Policy, params: dict, examples: list[tasks.Example], key: jax.Array, *,
              temperature: float = 1.0, greedy: bool = False) -> sampling.Rollout:
+  """Samples one response per example, `policy.sample_batch` sequences per compiled call, with
+  the policy's top-p; pretrained policies' responses are trimmed to a bucketed width."""
   prompts, valid = encode(policy, examples)
-  return sampling.sample(policy.graphdef, params, jnp.asarray(prompts), jnp.asarray(valid), key,
-                         max_new_tokens=policy.max_new_tokens, eos_id=tasks.EOS, pad_id=tasks.PAD,
-                         temperature=temperature, greedy=greedy)
+  n = len(examples)
+  size = policy.sample_batch or n
+  parts = []
+  for i, start in enumerate(range(0, n, size)):
+    rows = slice(start, start + size)
+    parts.append(sampling.sample(
+        policy.graphdef, params, jnp.asarray(prompts[rows]), jnp.asarray(valid[rows]),
+        jax.random.fold_in(key, i) if i else key, max_new_tokens=policy.max_new_tokens,
+        eos_id=policy.tokenizer.eos_id, pad_id=policy.tokenizer.pad_id, temperature=temperature,
+        greedy=greedy, top_p=policy.top_p))
+  rollout = sampling.concatenate(parts)
+  if policy.prompt_width is None:
+    rollout = sampling.trim(rollout, policy.bucket)
+  return rollout
+
+
+def response_tokens(rollout: sampling.Rollout) -> np.ndarray:
+  """The (B, L) response columns of a rollout's tokens."""
+  return np.asarray(rollout.tokens_BxT)[:, -rollout.response_mask_BxL.shape[1]:]
+
+
+def score(policy: Policy, rollout: sampling.Rollout,
+          examples: list[tasks.Example]) -> tasks.Scores:
+  """Rewards, format flags and reward-function errors of a rollout (`tasks.score_responses`)."""
+  return tasks.score_responses(policy.tokenizer, response_tokens(rollout),
+                               np.asarray(rollout.response_mask_BxL),
+                               [ex.answer for ex in examples], policy.task.reward_fn,
+                               policy.task.format_fn)
 
 
 def rewards(policy: Policy, rollout: sampling.Rollout, examples: list[tasks.Example]) -> np.ndarray:
-  response = np.asarray(rollout.tokens_BxT)[:, policy.prompt_width:]
-  return tasks.batch_rewards(policy.tokenizer, response, np.asarray(rollout.response_mask_BxL),
-                             [ex.answer for ex in examples], policy.task.reward_fn)
+  return score(policy, rollout, examples).rewards_B
 
 
 def greedy_accuracy(policy: Policy, params: dict, examples: list[tasks.Example]) -> float:
-  """Fraction of `examples` answered exactly (with EOS) by greedy decoding."""
+  """Mean reward of greedy decoding on `examples` (for exact-match tasks, the fraction answered
+  exactly, with EOS)."""
   rollout = generate(policy, params, examples, jax.random.PRNGKey(0), greedy=True)
   return float(np.mean(rewards(policy, rollout, examples)))

@@ -2,7 +2,10 @@
 
 The left-padded prompt is prefilled once into a cache of P + max_new_tokens slots; then a
 `lax.while_loop` emits one token per step, feeding it back through the cache (no recompute of the
-prefix), and stops as soon as every sequence has emitted EOS.
+prefix), and stops as soon as every sequence has emitted EOS. The model may compute in bfloat16;
+its logits are float32 and every softmax here (temperature, top-p, log-probs) is taken in float32.
+Each distinct (B, P, max_new_tokens) compiles once: callers bound the prompt widths P by padding
+them up to a few bucket sizes (`proma_jax.policy.encode`).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ class Rollout(NamedTuple):
                      including the first EOS, 0 for prompt padding and everything after EOS.
   response_mask_BxL: float32, valid_BxT[:, P:].
   logprobs_BxL:      float32 log pi(y_t | prefix) of each generated token under the model's
-                     UNSCALED distribution (temperature 1, whatever the sampling temperature), i.e.
-                     `model.token_logprobs(...)[0][:, P-1:]` on the same tokens; 0 where masked.
+                     UNSCALED distribution (temperature 1 and no top-p truncation, whatever the
+                     sampling settings), i.e. `token_logprobs(...)[0][:, P-1:]` on the same
+                     tokens; 0 where masked. These are the policy's log-probs that the ratio
+                     objectives divide by (what verl and the paper use at temperature 1).
   """
 
   tokens_BxT: jax.Array
@@ -36,11 +41,14 @@ class Rollout(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=0,
-                   static_argnames=("max_new_tokens", "eos_id", "pad_id", "temperature", "greedy"))
+                   static_argnames=("max_new_tokens", "eos_id", "pad_id", "temperature", "greedy",
+                                    "top_p"))
 def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_BxP: jax.Array,
            prompt_valid_BxP: jax.Array, key: jax.Array, *, max_new_tokens: int, eos_id: int,
-           pad_id: int, temperature: float = 1.0, greedy: bool = False) -> Rollout:
-  """Sample `max_new_tokens` tokens per prompt: y_t ~ softmax(logits_t / temperature), or argmax.
+           pad_id: int, temperature: float = 1.0, greedy: bool = False,
+           top_p: float = 1.0) -> Rollout:
+  """Sample `max_new_tokens` tokens per prompt: y_t ~ top_p(softmax(logits_t / temperature)), or
+  argmax.
 
   Args:
     graphdef, params: `nnx.split(model)` of a `model.Transformer` (params is the full state).
@@ -48,8 +56,10 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_BxP: jax.Array,
     prompt_BxP: int32 left-padded prompts; prompt_valid_BxP: their mask of real tokens (every
       prompt needs at least one).
     key: PRNG key; step t samples with `fold_in(key, t)`.
-    max_new_tokens, eos_id, pad_id, temperature, greedy: static (each new value recompiles).
-      `greedy=True` is argmax decoding and ignores `temperature` and `key`.
+    max_new_tokens, eos_id, pad_id, temperature, greedy, top_p: static (each new value
+      recompiles). `greedy=True` is argmax decoding and ignores `temperature`, `top_p` and `key`.
+      `top_p < 1` samples from the smallest set of most likely tokens whose probability (after
+      temperature) reaches top_p (nucleus sampling, as transformers' TopPLogitsWarper).
 
   Returns:
     A `Rollout`. The loop ends early once every sequence has emitted EOS; the remaining response
@@ -68,6 +78,8 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_BxP: jax.Array,
                      f"ModelConfig.max_len={model.cfg.max_len}")
   if not greedy and temperature <= 0:
     raise ValueError(f"temperature must be positive for sampling, got {temperature}")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
   prompt_valid_BxP = prompt_valid_BxP.astype(bool)
   logits_BxPxV, cache = model(prompt_BxP, positions_from_valid(prompt_valid_BxP),
@@ -83,7 +95,10 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_BxP: jax.Array,
     if greedy:
       token_B = jnp.argmax(logits_BxV, axis=-1)
     else:
-      token_B = jax.random.categorical(jax.random.fold_in(key, step), logits_BxV / temperature)
+      scaled_BxV = logits_BxV / temperature
+      if top_p < 1:
+        scaled_BxV = top_p_logits(scaled_BxV, top_p)
+      token_B = jax.random.categorical(jax.random.fold_in(key, step), scaled_BxV)
     alive_B = ~done_B
     token_B = jnp.where(alive_B, token_B, pad_id).astype(jnp.int32)
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None],
@@ -94,10 +109,10 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_BxP: jax.Array,
     done_B = done_B | (token_B == eos_id)
     next_logits_Bx1xV, cache = model(token_B[:, None], position_B[:, None], alive_B[:, None],
                                      cache=cache, cache_index=p + step)
-    return (step + 1, cache, next_logits_Bx1xV[:, 0], position_B + 1, done_B, tokens_BxL,
+    return (step + 1, cache, next_logits_Bx1xV[:, 0].astype(jnp.float32), position_B + 1, done_B, tokens_BxL,
             mask_BxL, logp_BxL)
 
-  init = (jnp.int32(0), cache, logits_BxPxV[:, -1],
+  init = (jnp.int32(0), cache, logits_BxPxV[:, -1].astype(jnp.float32),
           jnp.sum(prompt_valid_BxP, axis=1, dtype=jnp.int32), jnp.zeros((b,), bool),
           jnp.full((b, max_new_tokens), pad_id, jnp.int32),
           jnp.zeros((b, max_new_tokens), jnp.float32), jnp.zeros((b, max_new_tokens), jnp.float32))
@@ -108,3 +123,42 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_BxP: jax.Array,
       valid_BxT=jnp.concatenate([prompt_valid_BxP.astype(jnp.float32), mask_BxL], axis=1),
       response_mask_BxL=mask_BxL,
       logprobs_BxL=logp_BxL)
+
+
+def top_p_logits(logits_BxV: jax.Array, top_p: float) -> jax.Array:
+  """`logits_BxV` with every token outside the top-p nucleus set to -inf.
+
+  The nucleus of a row is the smallest set of its most likely tokens whose softmax probability
+  sums to at least `top_p`; the most likely token is always kept, and tokens tied with the least
+  likely kept one are kept too.
+  """
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+  kept_B = jnp.maximum(jnp.sum(mass_before_BxV < top_p, axis=-1), 1)
+  threshold_B = jnp.take_along_axis(sorted_BxV, kept_B[:, None] - 1, axis=-1)
+  return jnp.where(logits_BxV >= threshold_B, logits_BxV, -jnp.inf)
+
+
+def trim(rollout: Rollout, multiple: int) -> Rollout:
+  """`rollout` with response columns beyond the longest response dropped, the response width
+  rounded up to a multiple of `multiple` (so later steps compile for a few widths only).
+
+  Nothing masked-in is dropped: the columns cut hold pad_id and mask 0 in every row.
+  """
+  length = rollout.response_mask_BxL.shape[1]
+  longest = int(jnp.max(jnp.sum(rollout.response_mask_BxL, axis=1)))
+  width = min(length, max(multiple, -(-longest // multiple) * multiple))
+  if width == length:
+    return rollout
+  cut = rollout.tokens_BxT.shape[1] - length + width
+  return Rollout(rollout.tokens_BxT[:, :cut], rollout.valid_BxT[:, :cut],
+                 rollout.response_mask_BxL[:, :width], rollout.logprobs_BxL[:, :width])
+
+
+def concatenate(rollouts: list[Rollout]) -> Rollout:
+  """The rows of several rollouts of the same widths, in order."""
+  if len(rollouts) == 1:
+    return rollouts[0]
+  return Rollout(*(jnp.concatenate(parts, axis=0) for parts in zip(*rollouts)))

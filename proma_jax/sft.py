@@ -56,8 +56,8 @@ def train_warm_start(config: ml_collections.ConfigDict, policy: policy_lib.Polic
   @jax.jit
   def step(params, opt_state, tokens, valid, mask):
     def nll(params):
-      logp, _ = policy_lib.response_logprobs(policy, policy_lib.bind(policy, params), tokens,
-                                             valid)
+      logp, _ = policy_lib.response_logprobs(policy_lib.bind(policy, params), tokens, valid,
+                                             mask.shape[1])
       return -jnp.sum(logp * mask) / jnp.sum(mask)
 
     loss, grads = jax.value_and_grad(nll)(params)
@@ -81,8 +81,16 @@ def train_warm_start(config: ml_collections.ConfigDict, policy: policy_lib.Polic
 
 
 def load_or_train(config: ml_collections.ConfigDict) -> tuple[policy_lib.Policy, dict, dict]:
-  """(policy, warm-start params, summary): from the cache if present, else trained and cached."""
+  """(policy, warm-start params, summary): from the cache if present, else trained and cached.
+
+  A pretrained policy (`config.model.checkpoint`) starts from its checkpoint: no warm start.
+  """
   policy, params = policy_lib.make_policy(config)
+  if config.model.checkpoint:
+    print(f"policy: pretrained {config.model.checkpoint} ({policy.model_config.n_layers} layers, "
+          f"d_model {policy.model_config.d_model}, vocab {policy.model_config.vocab_size}); "
+          "no warm start")
+    return policy, params, {"checkpoint": config.model.checkpoint}
   directory = warm_start_dir(config, policy)
   checkpointer = Checkpointer(directory, max_to_keep=1)
   restored = checkpointer.restore({"params": params})

