@@ -28,7 +28,8 @@ from proma_jax import sampling, tasks
 from proma_jax.models import loading
 from proma_jax.models.decoder import ModelConfig, make_model, token_logprobs
 
-# ModelConfig options a run may set on a pretrained checkpoint; the architecture comes from it.
+# ModelConfig options a run may set on a pretrained checkpoint (and max_len when not None); the
+# architecture comes from the checkpoint.
 PRETRAINED_OPTIONS = ("dtype", "param_dtype", "remat", "logits_chunk", "attention_impl")
 
 
@@ -66,6 +67,8 @@ def make_policy(config: ml_collections.ConfigDict) -> tuple[Policy, dict]:
   length = max_new_tokens(config, task)
   if config.model.checkpoint:
     options = {k: config.model[k] for k in PRETRAINED_OPTIONS}
+    if config.model.max_len is not None:
+      options["max_len"] = config.model.max_len
     model, tokenizer = loading.load_pretrained(config.model.checkpoint, **options)
     graphdef, state = nnx.split(model)
     r = config.rollout
@@ -79,9 +82,10 @@ def make_policy(config: ml_collections.ConfigDict) -> tuple[Policy, dict]:
                      "tokenizers; set the checkpoint (a Hugging Face directory or .gguf file)")
   tokenizer = tasks.CharTokenizer()
   model_kwargs = {k: v for k, v in config.model.to_dict().items()
-                  if k not in ("seed", "checkpoint")}
+                  if k not in ("seed", "checkpoint", "max_len")}
   model_config = ModelConfig(vocab_size=tokenizer.vocab_size,
-                             max_len=task.prompt_width + length, **model_kwargs)
+                             max_len=config.model.max_len or task.prompt_width + length,
+                             **model_kwargs)
   model = make_model(model_config, config.model.seed)
   graphdef, state = nnx.split(model)
   policy = Policy(task, tokenizer, model_config, graphdef, task.prompt_width, length,

@@ -63,7 +63,7 @@ from proma_jax.config import ALGORITHMS
 from proma_jax import mesh as mesh_lib
 from proma_jax.models import decoder as model_lib
 from proma_jax import policy as policy_lib
-from proma_jax import sft
+from proma_jax import sft, tasks
 from proma_jax import writers
 from proma_jax.models.loading import checkpoint_config
 from proma_jax.checkpoint import Checkpointer
@@ -145,8 +145,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   integer("model.seed", 0)
   need(isinstance(mo.remat, bool), "model.remat", f"must be True or False, got {mo.remat!r}")
   integer("model.logits_chunk", 0)
+  if mo.max_len is not None:
+    integer("model.max_len", 1)
   need(mo.attention_impl in (None, "xla", "cudnn"), "model.attention_impl",
        f"must be None, 'xla' or 'cudnn', got {mo.attention_impl!r}")
+  need(mo.checkpoint is not None or c.task not in tasks.TEXT_TASKS, "model.checkpoint",
+       f"task {c.task!r} is a text task for pretrained tokenizers; set a checkpoint (a Hugging "
+       "Face directory or a .gguf file)")
   if mo.checkpoint is not None:
     need(isinstance(mo.checkpoint, str) and bool(mo.checkpoint), "model.checkpoint",
          f"must be a path or None, got {mo.checkpoint!r}")

@@ -104,7 +104,7 @@ INVALID_FIELDS = [
     ("model.d_model", 0), ("model.n_layers", 0), ("model.n_heads", 0), ("model.n_kv_heads", 0),
     ("model.n_kv_heads", 3), ("model.head_dim", 0), ("model.head_dim", 15), ("model.mlp_dim", 0),
     ("model.dtype", "float16"), ("model.param_dtype", "fp32"), ("model.seed", -1),
-    ("model.logits_chunk", -1), ("model.attention_impl", "flash"),
+    ("model.logits_chunk", -1), ("model.max_len", 0), ("model.attention_impl", "flash"),
     ("model.checkpoint", "/nonexistent/model.gguf"),
     ("rollout.prompts_per_step", 0), ("rollout.group_size", 1), ("rollout.temperature", INF),
     ("rollout.temperature", NAN), ("rollout.temperature", 0.0), ("rollout.extra_new_tokens", -1),

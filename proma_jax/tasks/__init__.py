@@ -51,6 +51,9 @@ TASKS: dict[str, Callable[..., Task]] = {
     "word_arith": word_arith_task,
 }
 
+# Tasks of plain text for pretrained tokenizers: they need `config.model.checkpoint`.
+TEXT_TASKS = ("gsm8k", "word_arith")
+
 
 def get_task(name: str, **kwargs) -> Task:
   """The task registered as `name`, built with the factory's keyword arguments `kwargs`."""
@@ -64,6 +67,7 @@ __all__ = [
     "EOS",
     "PAD",
     "TASKS",
+    "TEXT_TASKS",
     "CharTokenizer",
     "Example",
     "Task",

@@ -1,0 +1,45 @@
+"""The paper's GSM8K comparison on a pretrained Qwen3 (or Llama) checkpoint, at the author's settings.
+
+128 prompts x 8 samples per RL step in 2 minibatches of 64 prompts (512 sequences, 64 microbatches
+of 8), responses up to 2048 tokens at temperature 1, AdamW at a constant lr 2e-6, gradient
+clipping 1.0, no KL or entropy term; PROMA's relative_bound 0.5, GRPO's clip 0.2/0.2 with dual
+clip 3. The checkpoint and the data are paths on your machine:
+
+  python -m proma_jax.train --config=configs/qwen3_gsm8k.py:proma --workdir=runs/gsm8k_proma \\
+      --config.model.checkpoint=/path/to/Qwen3-0.6B \\
+      --config.task_kwargs.train_path=/path/to/gsm8k/train.jsonl \\
+      --config.task_kwargs.test_path=/path/to/gsm8k/test.jsonl
+
+The data paths default to ../shared/data/gsm8k/ (this project's sibling folder); with network
+access, `--config.task_kwargs.hf_dataset=openai/gsm8k --config.task_kwargs.train_path=None
+--config.task_kwargs.test_path=None` reads the Hugging Face data set instead (pip install datasets).
+README.md#rl-on-a-pretrained-model gives the multi-device commands and the memory each needs.
+"""
+
+from proma_jax.config import base_config
+
+GSM8K_DIR = "../shared/data/gsm8k"
+
+
+def get_config(algorithm: str = "proma"):
+  c = base_config("gsm8k", algorithm)
+  c.task_kwargs.train_path = f"{GSM8K_DIR}/train.jsonl"
+  c.task_kwargs.test_path = f"{GSM8K_DIR}/test.jsonl"
+  c.model.checkpoint = None               # required: --config.model.checkpoint=PATH
+  c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
+  c.model.remat, c.model.logits_chunk = True, 1024
+  c.rollout.prompts_per_step, c.rollout.group_size = 128, 8
+  c.rollout.temperature, c.rollout.top_p = 1.0, 1.0
+  c.rollout.max_prompt_tokens, c.rollout.max_new_tokens = 512, 2048
+  c.rollout.bucket = 128
+  # 128 sequences per sampling call: their KV cache (Qwen3-0.6B, bf16, 2560 slots) is 37 GB.
+  c.rollout.sample_batch = 128
+  c.train.num_minibatches, c.train.num_microbatches = 2, 64   # minibatch 64 prompts, microbatch 8
+  c.optim.lr, c.optim.b1, c.optim.b2 = 2e-6, 0.9, 0.999
+  c.optim.weight_decay, c.optim.max_grad_norm = 0.01, 1.0
+  c.grpo.eps_low, c.grpo.eps_high, c.grpo.dual_clip = 0.2, 0.2, 3.0
+  c.proma.relative_bound = 0.5
+  c.steps = 200
+  c.eval.every, c.eval.num_examples = 10, 512
+  c.checkpoint.every, c.checkpoint.max_to_keep = 10, 2
+  return c

@@ -1,0 +1,152 @@
+"""One RL step of an algorithm, and the sampler's speed, on random-weight Qwen3-0.6B shapes.
+
+Runs the training loop's own code (`train.Trainer.step`: chunked sampling with the KV cache and
+`lax.while_loop`, log-prob passes, microbatch updates through the PROMA transforms) on a decoder
+of the `qwen3-0.6b` preset's widths and vocabulary with random weights, all-bf16, remat, chunked
+log-softmax. Prompts are word-arithmetic questions padded with a repeated instruction to about
+`--prompt_tokens` tokens (the tokenizer is the tiny test fixture's, whose ids fit the vocabulary);
+random weights almost never emit EOS, so every response runs to `--new_tokens`; the reward is a
+hash of the response text mod 2, so advantages (and gradients) are not zero. Prints and writes
+(`--out`, JSON lines) the time split of the step and the device's peak memory
+(`device.memory_stats()`), which covers the whole process: run one algorithm per process.
+
+  python3 experiments/gpu_check.py --mode sample --out $OUT/check.jsonl
+  python3 experiments/gpu_check.py --mode step --algorithm proma --layers 8 --out $OUT/check.jsonl
+  .venv/bin/python experiments/gpu_check.py --mode step --algorithm proma --layers 1 \\
+      --vocab_size 512 --prompt_tokens 40 --new_tokens 16 --prompts 2 --group 4  # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from proma_jax import policy as policy_lib  # noqa: E402
+from proma_jax import sampling, tasks, train  # noqa: E402
+from proma_jax.config import base_config  # noqa: E402
+from proma_jax.models import decoder, presets  # noqa: E402
+from proma_jax.models.tokenizer import from_hf_dir  # noqa: E402
+
+FIXTURE_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "hf",
+                                 "tiny_qwen3")
+
+
+def _config(args) -> "ml_collections.ConfigDict":
+  c = base_config("word_arith", args.algorithm)
+  # Config validation reads this header; the policy itself is built by `_policy` (random weights).
+  c.model.checkpoint = FIXTURE_TOKENIZER
+  c.rollout.prompts_per_step, c.rollout.group_size = args.prompts, args.group
+  c.rollout.max_new_tokens, c.rollout.bucket = args.new_tokens, args.bucket
+  c.rollout.max_prompt_tokens, c.rollout.sample_batch = args.prompt_tokens + args.bucket, 0
+  c.train.num_minibatches, c.train.num_microbatches = args.minibatches, args.microbatches
+  c.optim.lr, c.eval.num_examples = 1e-6, 8
+  c.proma.relative_bound = 0.5 if args.algorithm.startswith("proma") else None
+  return c
+
+
+def _policy(args, c):
+  depth = {"n_layers": args.layers} if args.layers else {}
+  if args.vocab_size:
+    depth["vocab_size"] = args.vocab_size
+  cfg = presets.preset("qwen3-0.6b", dtype=args.dtype, param_dtype=args.dtype, remat=True,
+                       logits_chunk=args.logits_chunk, **depth)
+  tokenizer = from_hf_dir(FIXTURE_TOKENIZER)
+  # A long instruction brings the prompt to about --prompt_tokens tokens.
+  per_repeat = len(tokenizer.encode("Answer with just the number. "))
+  repeats = max(1, (args.prompt_tokens - 40) // per_repeat)
+  task = dataclasses.replace(
+      tasks.word_arith_task(train_digits=(1, 2), val_digits=(1, 2),
+                            instruction="Answer with just the number. " * repeats),
+      reward_fn=lambda text, terminated, answer: float(zlib.crc32(text.encode()) % 2))
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(decoder.make_model(cfg, seed=0))))()
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: decoder.make_model(cfg, seed=0)))
+  policy = policy_lib.Policy(task, tokenizer, cfg, graphdef, None, args.new_tokens,
+                             bucket=args.bucket, max_prompt_tokens=c.rollout.max_prompt_tokens,
+                             chat_template=True, sample_batch=0, top_p=1.0)
+  return policy, params
+
+
+def _peak_gib() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**30
+
+
+def check_sampler(args, c, policy, params) -> dict:
+  examples = policy.task.train_examples(args.prompts * args.group, seed=0)
+  prompts, valid = policy_lib.encode(policy, examples)
+  run = lambda key: sampling.sample(  # noqa: E731
+      policy.graphdef, params, jnp.asarray(prompts), jnp.asarray(valid), key,
+      max_new_tokens=args.new_tokens, eos_id=policy.tokenizer.eos_id,
+      pad_id=policy.tokenizer.pad_id)
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(jax.random.PRNGKey(0)))
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  rollout = jax.block_until_ready(run(jax.random.PRNGKey(1)))
+  seconds = time.perf_counter() - t0
+  generated = float(jnp.sum(rollout.response_mask_BxL))
+  return dict(mode="sample", batch=len(examples), prompt_width=int(prompts.shape[1]),
+              new_tokens=args.new_tokens, generated_tokens=generated, seconds=seconds,
+              tokens_per_s=generated / seconds, first_call_s=compile_s)
+
+
+def check_step(args, c, policy, params) -> dict:
+  trainer = train.Trainer(c, policy, params)
+  state = trainer.fresh_params()
+  opt_state = trainer.init_opt_state(state, c.optim.lr)
+  t0 = time.perf_counter()
+  state, opt_state, first = trainer.step(state, opt_state, 0, seed=0)  # compiles everything
+  first_s = time.perf_counter() - t0
+  state, opt_state, metrics = trainer.step(state, opt_state, 1, seed=0)
+  keep = ("time/sample_s", "time/logprob_s", "time/update_s", "time/step_s", "kl/step",
+          "grad/norm", "response/length")
+  return dict(mode="step", algorithm=args.algorithm, sequences=args.prompts * args.group,
+              microbatch=args.prompts * args.group // (args.minibatches * args.microbatches),
+              first_step_s=first_s, finite=bool(np.isfinite(metrics["kl/step"])),
+              **{k: metrics[k] for k in keep if k in metrics})
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--mode", choices=("sample", "step"), default="step")
+  parser.add_argument("--algorithm", choices=train.ALGORITHMS, default="proma")
+  parser.add_argument("--layers", type=int, default=0, help="0: the preset's 28")
+  parser.add_argument("--vocab_size", type=int, default=0, help="0: the preset's 151936")
+  parser.add_argument("--prompts", type=int, default=8)
+  parser.add_argument("--group", type=int, default=8)
+  parser.add_argument("--minibatches", type=int, default=2)
+  parser.add_argument("--microbatches", type=int, default=4)
+  parser.add_argument("--prompt_tokens", type=int, default=480)
+  parser.add_argument("--new_tokens", type=int, default=1024)
+  parser.add_argument("--bucket", type=int, default=64)
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--logits_chunk", type=int, default=1024)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  c = _config(args)
+  policy, params = _policy(args, c)
+  record = (check_sampler if args.mode == "sample" else check_step)(args, c, policy, params)
+  record.update(layers=policy.model_config.n_layers, dtype=args.dtype,
+                device=str(jax.devices()[0].device_kind), peak_gib=_peak_gib(),
+                jax=jax.__version__, host=platform.node())
+  print(json.dumps(record), flush=True)
+  if args.out:
+    with open(args.out, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+  main()
