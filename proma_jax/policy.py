@@ -26,7 +26,12 @@ from flax import nnx
 
 from proma_jax import sampling, tasks
 from proma_jax.models import loading
-from proma_jax.models.decoder import ModelConfig, make_model, token_logprobs
+from proma_jax.models.decoder import (
+    ModelConfig,
+    attention_implementation,
+    make_model,
+    token_logprobs,
+)
 
 # ModelConfig options a run may set on a pretrained checkpoint (and max_len when not None); the
 # architecture comes from the checkpoint.
@@ -106,6 +111,19 @@ def model_fingerprint(policy: Policy) -> str:
 
 def bind(policy: Policy, params: dict) -> nnx.Module:
   return nnx.merge(policy.graphdef, params)
+
+
+def vmappable(policy: Policy) -> Policy:
+  """`policy` with XLA attention where it would use cuDNN's fused kernel, for code that vmaps the
+  model over sequences (per-sequence gradients): under vmap, JAX's cuDNN attention batching rule
+  fails to reshape the (B, 1, 1, T, S) mask (jax 0.11.2, "cannot reshape array of shape
+  (8, 1, 1, T, S) into shape (8, N, T, S)"). The parameters are the same; only the graph differs.
+  """
+  if attention_implementation(policy.model_config) != "cudnn":
+    return policy
+  cfg = dataclasses.replace(policy.model_config, attention_impl="xla")
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(cfg, seed=0)))
+  return policy._replace(model_config=cfg, graphdef=graphdef)
 
 
 def response_logprobs(model: nnx.Module, tokens_BxT: jax.Array, valid_BxT: jax.Array,

@@ -307,10 +307,14 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
     logp = response_logp(model, mb)
     return objectives_of_logp(logp, mb, num_tokens), loss_of_logp(logp, mb, num_tokens)[1]
 
+  # Per-sequence gradients vmap the model: no cuDNN attention there (`policy_lib.vmappable`).
+  vmap_policy = (policy_lib.vmappable(policy) if algorithm in ("proma", "proma_both")
+                 else policy)
+
   def sequence_grads(params, mb, num_tokens):
     def f_i(params, seq):
       one = jax.tree.map(lambda x: x[None], seq)
-      model = policy_lib.bind(policy, params)
+      model = policy_lib.bind(vmap_policy, params)
       return objectives_of_logp(response_logp(model, one), one, num_tokens)[0]
 
     seqs = {k: mb[k] for k in ("tokens", "valid", "mask", "old_logp")}
@@ -341,8 +345,9 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
     else:  # proma_both: gradient, factors and dense S_i from one pass, other leaves' S_i by vmap
       (loss, metrics), grads, extra["seq_grads"], extra["factors"] = (
           proma_jax.policy_gradient_and_sequence_statistics(
-              lambda m, b: objectives_and_metrics(m, b, num_tokens), policy_lib.bind(policy, params),
-              mb, mb["advantages"], token_mask=mb["valid"], has_aux=True, scope=c.proma.scope))
+              lambda m, b: objectives_and_metrics(m, b, num_tokens),
+              policy_lib.bind(vmap_policy, params), mb, mb["advantages"], token_mask=mb["valid"],
+              has_aux=True, scope=c.proma.scope))
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
     return params, opt_state, dict(metrics, **{"loss": loss})
