@@ -311,12 +311,16 @@ class Transformer(nnx.Module):
     """
     x_BxTxD, new_cache = self.hidden_states(tokens_BxT, positions_BxT, valid_BxT, cache,
                                             cache_index)
+    return self.logits(x_BxTxD), new_cache
+
+  def logits(self, x_BxTxD: jax.Array) -> jax.Array:
+    """float32 logits of final-norm hidden states (`hidden_states`): the (tied or untied) head."""
     if self.lm_head is None:
       logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, self.embed_tokens.embedding[...].astype(
           x_BxTxD.dtype), preferred_element_type=jnp.float32)
     else:
       logits_BxTxV = self.lm_head(x_BxTxD)
-    return logits_BxTxV.astype(jnp.float32), new_cache
+    return logits_BxTxV.astype(jnp.float32)
 
   def hidden_states(self, tokens_BxT, positions_BxT, valid_BxT, cache=None, cache_index=None,
                     ) -> tuple[jax.Array, KVCache | None]:
