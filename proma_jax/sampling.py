@@ -141,7 +141,9 @@ def top_p_logits(logits_BxV: jax.Array, top_p: float) -> jax.Array:
   mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
   kept_B = jnp.maximum(jnp.sum(mass_before_BxV < top_p, axis=-1), 1)
   threshold_B = jnp.take_along_axis(sorted_BxV, kept_B[:, None] - 1, axis=-1)
-  return jnp.where(logits_BxV >= threshold_B, logits_BxV, -jnp.inf)
+  # top_p >= 1 keeps every token: the mass test rounds probabilities under ~6e-8 away.
+  keep_BxV = (logits_BxV >= threshold_B) | (top_p >= 1)
+  return jnp.where(keep_BxV, logits_BxV, -jnp.inf)
 
 
 def trim(rollout: Rollout, multiple: int) -> Rollout:
