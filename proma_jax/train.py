@@ -443,6 +443,7 @@ class Trainer:
 
     def timed_stats(params, tokens, valid):
       nonlocal logprob_s
+      jax.block_until_ready(params)  # the updates dispatched before count as update time
       start = time.perf_counter()
       out = jax.block_until_ready(self.stats(params, tokens, valid, length))
       logprob_s += time.perf_counter() - start
