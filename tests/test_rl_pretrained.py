@@ -1,0 +1,257 @@
+"""RL on a pretrained checkpoint end to end: the tiny Qwen3 fixture on the real GSM8K files.
+
+  - every algorithm runs two steps through `train.run`: finite metrics, the pretrained-run metrics
+    (reward/format, response/*, time/*), responses within max_new_tokens, run.json's warm start
+    naming the checkpoint, TensorBoard scalars equal to metrics.jsonl, and params that move;
+  - `python -m proma_jax.train --config=configs/qwen3_gsm8k.py:proma` with command-line overrides
+    (None-valued str/int fields included), SIGKILLed after its step-1 checkpoint and rerun, writes
+    the metrics.jsonl of an uninterrupted run, time/* aside;
+  - a GSM8K config without a checkpoint, or with a missing one, is refused before the workdir
+    exists.
+
+The data are the first GSM8K_RECORDS records of ../shared/data/gsm8k/{train,test}.jsonl beside the
+repository (the tests skip without them). Compilation dominates the cost, so the in-process runs
+and the command line share one set of settings (`TINY`): one prompt width, and the command line's
+proma programs identical to the in-process proma run's, which each process loads from the run's
+JAX cache (tests/conftest.py) instead of compiling them again.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+from proma_jax import policy as policy_lib
+from proma_jax import tasks, train, writers
+from proma_jax.checkpoint import Checkpointer
+from proma_jax.config import ALGORITHMS, base_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO / "tests" / "fixtures" / "hf" / "tiny_qwen3"
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+MAX_NEW_TOKENS = 8
+# The first GSM8K_RECORDS records of either file: their chat-template prompts take at most 461
+# tokens through the fixture's tokenizer (GSM8K's longest, 828, would make every log-prob pass
+# several times slower). A bucket as wide as max_prompt_tokens gives every batch the same prompt
+# width, so nothing compiles twice.
+GSM8K_RECORDS = 8
+PROMPT_TOKENS = 512
+# The tiny run, set the same way in process and on the command line. The model fields undo
+# configs/qwen3_gsm8k.py's bf16 compute, remat and chunked log-softmax, and relative_bound is
+# that config's, so its proma programs are the in-process run's.
+TINY = {
+    "model.checkpoint": str(CHECKPOINT),
+    "model.max_len": 1024,  # GSM8K prompts exceed the fixture's max_position_embeddings of 128
+    "model.dtype": "float32", "model.remat": False, "model.logits_chunk": 0,
+    "rollout.max_new_tokens": MAX_NEW_TOKENS,
+    "rollout.max_prompt_tokens": PROMPT_TOKENS, "rollout.bucket": PROMPT_TOKENS,
+    "rollout.prompts_per_step": 2, "rollout.group_size": 2,
+    "train.num_minibatches": 1, "train.num_microbatches": 2,
+    "eval.num_examples": 2, "eval.every": 1, "checkpoint.every": 1,
+    "proma.relative_bound": 0.5,
+}
+NEW_METRICS = ("reward/format", "reward/errors", "response/length", "response/length_max",
+               "response/clipped_frac", "time/sample_s", "time/logprob_s", "time/update_s")
+
+
+def gsm8k_paths() -> tuple[str, str]:
+  paths = GSM8K / "train.jsonl", GSM8K / "test.jsonl"
+  missing = [str(p) for p in paths if not p.is_file()]
+  if missing:
+    pytest.skip(f"GSM8K data not found ({', '.join(missing)}): put the GSM8K JSONL files in "
+                f"{GSM8K}")
+  return str(paths[0]), str(paths[1])
+
+
+def read_records(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def hashed_reward(text: str, terminated: bool, answer: str) -> float:
+  """A deterministic reward in [0, 1) of the response text alone (crc32 / 2^32)."""
+  del terminated, answer
+  return zlib.crc32(text.encode()) / 2**32
+
+
+def hashed_gsm8k_task(**kwargs) -> tasks.Task:
+  """GSM8K's prompts, format check and val split, rewarded by `hashed_reward`."""
+  return dataclasses.replace(tasks.gsm8k_task(**kwargs), name="gsm8k_hashed",
+                             reward_fn=hashed_reward)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_two_steps_record_finite_metrics_and_move_the_params(algorithm, tmp_path, monkeypatch):
+  """Two steps through `train.run`:
+
+  - records for steps 0, 1, 2, every value finite, val/accuracy in [0, 1], the pretrained-run
+    metrics present, responses within max_new_tokens, no reward-function errors;
+  - run.json names the checkpoint as the warm start (a pretrained model has no SFT warm start);
+  - TensorBoard's scalars are metrics.jsonl's values in float32;
+  - some step has a non-zero gradient and the final checkpoint's params differ from the
+    pretrained ones (restored with the run's own state structure).
+
+  The reward is `hashed_reward`, through a task "gsm8k_hashed" registered for this test: the
+  fixture's random weights never write a GSM8K answer, so the real reward is 0 everywhere, every
+  advantage and gradient is zero and nothing would show that the params move. A hash of the text
+  in [0, 1) differs between two sampled responses, so each group's advantages are non-zero. A new
+  name rather than a replaced "gsm8k" keeps the real task intact, also in `train._trainer_for`'s
+  per-process cache, which keys trainers by config (task name included); the command-line test
+  runs the real reward. One test per algorithm, not one per property, so that xdist never
+  compiles an algorithm twice.
+  """
+  train_path, test_path = gsm8k_paths()
+  monkeypatch.setitem(tasks.TASKS, "gsm8k_hashed", hashed_gsm8k_task)
+  c = base_config("gsm8k_hashed", algorithm)
+  c.update_from_flattened_dict(TINY)
+  c.task_kwargs.train_path, c.task_kwargs.test_path = train_path, test_path
+  c.task_kwargs.max_examples = GSM8K_RECORDS
+  c.steps = 2
+  workdir = str(tmp_path / "run")
+  records = train.run(c, workdir, progress=False)
+
+  assert records == read_records(workdir)
+  assert [r["step"] for r in records] == [0, 1, 2]
+  for record in records:
+    for key, value in record.items():
+      assert isinstance(value, (int, float)) and math.isfinite(value), (record["step"], key, value)
+    assert 0.0 <= record["val/accuracy"] <= 1.0
+  for record in records[1:]:
+    assert set(NEW_METRICS) <= set(record), sorted(set(NEW_METRICS) - set(record))
+    assert 1 <= record["response/length"] <= record["response/length_max"] <= MAX_NEW_TOKENS
+    assert 0.0 <= record["reward/format"] <= 1.0 and 0.0 <= record["response/clipped_frac"] <= 1.0
+    assert record["reward/errors"] == 0
+
+  meta = json.loads(pathlib.Path(workdir, "run.json").read_text())
+  assert meta["warm_start"] == {"checkpoint": str(CHECKPOINT)}
+  assert meta["algorithm"] == algorithm and meta["config"]["model"]["max_len"] == 1024
+
+  logdir = os.path.join(workdir, writers.TENSORBOARD_DIR)
+  assert any("tfevents" in name for name in os.listdir(logdir))
+  scalars = writers.read_scalars(logdir)
+  for key in ("val/accuracy", "reward/mean", "grad/norm", "response/length", "time/sample_s"):
+    expected = [(r["step"], np.float32(r[key])) for r in records if key in r]
+    assert [(step, np.float32(value)) for step, value in scalars[key]] == expected, key
+
+  assert max(r["grad/norm"] for r in records[1:]) > 0
+  _, initial = policy_lib.make_policy(c)
+  template = {"params": initial, "opt_state": train.make_optimizer(c).init(initial)}
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+  step, state, _ = checkpointer.restore(template)
+  checkpointer.close()
+  assert step == c.steps
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                       initial, state["params"])
+  assert any(jax.tree.leaves(moved))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: configs/qwen3_gsm8k.py, SIGKILL after step 1, resume.
+
+
+def cli(workdir, train_path, test_path) -> list[str]:
+  return [sys.executable, "-m", "proma_jax.train", "--config=configs/qwen3_gsm8k.py:proma",
+          f"--workdir={workdir}", f"--config.task_kwargs.train_path={train_path}",
+          f"--config.task_kwargs.test_path={test_path}", "--config.steps=3",
+          *(f"--config.{field}={value}" for field, value in TINY.items())]
+
+
+def first_records(paths: tuple[str, str], directory: pathlib.Path) -> tuple[str, str]:
+  """Copies of the first GSM8K_RECORDS lines of the train and test files under `directory`: the
+  command line cannot set task_kwargs.max_examples (not a field of configs/qwen3_gsm8k.py)."""
+  copies = []
+  for path in paths:
+    with open(path) as f:
+      lines = [next(f) for _ in range(GSM8K_RECORDS)]
+    copy = directory / os.path.basename(path)
+    copy.write_text("".join(lines))
+    copies.append(str(copy))
+  return copies[0], copies[1]
+
+
+def without_times(records: list[dict]) -> list[dict]:
+  return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+@pytest.mark.slow
+def test_cli_qwen3_gsm8k_killed_and_resumed_equals_uninterrupted(tmp_path):
+  """configs/qwen3_gsm8k.py loads with its command-line overrides (model.checkpoint and
+  model.max_len are None-valued str/int fields there); a run SIGKILLed once its step-1
+  checkpoint exists, rerun with the same command, resumes from a checkpoint and leaves the
+  uninterrupted run's metrics.jsonl, every value equal except time/*. The real GSM8K reward is 0
+  on random weights, so this also runs PROMA on all-zero advantages: every value stays finite."""
+  train_path, test_path = first_records(gsm8k_paths(), tmp_path)
+  reference, killed = tmp_path / "reference", tmp_path / "killed"
+  # The processes share compiled programs through the run's JAX cache (tests/conftest.py).
+  env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  ref = subprocess.run(cli(reference, train_path, test_path), cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert ref.returncode == 0, ref.stdout + ref.stderr
+  expected = read_records(reference)
+  assert [r["step"] for r in expected] == [0, 1, 2, 3]
+  for record in expected:
+    assert all(math.isfinite(v) for v in record.values()), record
+  assert all(r["response/length_max"] <= MAX_NEW_TOKENS for r in expected[1:])
+  meta = json.loads((reference / "run.json").read_text())
+  assert meta["warm_start"] == {"checkpoint": str(CHECKPOINT)}
+  stored = meta["config"]
+  assert stored["model"]["max_len"] == 1024
+  assert stored["rollout"]["max_new_tokens"] == MAX_NEW_TOKENS
+  assert stored["optim"]["lr"] == 2e-6 and stored["rollout"]["sample_batch"] == 128  # the config's
+
+  proc = subprocess.Popen(cli(killed, train_path, test_path), cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  try:
+    while not (killed / "checkpoints" / "1").is_dir():
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+      time.sleep(0.02)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, out
+  assert 1 in [r["step"] for r in read_records(killed)]
+
+  resumed = subprocess.run(cli(killed, train_path, test_path), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  match = re.search(rf"resuming {re.escape(str(killed))} from step (\d+)", resumed.stdout)
+  assert match and 1 <= int(match.group(1)) < 3, resumed.stdout
+  got = read_records(killed)
+  assert without_times(got) == without_times(expected)
+  assert all(any(k.startswith("time/") for k in r) for r in got[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Config validation (nothing compiled, no data needed).
+
+
+def test_gsm8k_without_a_checkpoint_is_refused_before_the_workdir(tmp_path):
+  """GSM8K is a text task: no checkpoint, or one that does not exist, raises ValueError naming
+  config.model.checkpoint (and the path) before the workdir is created."""
+  workdir = tmp_path / "run"
+  c = base_config("gsm8k", "proma")
+  with pytest.raises(ValueError, match=r"config\.model\.checkpoint: task 'gsm8k' is a text task"):
+    train.validate_config(c)
+  with pytest.raises(ValueError, match=r"config\.model\.checkpoint"):
+    train.run(c, str(workdir), progress=False)
+  assert not workdir.exists()
+
+  missing = tmp_path / "no_such_model"
+  c.model.checkpoint = str(missing)
+  with pytest.raises(ValueError, match=rf"config\.model\.checkpoint: .*{re.escape(str(missing))}"):
+    train.run(c, str(workdir), progress=False)
+  assert not workdir.exists()
