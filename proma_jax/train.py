@@ -156,9 +156,16 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     need(isinstance(mo.checkpoint, str) and bool(mo.checkpoint), "model.checkpoint",
          f"must be a path or None, got {mo.checkpoint!r}")
     try:  # the header only: a missing file or unsupported model fails here, before any compile
-      checkpoint_config(mo.checkpoint)
+      max_len = checkpoint_config(mo.checkpoint).max_len
+      max_len = mo.max_len or max_len
     except ValueError as e:  # CheckpointError
       need(False, "model.checkpoint", str(e))
+    r = c.rollout
+    if r.max_new_tokens is not None:
+      need(r.max_prompt_tokens + r.max_new_tokens <= max_len, "rollout.max_prompt_tokens",
+           f"{r.max_prompt_tokens} + rollout.max_new_tokens {r.max_new_tokens} exceeds the "
+           f"model's {max_len} positions (model.max_len, else the checkpoint's "
+           "max_position_embeddings); a batch of long prompts would fail mid-run")
 
   r, t = c.rollout, c.train
   integer("rollout.prompts_per_step", 1)

@@ -1,6 +1,6 @@
 """RL on a pretrained checkpoint end to end: the tiny Qwen3 fixture on the real GSM8K files.
 
-  - every algorithm runs two steps through `train.run`: finite metrics, the pretrained-run metrics
+  - grpo and proma_both run two steps through `train.run`: finite metrics, the pretrained-run metrics
     (reward/format, response/*, time/*), responses within max_new_tokens, run.json's warm start
     naming the checkpoint, TensorBoard scalars equal to metrics.jsonl, and params that move;
   - `python -m proma_jax.train --config=configs/qwen3_gsm8k.py:proma` with command-line overrides
@@ -11,9 +11,8 @@
 
 The data are the first GSM8K_RECORDS records of ../shared/data/gsm8k/{train,test}.jsonl beside the
 repository (the tests skip without them). Compilation dominates the cost, so the in-process runs
-and the command line share one set of settings (`TINY`): one prompt width, and the command line's
-proma programs identical to the in-process proma run's, which each process loads from the run's
-JAX cache (tests/conftest.py) instead of compiling them again.
+and the command line share one set of settings (`TINY`): one prompt width, and sampling and
+log-prob programs the command line loads from the run's JAX cache (tests/conftest.py).
 """
 
 import dataclasses
@@ -35,7 +34,7 @@ import pytest
 from proma_jax import policy as policy_lib
 from proma_jax import tasks, train, writers
 from proma_jax.checkpoint import Checkpointer
-from proma_jax.config import ALGORITHMS, base_config
+from proma_jax.config import base_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "tests" / "fixtures" / "hf" / "tiny_qwen3"
@@ -92,7 +91,12 @@ def hashed_gsm8k_task(**kwargs) -> tasks.Task:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+# Two algorithms in process and proma on the command line: what the pretrained path adds (loading,
+# chat-template prompts, buckets, scores, sinks) is the same for every algorithm, each algorithm's
+# update is tested on the tiny decoder in tests/test_train.py, and each compilation here costs
+# 15-60 s of the suite's 10-minute budget. grpo is the value_and_grad path (reinforce's too),
+# proma_both the per-sequence statistics and captured factors (proma's and intra's parts).
+@pytest.mark.parametrize("algorithm", ("grpo", "proma_both"))
 def test_two_steps_record_finite_metrics_and_move_the_params(algorithm, tmp_path, monkeypatch):
   """Two steps through `train.run`:
 
@@ -255,3 +259,13 @@ def test_gsm8k_without_a_checkpoint_is_refused_before_the_workdir(tmp_path):
   with pytest.raises(ValueError, match=rf"config\.model\.checkpoint: .*{re.escape(str(missing))}"):
     train.run(c, str(workdir), progress=False)
   assert not workdir.exists()
+
+  # Prompts + responses longer than the model's positions: refused up front, not at the first
+  # batch of long prompts (the fixture has 128 positions; model.max_len raises the limit).
+  c.model.checkpoint = str(CHECKPOINT)
+  c.rollout.max_prompt_tokens, c.rollout.max_new_tokens = 512, 8
+  with pytest.raises(ValueError, match=r"config\.rollout\.max_prompt_tokens: 512 \+ .* 128 "):
+    train.run(c, str(workdir), progress=False)
+  assert not workdir.exists()
+  c.model.max_len = 520
+  train.validate_config(c)
