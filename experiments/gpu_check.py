@@ -50,6 +50,7 @@ def _config(args) -> "ml_collections.ConfigDict":
   c.rollout.prompts_per_step, c.rollout.group_size = args.prompts, args.group
   c.rollout.max_new_tokens, c.rollout.bucket = args.new_tokens, args.bucket
   c.rollout.max_prompt_tokens, c.rollout.sample_batch = args.prompt_tokens + args.bucket, 0
+  c.model.max_len = c.rollout.max_prompt_tokens + args.new_tokens  # the fixture header has 128
   c.train.num_minibatches, c.train.num_microbatches = args.minibatches, args.microbatches
   c.optim.lr, c.eval.num_examples = 1e-6, 8
   c.proma.relative_bound = 0.5 if args.algorithm.startswith("proma") else None
