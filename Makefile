@@ -16,7 +16,7 @@ DEMO_DIR ?= runs/demo
 # Three workers on two cores: much of the suite waits on subprocesses and single-threaded
 # compiles (measured 8:30 against 9:23 with -n 2 on the 2-core box); worksteal balances the long tests.
 test: .venv/.installed
-	$(PY) -m pytest -q -n 3 --dist worksteal
+	$(PY) -m pytest -q -n 3 --dist worksteal --durations=25
 
 demo: .venv/.installed
 	$(PY) -m proma_jax.demo --workdir=$(DEMO_DIR)

@@ -18,6 +18,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+  """Slow (end-to-end) tests first: xdist's workers then start the long ones early and share the
+  short ones at the end, instead of one worker finishing a long test alone."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def warm_dir(tmp_path_factory):
   """The warm-start cache of `test_train.tiny_config`: trained once per test process, and one

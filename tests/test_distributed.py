@@ -351,7 +351,7 @@ def _tiny_flags(warm_dir) -> list[str]:
   fields = {"steps": c.steps, "checkpoint.every": c.checkpoint.every,
             **{f"{section}.{k}": v for section in ("model", "rollout", "train", "sft", "eval")
                for k, v in c[section].items()}}
-  return [f"--config.{k}={v}" for k, v in fields.items()]
+  return [f"--config.{k}={v}" for k, v in fields.items() if v is not None]  # None: the default
 
 
 @pytest.mark.slow

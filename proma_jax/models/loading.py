@@ -76,16 +76,15 @@ def checkpoint_config(spec: str | pathlib.Path, **config_overrides) -> ModelConf
 @contextlib.contextmanager
 def _open(path: str | pathlib.Path) -> Iterator[Checkpoint]:
   path = resolve_checkpoint(path)
-  if not path.exists():
-    raise CheckpointError(f"{path}: no such file or directory")
   if path.is_dir():
     with hf.open_checkpoint(path) as ckpt:
       yield ckpt
   elif path.is_file() and path.suffix == ".gguf":
     yield gguf_checkpoint.open_checkpoint(path)
   else:
+    absent = "" if path.exists() else " (no such file or directory)"
     raise CheckpointError(f"{path}: not a Hugging Face checkpoint directory (config.json + "
-                          "safetensors) nor a .gguf file")
+                          f"safetensors) nor a .gguf file{absent}")
 
 
 def _config(ckpt: Checkpoint, overrides: dict[str, Any]) -> ModelConfig:
