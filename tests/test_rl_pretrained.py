@@ -1,6 +1,6 @@
 """RL on a pretrained checkpoint end to end: the tiny Qwen3 fixture on the real GSM8K files.
 
-  - proma_both runs two steps through `train.run`: finite metrics, the pretrained-run metrics
+  - proma runs two steps through `train.run`: finite metrics, the pretrained-run metrics
     (reward/format, response/*, time/*), responses within max_new_tokens, run.json's warm start
     naming the checkpoint, TensorBoard scalars equal to metrics.jsonl, and params that move;
   - `python -m proma_jax.train --config=configs/qwen3_gsm8k.py:proma` with command-line overrides
@@ -91,12 +91,12 @@ def hashed_gsm8k_task(**kwargs) -> tasks.Task:
 
 
 @pytest.mark.slow
-# One algorithm in process and proma on the command line: what the pretrained path adds (loading,
+# One algorithm, in process and on the command line: what the pretrained path adds (loading,
 # chat-template prompts, buckets, scores, sinks) is the same for every algorithm, each algorithm's
 # update is tested on the tiny decoder in tests/test_train.py, and each compilation here costs
-# 15-60 s of the suite's 10-minute budget. proma_both computes the loss gradient, the per-sequence
-# statistics and the captured factors (every other algorithm's parts).
-@pytest.mark.parametrize("algorithm", ("proma_both",))
+# 15-60 s of the suite's 10-minute budget. The command line then loads the in-process run's
+# programs from the JAX cache.
+@pytest.mark.parametrize("algorithm", ("proma",))
 def test_two_steps_record_finite_metrics_and_move_the_params(algorithm, tmp_path, monkeypatch):
   """Two steps through `train.run`:
 
