@@ -1,7 +1,8 @@
 """Verifiable tasks for RL fine-tuning: tokenizer, examples, splits, rewards, registry.
 
 Usage:
-  task = get_task("arith")                       # or "reverse", "sort", "jsonl" (train_path=...)
+  task = get_task("arith")   # or "reverse", "sort", "jsonl" (train_path=...); text tasks for
+                             # pretrained tokenizers: "gsm8k" (train_path, test_path), "word_arith"
   tokenizer = CharTokenizer()
   batch = task.train_examples(64, seed=0)
   prompts_BxP, valid_BxP = encode_prompts(tokenizer, [ex.prompt for ex in batch], task.prompt_width)
