@@ -30,9 +30,12 @@ from proma_jax.checkpoint import Checkpointer
 
 def warm_start_dir(config: ml_collections.ConfigDict, policy: policy_lib.Policy) -> str:
   """Where the warm start of this task, model and SFT recipe is cached."""
+  # The recipe only: where the cache lives (sft.checkpoint_dir, however spelled) is not part of it,
+  # so a relative and an absolute spelling of one directory share one warm start.
+  sft_recipe = {k: v for k, v in config.sft.to_dict().items() if k != "checkpoint_dir"}
   recipe = json.dumps({"task": config.task, "task_kwargs": config.task_kwargs.to_dict(),
                        "model": policy_lib.model_fingerprint(policy),
-                       "model_seed": config.model.seed, "sft": config.sft.to_dict()},
+                       "model_seed": config.model.seed, "sft": sft_recipe},
                       sort_keys=True, default=str)
   digest = hashlib.sha1(recipe.encode()).hexdigest()[:10]
   return os.path.abspath(os.path.join(config.sft.checkpoint_dir, f"{config.task}-{digest}"))

@@ -180,3 +180,19 @@ def test_valid_edge_values_are_accepted(tmp_path):
                        ("model.dtype", "bfloat16"), ("checkpoint.max_to_keep", 1)]:
     _set_field(c, field, value)
     train.validate_config(c)
+
+
+def test_warm_start_key_is_the_recipe_not_the_path(tmp_path, monkeypatch):
+  """A relative and an absolute spelling of one cache directory name one warm start; a change
+  of recipe names another."""
+  from proma_jax import policy as policy_lib
+  from proma_jax import sft
+  monkeypatch.chdir(tmp_path)
+  relative = tiny_config("proma", "cache")
+  absolute = tiny_config("proma", tmp_path / "cache")
+  other = tiny_config("proma", "cache")
+  other.sft.steps += 1
+  policy, _ = policy_lib.make_policy(relative)
+  assert sft.warm_start_dir(relative, policy) == sft.warm_start_dir(absolute, policy)
+  assert sft.warm_start_dir(relative, policy).startswith(str(tmp_path / "cache"))
+  assert sft.warm_start_dir(other, policy) != sft.warm_start_dir(relative, policy)
