@@ -17,7 +17,6 @@ line.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Iterable
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from proma_jax.tasks.answers import answer_format, normalize_number, number_reward
 from proma_jax.tasks.base import Example, Task
+from proma_jax.tasks.jsonl import check_record, read_json_lines
 
 DEFAULT_INSTRUCTION = (
     "Solve the problem step by step. Then give the final answer on its own last line, in the "
@@ -47,13 +47,7 @@ def gold_number(solution: str) -> str:
 
 def _problem(record, instruction: str) -> Example:
   """The example of one GSM8K record; ValueError if the record is malformed."""
-  if not isinstance(record, dict):
-    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-  for key in ("question", "answer"):
-    if key not in record:
-      raise ValueError(f"missing key {key!r}")
-    if not isinstance(record[key], str):
-      raise ValueError(f"{key!r} must be a string, got {type(record[key]).__name__}")
+  check_record(record, ("question", "answer"))
   if not record["question"].strip():
     raise ValueError("empty question")
   prompt = f"{record['question']}\n\n{instruction}" if instruction else record["question"]
@@ -71,19 +65,8 @@ def _file_records(path: str | os.PathLike, field: str) -> Iterable[tuple[int, di
         f"{path}: no such file; config.{field} must be a GSM8K JSONL file "
         '({"question": ..., "answer": "... #### <number>"} per line), or set '
         "config.task_kwargs.hf_dataset='openai/gsm8k' to download it")
-  with open(path, "rb") as file:  # Decoded line by line, so a bad byte is reported with its line.
-    for line_number, raw_line in enumerate(file, start=1):
-      try:
-        # utf-8-sig on line 1 accepts a byte-order mark (written by some editors).
-        line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
-        record = json.loads(line) if line.strip() else None
-      except UnicodeDecodeError as error:
-        raise ValueError(f"{path}, line {line_number}: not valid UTF-8 ({error}); save the file "
-                         "as UTF-8") from None
-      except ValueError as error:  # json.JSONDecodeError
-        raise ValueError(f"{path}, line {line_number}: not JSON: {error}") from None
-      if line.strip():
-        yield line_number, record
+  yield from read_json_lines(path, bad_utf8="not valid UTF-8 ({error}); save the file as UTF-8",
+                             bad_json="not JSON: {error}")
 
 
 def _examples(source: str, records: Iterable[tuple[int, object]], instruction: str,

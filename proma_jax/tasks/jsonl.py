@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -43,37 +44,68 @@ def load_jsonl(path: str | os.PathLike, tokenizer: CharTokenizer | None = None) 
   return [example for _, example in _numbered_examples(path, tokenizer)]
 
 
+def read_json_lines(
+    path: str | os.PathLike,
+    bad_utf8: str = ("not valid UTF-8: byte {byte!r} at byte offset {offset} of the line; save the "
+                     "file as UTF-8"),
+    bad_json: str = "{error}",
+) -> Iterator[tuple[int, object]]:
+  """(line number, decoded JSON value) of each non-blank line of a JSONL file, in file order.
+
+  Lines are decoded one at a time, so a bad byte is reported with its line; line 1 may start with
+  a UTF-8 byte-order mark (written by some editors). A line that is not UTF-8 or not JSON raises
+  ValueError "<path>, line <n>: " + `bad_utf8` or `bad_json`, formatted with the error ({error})
+  and, for bad UTF-8, the first bad byte ({byte}) and its offset in the line ({offset}).
+  """
+  with open(path, "rb") as file:
+    for line_number, raw_line in enumerate(file, start=1):
+      try:
+        line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+        if not line.strip():
+          continue
+        record = json.loads(line)
+      except UnicodeDecodeError as error:
+        reason = bad_utf8.format(error=error, byte=raw_line[error.start:error.start + 1],
+                                 offset=error.start)
+        raise ValueError(f"{path}, line {line_number}: {reason}") from None
+      except ValueError as error:  # json.JSONDecodeError
+        raise ValueError(f"{path}, line {line_number}: {bad_json.format(error=error)}") from None
+      yield line_number, record
+
+
+def check_record(record, keys: tuple[str, ...],
+                 check_text: Callable[[str], object] | None = None) -> dict:
+  """`record`, checked to be a JSON object whose `keys` are all strings.
+
+  Raises ValueError "expected a JSON object, got <type>", "missing key <key>" or "<key> must be a
+  string, got <type>", for the first problem in the order of `keys`; each value is also passed to
+  `check_text` (if given, e.g. a tokenizer's alphabet check) right after its own checks.
+  """
+  if not isinstance(record, dict):
+    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+  for key in keys:
+    if key not in record:
+      raise ValueError(f"missing key {key!r}")
+    if not isinstance(record[key], str):
+      raise ValueError(f"{key!r} must be a string, got {type(record[key]).__name__}")
+    if check_text is not None:
+      check_text(record[key])
+  return record
+
+
 def _numbered_examples(path: str | os.PathLike,
                        tokenizer: CharTokenizer | None = None) -> list[tuple[int, Example]]:
   """(line number, example) of each record of a JSONL file; see `load_jsonl`."""
   tokenizer = tokenizer or CharTokenizer()
   examples = []
-  with open(path, "rb") as file:  # decoded line by line, so a bad byte is reported with its line
-    for line_number, raw_line in enumerate(file, start=1):
-      try:
-        try:
-          # utf-8-sig on line 1 accepts a byte-order mark (written by some editors).
-          line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
-        except UnicodeDecodeError as error:
-          raise ValueError(
-              f"not valid UTF-8: byte {raw_line[error.start:error.start + 1]!r} at byte offset "
-              f"{error.start} of the line; save the file as UTF-8") from None
-        if not line.strip():
-          continue
-        record = json.loads(line)
-        if not isinstance(record, dict):
-          raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-        for key in ("prompt", "answer"):
-          if key not in record:
-            raise ValueError(f"missing key {key!r}")
-          if not isinstance(record[key], str):
-            raise ValueError(f"{key!r} must be a string, got {type(record[key]).__name__}")
-          tokenizer.check_text(record[key])
-        if not record["prompt"]:
-          raise ValueError("empty prompt")
-      except ValueError as error:  # json.JSONDecodeError is a ValueError too.
-        raise ValueError(f"{path}, line {line_number}: {error}") from error
-      examples.append((line_number, Example(record["prompt"], record["answer"])))
+  for line_number, record in read_json_lines(path):
+    try:
+      check_record(record, ("prompt", "answer"), tokenizer.check_text)
+      if not record["prompt"]:
+        raise ValueError("empty prompt")
+    except ValueError as error:
+      raise ValueError(f"{path}, line {line_number}: {error}") from error
+    examples.append((line_number, Example(record["prompt"], record["answer"])))
   if not examples:
     raise ValueError(f"{path}: no examples")
   return examples
