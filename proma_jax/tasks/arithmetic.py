@@ -25,6 +25,19 @@ def _operand_range(digits: tuple[int, int]) -> tuple[int, int]:
   return low, 10 ** high_digits - 1
 
 
+def sample_problems(rng: np.random.Generator, n: int, operand_range: tuple[int, int],
+                    ops: str) -> list[tuple[int, str, int]]:
+  """`n` problems (a, op, b): a and b uniform over the inclusive `operand_range`, op uniform over
+  the characters of `ops`. The draws (all a, then all b, then all ops) fix the examples that a
+  seed gives, for the "arith" and "word_arith" tasks alike.
+  """
+  low, high = operand_range
+  a_N = rng.integers(low, high + 1, size=n)
+  b_N = rng.integers(low, high + 1, size=n)
+  op_N = rng.integers(0, len(ops), size=n)
+  return [(int(a), ops[k], int(b)) for a, b, k in zip(a_N, b_N, op_N)]
+
+
 def arithmetic_task(
     ops: str = "+-",
     train_digits: tuple[int, int] = (1, 2),
@@ -42,14 +55,8 @@ def arithmetic_task(
   ranges = {"train": _operand_range(tuple(train_digits)), "val": _operand_range(tuple(val_digits))}
 
   def sample(split: str, n: int, rng: np.random.Generator) -> list[Example]:
-    low, high = ranges[split]
-    a_N = rng.integers(low, high + 1, size=n)
-    b_N = rng.integers(low, high + 1, size=n)
-    op_N = rng.integers(0, len(ops), size=n)
-    return [
-        Example(f"{a}{ops[k]}{b}=", str(OPERATIONS[ops[k]](int(a), int(b))))
-        for a, b, k in zip(a_N, b_N, op_N)
-    ]
+    return [Example(f"{a}{op}{b}=", str(OPERATIONS[op](a, b)))
+            for a, op, b in sample_problems(rng, n, ranges[split], ops)]
 
   # Prompt and answer lengths are largest at the corners of the operand box, for + - and *.
   corners = [(a, b) for low, high in ranges.values() for a in (low, high) for b in (low, high)]

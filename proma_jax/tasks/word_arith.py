@@ -1,7 +1,7 @@
 """Arithmetic questions in words, for a small pretrained instruct model on the CPU.
 
 Prompt "What is 37 + 8? Answer with just the number.", answer "45". Operands are drawn as in the
-"arith" task (`arithmetic._operand_range`: train and val operands from their own digit ranges);
+"arith" task (`arithmetic.sample_problems`: train and val operands from their own digit ranges);
 subtraction may give a negative answer. The reward accepts the last number of the response, so
 "45", " 45\\n" and "The answer is 45." all score (`answers.number_reward` with strict=False).
 """
@@ -13,7 +13,7 @@ import functools
 import numpy as np
 
 from proma_jax.tasks.answers import answer_format, number_reward
-from proma_jax.tasks.arithmetic import OPERATIONS, _operand_range
+from proma_jax.tasks.arithmetic import OPERATIONS, _operand_range, sample_problems
 from proma_jax.tasks.base import Example, Task
 
 DEFAULT_TEMPLATE = "What is {a} {op} {b}?"
@@ -51,14 +51,8 @@ def word_arith_task(
     return f"{text} {instruction}" if instruction else text
 
   def sample(split: str, n: int, rng: np.random.Generator) -> list[Example]:
-    low, high = ranges[split]
-    a_N = rng.integers(low, high + 1, size=n)
-    b_N = rng.integers(low, high + 1, size=n)
-    op_N = rng.integers(0, len(ops), size=n)
-    return [
-        Example(question(int(a), ops[k], int(b)), str(OPERATIONS[ops[k]](int(a), int(b))))
-        for a, b, k in zip(a_N, b_N, op_N)
-    ]
+    return [Example(question(a, op, b), str(OPERATIONS[op](a, b)))
+            for a, op, b in sample_problems(rng, n, ranges[split], ops)]
 
   return Task(
       name="word_arith",
