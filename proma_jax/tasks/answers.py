@@ -17,7 +17,10 @@ the same answer, "3.50" and "3.5" too, ".5" and "0.5" too. A percent sign is not
 from __future__ import annotations
 
 import decimal
+import functools
 import re
+
+from proma_jax.tasks.base import SampleFn, Task
 
 # An optional sign and/or dollar sign, then digits (with `,` thousands separators or none) and an
 # optional fraction, which may be empty ("18.", the end of a sentence), or a bare fraction (".5").
@@ -110,3 +113,16 @@ def answer_format(response_text: str, terminated: bool, strict: bool = True) -> 
   """Whether the response states a final answer that parses (`extract_final_answer` not None)."""
   del terminated  # Like `number_reward`, a stated answer counts even without EOS.
   return extract_final_answer(response_text, strict) is not None
+
+
+def number_task(name: str, sample: SampleFn, strict: bool = True) -> Task:
+  """A text task whose answers are numbers: reward `number_reward` and format flag
+  `answer_format`, both with `strict`; the widths are left to the policy (None)."""
+  return Task(
+      name=name,
+      sample=sample,
+      prompt_width=None,
+      answer_width=None,
+      reward_fn=functools.partial(number_reward, strict=strict),
+      format_fn=functools.partial(answer_format, strict=strict),
+  )

@@ -16,13 +16,12 @@ line.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Iterable
 
 import numpy as np
 
-from proma_jax.tasks.answers import answer_format, normalize_number, number_reward
+from proma_jax.tasks.answers import normalize_number, number_task
 from proma_jax.tasks.base import Example, Task
 from proma_jax.tasks.jsonl import check_record, read_json_lines
 
@@ -148,11 +147,4 @@ def gsm8k_task(
     examples = splits[split]
     return [examples[i] for i in rng.choice(len(examples), size=n, replace=n > len(examples))]
 
-  return Task(
-      name="gsm8k",
-      sample=sample,
-      prompt_width=None,
-      answer_width=None,
-      reward_fn=functools.partial(number_reward, strict=strict),
-      format_fn=functools.partial(answer_format, strict=strict),
-  )
+  return number_task("gsm8k", sample, strict=strict)

@@ -8,11 +8,9 @@ subtraction may give a negative answer. The reward accepts the last number of th
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
-from proma_jax.tasks.answers import answer_format, number_reward
+from proma_jax.tasks.answers import number_task
 from proma_jax.tasks.arithmetic import OPERATIONS, _operand_range, sample_problems
 from proma_jax.tasks.base import Example, Task
 
@@ -54,11 +52,4 @@ def word_arith_task(
     return [Example(question(a, op, b), str(OPERATIONS[op](a, b)))
             for a, op, b in sample_problems(rng, n, ranges[split], ops)]
 
-  return Task(
-      name="word_arith",
-      sample=sample,
-      prompt_width=None,
-      answer_width=None,
-      reward_fn=functools.partial(number_reward, strict=False),
-      format_fn=functools.partial(answer_format, strict=False),
-  )
+  return number_task("word_arith", sample, strict=False)
