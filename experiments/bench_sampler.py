@@ -24,6 +24,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from records import write_record  # noqa: E402
 
 TORCH_SIDE = r'''
 import json, statistics, sys, time
@@ -98,10 +100,7 @@ def main():
   for r in records:
     r.update(batch=args.batch, prompt_width=int(prompts.shape[1]), new_tokens=args.new_tokens,
              model="SmolLM2-135M-Instruct float32", cpus=os.cpu_count(), host=platform.node())
-    print(json.dumps(r), flush=True)
-    if args.out:
-      with open(args.out, "a") as f:
-        f.write(json.dumps(r) + "\n")
+    write_record(r, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -33,11 +32,13 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from proma_jax import policy as policy_lib  # noqa: E402
 from proma_jax import sampling, tasks, train  # noqa: E402
 from proma_jax.config import base_config  # noqa: E402
 from proma_jax.models import decoder, presets  # noqa: E402
 from proma_jax.models.tokenizer import from_hf_dir  # noqa: E402
+from records import write_record  # noqa: E402
 
 FIXTURE_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "hf",
                                  "tiny_qwen3")
@@ -143,10 +144,7 @@ def main():
   record.update(layers=policy.model_config.n_layers, dtype=args.dtype,
                 device=str(jax.devices()[0].device_kind), peak_gib=_peak_gib(),
                 jax=jax.__version__, host=platform.node())
-  print(json.dumps(record), flush=True)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(json.dumps(record) + "\n")
+  write_record(record, args.out)
 
 
 if __name__ == "__main__":
