@@ -41,8 +41,12 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
       top_p=1.0, chat_template=True, sample_batch=0))
 
   # One RL step: the rollout batch is split into `num_minibatches` optimizer steps (later ones are
-  # off-policy), each made of `num_microbatches` microbatches accumulated by the same code path.
-  c.train = ml_collections.ConfigDict(dict(num_minibatches=2, num_microbatches=4))
+  # off-policy), each made of `num_microbatches` microbatches accumulated by the same code path;
+  # num_epochs > 1 passes over the batch again in a fresh order (PPO epochs).
+  # scan_microbatches: each optimizer step's microbatches run in one compiled call (a lax.scan);
+  # False calls the compiled microbatch update once per microbatch (same result, more dispatch).
+  c.train = ml_collections.ConfigDict(dict(num_minibatches=2, num_microbatches=4, num_epochs=1,
+                                           scan_microbatches=True))
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-4, b1=0.9, b2=0.99, weight_decay=0.0, max_grad_norm=1.0))

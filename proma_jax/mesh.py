@@ -65,8 +65,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def sequence_sharded(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
+def sequence_sharded(mesh: Mesh, axis: int = 0) -> NamedSharding:
+  """Sharded over "data" along `axis` (the sequence axis: 0 for a microbatch, 1 for microbatches
+  stacked on a leading axis)."""
+  return NamedSharding(mesh, _sequence_spec(axis))
+
+
+def _sequence_spec(axis: int) -> P:
+  return P(*([None] * axis), DATA_AXIS)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -75,38 +81,40 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
 
 
-def _process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
-  """The contiguous rows of a sequence-sharded array held by this process's devices."""
-  rows = [index[0] for index in sharding.addressable_devices_indices_map(shape).values()]
-  start, stop = min(r.start or 0 for r in rows), max(shape[0] if r.stop is None else r.stop
-                                                       for r in rows)
-  held = sum((shape[0] if r.stop is None else r.stop) - (r.start or 0) for r in rows)
+def _process_rows(sharding: NamedSharding, shape: tuple[int, ...], axis: int = 0) -> slice:
+  """The contiguous rows (along `axis`) of a sequence-sharded array held by this process's
+  devices."""
+  n = shape[axis]
+  rows = [index[axis] for index in sharding.addressable_devices_indices_map(shape).values()]
+  start, stop = min(r.start or 0 for r in rows), max(n if r.stop is None else r.stop for r in rows)
+  held = sum((n if r.stop is None else r.stop) - (r.start or 0) for r in rows)
   if held != stop - start:
     raise ValueError(f"this process's devices hold rows {rows}, not one contiguous block")
   return slice(start, stop)
 
 
-def shard_sequences(tree: Any, mesh: Mesh) -> Any:
-  """Each leaf (n_seq, ...) sequence-sharded over "data"; every process feeds only its own rows.
+def shard_sequences(tree: Any, mesh: Mesh, axis: int = 0) -> Any:
+  """Each leaf sequence-sharded over "data" along `axis` ((n_seq, ...) with axis 0; (M, n_seq,
+  ...) stacked microbatches with axis 1); every process feeds only its own rows.
 
   The leaves are the whole microbatch as this process knows it (host or replicated arrays); only
   the block of rows that lands on this process's devices is handed to
   `jax.make_array_from_process_local_data`.
   """
-  sharding = sequence_sharded(mesh)
+  sharding = sequence_sharded(mesh, axis)
 
   def place(x):
     x = np.asarray(x)
-    return jax.make_array_from_process_local_data(
-        sharding, x[_process_rows(sharding, x.shape)], x.shape)
+    rows = (slice(None),) * axis + (_process_rows(sharding, x.shape, axis),)
+    return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
 
   return jax.tree.map(place, tree)
 
 
-def data_parallel(update_fn: Callable, mesh: Mesh, mode: str) -> Callable:
+def data_parallel(update_fn: Callable, mesh: Mesh, mode: str, sequence_axis: int = 0) -> Callable:
   """The jitted `(params, opt_state, microbatch, num_tokens) -> (params, opt_state, metrics)` on
-  the mesh: params, opt_state, num_tokens and all outputs replicated, the microbatch sharded;
-  params and opt_state donated.
+  the mesh: params, opt_state, num_tokens and all outputs replicated, the microbatch sharded along
+  `sequence_axis` (1 for microbatches stacked on a leading axis); params and opt_state donated.
 
   mode "exact": `update_fn` is the single-device function; jit partitions it.
   mode "local": `update_fn` runs per device under `jax.shard_map` on its own rows and must do its
@@ -115,13 +123,14 @@ def data_parallel(update_fn: Callable, mesh: Mesh, mode: str) -> Callable:
   """
   if mode not in MODES:
     raise ValueError(f"config.mesh.mode: unknown {mode!r}; expected one of {MODES}")
-  rep, data = replicated(mesh), sequence_sharded(mesh)
+  rep, data = replicated(mesh), sequence_sharded(mesh, sequence_axis)
   if mode == "exact":
     return jax.jit(update_fn, in_shardings=(rep, rep, data, rep), out_shardings=rep,
                    donate_argnums=(0, 1))
   # check_vma=False: the factor capture differentiates with plain (unannotated) cotangents, which
   # the varying-manual-axes type check rejects inside shard_map. Replication of the outputs is what
   # the transforms' own psum guarantees (and tests/test_distributed.py checks with check_vma=True).
-  return jax.jit(jax.shard_map(update_fn, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P()),
+  return jax.jit(jax.shard_map(update_fn, mesh=mesh,
+                               in_specs=(P(), P(), _sequence_spec(sequence_axis), P()),
                                out_specs=P(), check_vma=False), donate_argnums=(0, 1))
 

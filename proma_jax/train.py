@@ -183,6 +183,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   integer("rollout.sample_batch", 0)
   integer("train.num_minibatches", 1)
   integer("train.num_microbatches", 1)
+  integer("train.num_epochs", 1)
+  need(isinstance(t.scan_microbatches, bool), "train.scan_microbatches",
+       f"must be True or False, got {t.scan_microbatches!r}")
   batch = r.prompts_per_step * r.group_size
   need(batch % t.num_minibatches == 0, "train.num_minibatches",
        f"{t.num_minibatches} does not divide the rollout batch of {batch} sequences "
@@ -291,6 +294,51 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
   With a mesh, jitted on it (`mesh_lib.data_parallel`): the microbatch sharded over "data", the
   rest replicated; in local mode each device's metrics (sums over its tokens) are psum-ed.
   """
+  return _compile(c, _microbatch_update_fn(c, policy, tx), mesh, stacked=False)
+
+
+def make_minibatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Policy,
+                          tx: optax.GradientTransformationExtraArgs, mesh=None):
+  """One optimizer step in one compiled call: the jitted
+  (params, opt_state, microbatches, num_tokens) -> (params, opt_state, metrics), where every leaf
+  of `microbatches` stacks the step's M microbatches on a leading axis (M, n, ...).
+
+  A `lax.scan` runs the microbatch update of `make_microbatch_update` over the M microbatches with
+  params and the transform's state carried, so the result is the loop's (to float rounding) and
+  the program compiles once whatever M; the metrics are summed over the microbatches, as the loop
+  sums them. params and opt_state are donated. With a mesh, each microbatch's sequences (axis 1)
+  are sharded over "data".
+  """
+  update = _microbatch_update_fn(c, policy, tx)
+
+  def minibatch_update(params, opt_state, microbatches, num_tokens):
+    def body(carry, mb):
+      params, opt_state, metrics = update(*carry, mb, num_tokens)
+      return (params, opt_state), metrics
+
+    (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state), microbatches)
+    return params, opt_state, jax.tree.map(lambda x: jnp.sum(x, axis=0), metrics)
+
+  return _compile(c, minibatch_update, mesh, stacked=True)
+
+
+def _compile(c: ml_collections.ConfigDict, update, mesh, stacked: bool):
+  """`update` jitted with params and opt_state donated, on the mesh when there is one (in local
+  mode its metrics, sums over each device's tokens, are psum-ed)."""
+  if mesh is None:
+    return jax.jit(update, donate_argnums=(0, 1))
+  if _local_mode(c):
+    def update_local(params, opt_state, mb, num_tokens):
+      params, opt_state, metrics = update(params, opt_state, mb, num_tokens)
+      return params, opt_state, jax.lax.psum(metrics, mesh_lib.DATA_AXIS)
+    return mesh_lib.data_parallel(update_local, mesh, c.mesh.mode, sequence_axis=int(stacked))
+  return mesh_lib.data_parallel(update, mesh, c.mesh.mode, sequence_axis=int(stacked))
+
+
+def _microbatch_update_fn(c: ml_collections.ConfigDict, policy: policy_lib.Policy,
+                          tx: optax.GradientTransformationExtraArgs):
+  """The pure (params, opt_state, microbatch, num_tokens) -> (params, opt_state, metrics) of
+  `c.algorithm`: the microbatch's gradient (and PROMA statistics), the transform, apply_updates."""
   algorithm = c.algorithm
   if algorithm == "grpo":
     policy_loss = losses.get_policy_loss("grpo", eps_low=c.grpo.eps_low, eps_high=c.grpo.eps_high,
@@ -359,14 +407,7 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
     params = optax.apply_updates(params, updates)
     return params, opt_state, dict(metrics, **{"loss": loss})
 
-  def update_local(params, opt_state, mb, num_tokens):
-    params, opt_state, metrics = update(params, opt_state, mb, num_tokens)
-    return params, opt_state, jax.lax.psum(metrics, mesh_lib.DATA_AXIS)
-
-  # params and opt_state are donated: the step updates them in place (callers keep no reference).
-  if mesh is None:
-    return jax.jit(update, donate_argnums=(0, 1))
-  return mesh_lib.data_parallel(update_local if _local_mode(c) else update, mesh, c.mesh.mode)
+  return update
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +437,7 @@ class Trainer:
     self.c, self.policy, self.init_params = c, policy, self.replicate(init_params)
     self.tx = make_optimizer(c)
     self.microbatch_update = make_microbatch_update(c, policy, self.tx, self.mesh)
+    self.minibatch_update = make_minibatch_update(c, policy, self.tx, self.mesh)
     self._stats = jax.jit(lambda params, tokens, valid, response_len: policy_lib.response_logprobs(
         policy_lib.bind(policy, params), tokens, valid, response_len), static_argnums=3)
     batch = c.rollout.prompts_per_step * c.rollout.group_size
@@ -428,9 +470,26 @@ class Trainer:
     """`tree` replicated on the mesh (unchanged without one)."""
     return tree if self.mesh is None else mesh_lib.replicate(tree, self.mesh)
 
-  def shard(self, microbatch: dict) -> dict:
-    """A microbatch's sequences sharded over the mesh, this process feeding its own rows."""
-    return microbatch if self.mesh is None else mesh_lib.shard_sequences(microbatch, self.mesh)
+  def shard(self, microbatch: dict, axis: int = 0) -> dict:
+    """A microbatch's sequences (along `axis`) sharded over the mesh, this process feeding its
+    own rows."""
+    return (microbatch if self.mesh is None
+            else mesh_lib.shard_sequences(microbatch, self.mesh, axis))
+
+  def optimizer_step(self, params: dict, opt_state, minibatch: dict, num_tokens):
+    """One optimizer step on a minibatch: its M microbatches (consecutive rows) accumulated by
+    the transform. (params, opt_state, metrics summed over the microbatches)."""
+    m = self.c.train.num_microbatches
+    if self.c.train.scan_microbatches:  # one compiled call (make_minibatch_update)
+      stacked = {k: v.reshape((m, -1) + v.shape[1:]) for k, v in minibatch.items()}
+      return self.minibatch_update(params, opt_state, self.shard(stacked, axis=1), num_tokens)
+    metrics: dict[str, Any] = {}
+    for idx in np.split(np.arange(len(minibatch["tokens"])), m):  # one call per microbatch
+      params, opt_state, micro_metrics = self.microbatch_update(
+          params, opt_state, self.shard(_slice(minibatch, idx)), num_tokens)
+      for k, v in micro_metrics.items():
+        metrics[k] = metrics.get(k, 0.0) + v
+    return params, opt_state, metrics
 
   def step(self, params: dict, opt_state, step: int, seed: int):
     c, policy = self.c, self.policy
@@ -458,19 +517,19 @@ class Trainer:
 
     logp_init, _ = timed_stats(self.init_params, batch["tokens"], batch["valid"])
     kl_init = losses.kl_step(batch["old_logp"], logp_init, batch["mask"])
-    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 1), len(examples)))
-    minibatches = np.split(order, c.train.num_minibatches)
+    # Each epoch passes over the rollout batch in a fresh order (epoch 0's is the one-epoch order).
+    order_key = jax.random.fold_in(key, 1)
+    minibatches = [idx for epoch in range(c.train.num_epochs) for idx in np.split(
+        np.asarray(jax.random.permutation(
+            order_key if epoch == 0 else jax.random.fold_in(order_key, epoch), len(examples))),
+        c.train.num_minibatches)]
     sums: dict[str, list] = {}
     for mb_idx in minibatches:
       mb = _slice(batch, mb_idx)
       num_tokens = self.replicate(jnp.maximum(jnp.sum(mb["mask"]), 1.0))
       logp_before, entropy = timed_stats(params, mb["tokens"], mb["valid"])
-      step_metrics: dict[str, Any] = {}
-      for micro_idx in np.split(np.arange(len(mb_idx)), c.train.num_microbatches):
-        params, opt_state, micro_metrics = self.microbatch_update(
-            params, opt_state, self.shard(_slice(mb, micro_idx)), num_tokens)
-        for k, v in micro_metrics.items():
-          step_metrics[k] = step_metrics.get(k, 0.0) + v
+      params, opt_state, step_metrics = self.optimizer_step(params, opt_state, mb, num_tokens)
+      step_metrics = dict(step_metrics)
       logp_after, _ = timed_stats(params, mb["tokens"], mb["valid"])
       step_metrics["kl/step"] = losses.kl_step(logp_before, logp_after, mb["mask"])
       step_metrics["kl/step_k3"] = losses.kl_step_k3(logp_before, logp_after, mb["mask"])
