@@ -1,14 +1,28 @@
-"""The paper's comparison at CPU scale: algorithms x learning rates x seeds x tasks.
+"""The paper's comparison at CPU scale: tasks x batch shapes x arms x learning rates x seeds.
 
-  python experiments/sweep.py --out runs/sweep                  # the full grid, in the background:
-  nohup python experiments/sweep.py --out runs/sweep > runs/sweep.log 2>&1 &
-  python experiments/report.py runs/sweep --out results         # table, CSV and figures
+  python experiments/sweep.py --plan paper --out runs/paper --summaries results/paper/runs \\
+      --commit_every 900                                # issue 13's grid, resumable, in the background
+  python experiments/sweep.py --out runs/sweep --shapes base --arms reinforce,grpo,proma \\
+      --lrs 1e-4,3e-4 --seeds 0,1 --steps 60            # one grid from the flags
+  python experiments/report_paper.py results/paper/runs --out results/paper
 
-Every run starts from its task's shared warm start and uses the same rollouts budget and number
-of optimizer steps. Runs are grouped by (task, algorithm) and each group runs in one worker
-process, so the jitted step compiles once per group: learning rate and seed are run-time inputs
-(`train._trainer_for`). Interrupting the sweep loses at most the runs in flight since their last
-checkpoint: rerunning skips finished runs (a `DONE` file) and resumes the others.
+A run is one (task, shape, arm, lr, seed). An arm is an algorithm plus config overrides (ARMS: e.g.
+`proma_rb0.5` is PROMA with the author's relative_bound 0.5, `grpo_2ep` GRPO with 2 PPO epochs so
+that its clipping acts); a shape sets the rollout batch and how it is cut (SHAPES: `paper` is 64
+prompts x 8 samples = 512 sequences, 2 minibatches of 256 = 32 microbatches of 8). Every run of a
+task starts from the same warm start, sees the same prompts and sampling keys per (seed, step), and
+records in its run directory `overrides.json`, the exact config overrides it ran with.
+
+Resuming: a run is finished when its summary (`--summaries/<task>/<shape>/<arm>/lr<lr>_seed<seed>
+.json`, small: per-step curves and validation points) exists, so a sweep resumes from summaries
+committed to the repository even on a fresh machine without `runs/`; a run interrupted mid-way
+resumes from its last checkpoint in `--out` when that is still there. `--commit_every S` commits
+new summaries to git every S seconds (and at the end).
+
+Scheduling: `--workers` processes, each fed one run at a time: a free worker takes another run of
+the group (task, shape, arm) it last ran, whose compiled step it holds (lr and seed are run-time
+inputs, `train._trainer_for`), else the costliest group no worker is on, else any, so no worker
+idles while runs are left.
 """
 
 from __future__ import annotations
@@ -19,6 +33,8 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import queue
+import subprocess
 import sys
 import time
 
@@ -36,99 +52,273 @@ def _load_config_schema():
 
 
 ALGORITHMS = _load_config_schema().ALGORITHMS
+
+# arm -> (algorithm, config overrides).
+ARMS = {a: (a, {}) for a in ALGORITHMS}
+ARMS["proma_rb0.5"] = ("proma", {"proma.relative_bound": 0.5})  # the author's GSM8K setting
+ARMS["grpo_2ep"] = ("grpo", {"train.num_epochs": 2})  # 2 PPO epochs: the second is off-policy
+
+# shape -> config overrides (the rollout batch and its minibatch / microbatch cut).
+_PAPER = {"rollout.prompts_per_step": 64, "rollout.group_size": 8}
+_SMALL = {"rollout.prompts_per_step": 8, "rollout.group_size": 8}
+SHAPES = {
+    "base": {},  # the config's own: 16 prompts x 4 = 64 sequences, 2 minibatches of 4 x 8
+    "paper": dict(_PAPER, **{"train.num_microbatches": 32}),  # minibatch 256 = 32 x 8
+    "mb256_4x64": dict(_PAPER, **{"train.num_microbatches": 4}),  # minibatch 256 = 4 x 64
+    "mb32_4x8": dict(_SMALL, **{"train.num_microbatches": 4}),  # minibatch 32 = 4 x 8
+    "mb32_32x1": dict(_SMALL, **{"train.num_microbatches": 32}),  # minibatch 32 = 32 x 1
+}
+
+# Named grids: each a list of sub-grids (every combination of its lists).
+_LRS = [3e-5, 1e-4, 3e-4, 1e-3]
+_SEEDS = [0, 1, 2, 3]
+PLANS = {
+    "paper": [
+        dict(tasks=["reverse", "arith"], shapes=["paper"],
+             arms=["reinforce", "grpo", "proma", "proma_intra", "proma_both", "proma_rb0.5",
+                   "grpo_2ep"], lrs=_LRS, seeds=_SEEDS),
+        # Controls: minibatch size against the number of microbatches, at equal seeds.
+        dict(tasks=["reverse"], shapes=["mb256_4x64", "mb32_4x8", "mb32_32x1"],
+             arms=["grpo", "proma"], lrs=[1e-4, 3e-4], seeds=_SEEDS),
+    ],
+}
+
 # Relative cost of a step, for scheduling the slowest groups first.
-COST = {"proma_both": 4, "proma_intra": 2.5, "proma": 1.2, "reinforce": 1, "grpo": 1}
+ARM_COST = {"proma_both": 4, "proma_intra": 2.5, "proma": 1.2, "proma_rb0.5": 1.2, "grpo_2ep": 2}
+# Per-step curves kept in a run's summary.
+CURVE_KEYS = ("reward/mean", "kl/step", "kl/step_max", "kl/step_k3", "kl/init", "entropy",
+              "pg/clipfrac", "grad/norm", "proma/reduction", "proma/intra_reduction",
+              "response/length", "time/step_s")
 
 
-def run_dir(out: str, task: str, algorithm: str, lr: float, seed: int) -> str:
-  return os.path.join(out, task, algorithm, f"lr{lr:g}_seed{seed}")
+def run_name(task: str, shape: str, arm: str, lr: float, seed: int) -> str:
+  return os.path.join(task, shape, arm, f"lr{lr:g}_seed{seed}")
 
 
-def make_config(task: str, algorithm: str, lr: float, seed: int, steps: int,
-                overrides: list[str]):
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  module = __import__(task)
-  c = module.get_config(algorithm)
-  c.optim.lr, c.seed, c.steps = lr, seed, steps
-  c.sft.checkpoint_dir = os.path.join(REPO, c.sft.checkpoint_dir)
-  c.eval.every = max(1, steps // 6)
-  c.checkpoint.every = max(1, steps // 3)
-  for item in overrides:
+def run_overrides(shape: str, arm: str, lr: float, seed: int, steps: int,
+                  extra: list[str]) -> dict:
+  """Every config field the run sets over `configs/<task>.py:<algorithm>`, in order of precedence
+  (later wins): run-time fields, the shape, the arm, then --override."""
+  overrides = {"optim.lr": lr, "seed": seed, "steps": steps, "eval.every": max(1, steps // 6),
+               "checkpoint.every": max(1, steps // 3)}
+  overrides.update(SHAPES[shape])
+  overrides.update(ARMS[arm][1])
+  for item in extra:
     field, _, value = item.partition("=")
+    overrides[field] = json.loads(value)
+  return overrides
+
+
+def make_config(task: str, algorithm: str, overrides: dict):
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  c = __import__(task).get_config(algorithm)
+  c.sft.checkpoint_dir = os.path.join(REPO, c.sft.checkpoint_dir)
+  for field, value in overrides.items():
     *parents, leaf = field.split(".")
     node = c
     for parent in parents:
       node = node[parent]
-    node[leaf] = json.loads(value)
+    node[leaf] = value
   return c
 
 
-def _worker(args):
-  """Runs every (lr, seed) of one (task, algorithm) in this process, sequentially."""
-  group, cells, out, steps, overrides = args
+def _round(x, digits: int = 5):
+  return None if x is None else float(f"{x:.{digits}g}")
+
+
+def summarize(directory: str, meta: dict) -> dict:
+  """The small record of a finished run: `meta`, validation points and per-step curves."""
+  by_step = {}
+  with open(os.path.join(directory, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      by_step[record["step"]] = record  # the last record of a step wins
+  steps = sorted(s for s in by_step if s > 0)
+  val = {str(s): by_step[s]["val/accuracy"] for s in sorted(by_step) if "val/accuracy" in by_step[s]}
+  val_id = {str(s): by_step[s]["val_id/accuracy"] for s in sorted(by_step)
+            if "val_id/accuracy" in by_step[s]}
+  curves = {k: [_round(by_step[s].get(k)) for s in steps] for k in CURVE_KEYS
+            if any(k in by_step[s] for s in steps)}
+  return dict(meta, steps_done=len(steps), val=val, val_id=val_id, curves=curves)
+
+
+def _write_json(path: str, data: dict) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(data, f, separators=(",", ":"))
+  os.replace(tmp, path)
+
+
+def _worker(worker_id: int, inbox, outbox, out: str, summaries: str):
+  """Runs the runs it is sent, one at a time, until it is sent None."""
   os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
   from absl import logging
 
   from proma_jax import train
   logging.set_verbosity(logging.WARNING)
-  task, algorithm = group
-  for lr, seed in cells:
-    directory = run_dir(out, task, algorithm, lr, seed)
-    if os.path.exists(os.path.join(directory, "DONE")):
-      continue
-    config = make_config(task, algorithm, lr, seed, steps, overrides)
-    start = time.perf_counter()
-    train.run(config, directory, progress=False)
-    with open(os.path.join(directory, "DONE"), "w") as f:
-      json.dump({"wall_s": time.perf_counter() - start}, f)
-  return group
+  while (job := inbox.get()) is not None:
+    (task, shape, arm, lr, seed), overrides = job
+    name = run_name(task, shape, arm, lr, seed)
+    directory = os.path.join(out, name)
+    try:
+      os.makedirs(directory, exist_ok=True)
+      _write_json(os.path.join(directory, "overrides.json"), overrides)
+      start = time.perf_counter()
+      train.run(make_config(task, ARMS[arm][0], overrides), directory, progress=False)
+      meta = {"task": task, "shape": shape, "arm": arm, "algorithm": ARMS[arm][0], "lr": lr,
+              "seed": seed, "overrides": overrides,
+              "wall_s": round(time.perf_counter() - start, 1)}
+      _write_json(os.path.join(summaries, name + ".json"), summarize(directory, meta))
+      outbox.put((worker_id, name, None))
+    except Exception as e:  # noqa: BLE001 -- reported by the parent, which stops the sweep
+      import traceback
+      outbox.put((worker_id, name, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def plan_cells(args) -> list[tuple]:
+  grids = PLANS[args.plan] if args.plan else [dict(
+      tasks=args.tasks.split(","), shapes=args.shapes.split(","), arms=args.arms.split(","),
+      lrs=[float(x) for x in args.lrs.split(",")], seeds=[int(x) for x in args.seeds.split(",")])]
+  cells = []
+  for grid in grids:
+    for cell in itertools.product(grid["tasks"], grid["shapes"], grid["arms"], grid["lrs"],
+                                  grid["seeds"]):
+      if cell not in cells:
+        cells.append(cell)
+  unknown = sorted({c[2] for c in cells} - set(ARMS)) + sorted({c[1] for c in cells} - set(SHAPES))
+  if unknown:
+    raise SystemExit(f"unknown arm or shape {unknown}; arms: {sorted(ARMS)}, shapes: "
+                     f"{sorted(SHAPES)}")
+  return cells
+
+
+def _group_cost(group: tuple) -> float:
+  task, shape, arm = group
+  overrides = SHAPES[shape]
+  sequences = (overrides.get("rollout.prompts_per_step", 16) * overrides.get("rollout.group_size", 4))
+  return ARM_COST.get(arm, 1) * sequences
+
+
+def next_job(pending: dict, last_group, busy_groups) -> tuple | None:
+  """The next run for a worker that last ran `last_group`: the same group if runs are left,
+  else the costliest group no other worker is on, else the costliest group."""
+  if pending.get(last_group):
+    return pending[last_group].pop(0)
+  left = [g for g in pending if pending[g]]
+  if not left:
+    return None
+  free = [g for g in left if g not in busy_groups] or left
+  return pending[max(free, key=_group_cost)].pop(0)
+
+
+def commit_summaries(summaries: str, message: str) -> bool:
+  """Commits the summaries directory to git (new or changed files only); False if nothing to
+  commit or git refused (e.g. another commit held the index lock: the next call retries)."""
+  try:
+    subprocess.run(["git", "add", "--", summaries], cwd=REPO, check=True, capture_output=True)
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", summaries], cwd=REPO)
+    if staged.returncode == 0:
+      return False
+    subprocess.run(["git", "commit", "-q", "-m", message, "--", summaries], cwd=REPO, check=True,
+                   capture_output=True)
+    return True
+  except (subprocess.CalledProcessError, OSError) as e:
+    print(f"sweep: git commit of {summaries} failed ({e}); will retry", flush=True)
+    return False
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  parser.add_argument("--out", default="runs/sweep")
+  parser.add_argument("--out", default="runs/sweep", help="run directories (checkpoints, metrics)")
+  parser.add_argument("--summaries", default=None,
+                      help="where finished runs' summaries go (default OUT/summaries)")
+  parser.add_argument("--plan", default=None, choices=sorted(PLANS),
+                      help="a named grid (overrides --tasks/--shapes/--arms/--lrs/--seeds)")
   parser.add_argument("--tasks", default="reverse,arith")
-  parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+  parser.add_argument("--shapes", default="base", help=f"of {sorted(SHAPES)}")
+  parser.add_argument("--arms", "--algorithms", default=",".join(ALGORITHMS),
+                      help=f"of {sorted(ARMS)}")
   parser.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--steps", type=int, default=60)
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--override", action="append", default=[],
                       help="config field=JSON value applied to every run, e.g. model.d_model=32")
+  parser.add_argument("--commit_every", type=float, default=0,
+                      help="seconds between git commits of new summaries (0: never)")
   args = parser.parse_args(argv)
-  tasks = args.tasks.split(",")
-  algorithms = args.algorithms.split(",")
-  lrs = [float(x) for x in args.lrs.split(",")]
-  seeds = [int(x) for x in args.seeds.split(",")]
-  cells = list(itertools.product(lrs, seeds))
-  groups = sorted(itertools.product(tasks, algorithms), key=lambda g: -COST.get(g[1], 1))
-  total = len(groups) * len(cells)
+  summaries = args.summaries or os.path.join(args.out, "summaries")
+  cells = plan_cells(args)
+  overrides = {cell: run_overrides(cell[1], cell[2], cell[3], cell[4], args.steps, args.override)
+               for cell in cells}
+  done = lambda cell: os.path.exists(os.path.join(summaries, run_name(*cell) + ".json"))  # noqa: E731
+  pending: dict[tuple, list] = {}
+  for cell in cells:
+    if not done(cell):
+      pending.setdefault(cell[:3], []).append(cell)
+  total, left = len(cells), sum(map(len, pending.values()))
+  print(f"sweep: {total} runs, {total - left} already summarised in {summaries}, {left} to run",
+        flush=True)
 
-  # Warm starts first, in this process, so workers never race to create the same one.
-  from absl import logging
+  if left:
+    # Warm starts first, in this process, so workers never race to create the same one.
+    from absl import logging
 
-  from proma_jax import sft
-  logging.set_verbosity(logging.WARNING)
-  for task in tasks:
-    sft.load_or_train(make_config(task, algorithms[0], lrs[0], seeds[0], args.steps, args.override))
-
-  def finished() -> int:
-    return sum(os.path.exists(os.path.join(run_dir(args.out, t, a, lr, s), "DONE"))
-               for (t, a), (lr, s) in itertools.product(groups, cells))
+    from proma_jax import sft
+    logging.set_verbosity(logging.WARNING)
+    for task in sorted({g[0] for g in pending}):
+      cell = next(c for c in cells if c[0] == task)
+      sft.load_or_train(make_config(task, ARMS[cell[2]][0], overrides[cell]))
 
   import tqdm
-  start = time.perf_counter()
-  bar = tqdm.tqdm(total=total, initial=finished(), desc="sweep runs", file=sys.stdout)
-  jobs = [(g, cells, args.out, args.steps, args.override) for g in groups]
-  with mp.get_context("spawn").Pool(args.workers) as pool:
-    pending = pool.map_async(_worker, jobs)
-    while not pending.ready():
-      pending.wait(5)
-      bar.update(finished() - bar.n)
-    pending.get()  # re-raises a worker's exception
-  bar.update(finished() - bar.n)
-  bar.close()
-  print(f"sweep: {finished()}/{total} runs done in {time.perf_counter() - start:.0f} s -> {args.out}")
+  start = last_commit = time.perf_counter()
+  bar = tqdm.tqdm(total=total, initial=total - left, desc="sweep runs", file=sys.stdout)
+  ctx = mp.get_context("spawn")
+  outbox = ctx.Queue()
+  workers, inboxes, current = [], [], {}
+  try:
+    for i in range(min(args.workers, left)):
+      inboxes.append(ctx.Queue())
+      workers.append(ctx.Process(target=_worker, args=(i, inboxes[i], outbox, args.out, summaries),
+                                 daemon=True))
+      workers[i].start()
+      job = next_job(pending, None, {g for g in current.values() if g})
+      current[i] = job[:3]
+      inboxes[i].put((job, overrides[job]))
+    while current:
+      try:
+        worker_id, name, error = outbox.get(timeout=10)
+      except queue.Empty:
+        dead = [i for i, w in enumerate(workers) if not w.is_alive() and i in current]
+        if dead:
+          raise SystemExit(f"sweep: worker {dead} died (killed?); rerun to resume")
+        continue
+      if error:
+        raise SystemExit(f"sweep: run {name} failed:\n{error}")
+      bar.update(1)
+      bar.write(f"done {name}")
+      last_group = current.pop(worker_id)
+      job = next_job(pending, last_group, set(current.values()))
+      if job is None:
+        inboxes[worker_id].put(None)
+      else:
+        current[worker_id] = job[:3]
+        inboxes[worker_id].put((job, overrides[job]))
+      if args.commit_every and time.perf_counter() - last_commit > args.commit_every:
+        if commit_summaries(summaries, f"sweep ({args.plan or 'flags'}): run summaries, "
+                                       f"{bar.n}/{total} done"):
+          last_commit = time.perf_counter()
+  finally:
+    for w in workers:
+      if w.is_alive():
+        w.terminate()
+    bar.close()
+    if args.commit_every:
+      commit_summaries(summaries, f"sweep ({args.plan or 'flags'}): run summaries, "
+                                  f"{sum(map(done, cells))}/{total} done")
+  print(f"sweep: {sum(map(done, cells))}/{total} runs done in {time.perf_counter() - start:.0f} s "
+        f"-> {summaries}")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,10 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(dict(
       num_processes=1, process_id=0, coordinator="127.0.0.1:12355"))
 
-  c.eval = ml_collections.ConfigDict(dict(every=5, num_examples=128, seed=12345))
+  # Greedy accuracy on num_examples val prompts ("val/accuracy") and, with in_distribution, on as
+  # many held-out draws of the train split ("val_id/accuracy").
+  c.eval = ml_collections.ConfigDict(dict(every=5, num_examples=128, seed=12345,
+                                          in_distribution=True))
   # Experiment logging besides <workdir>/metrics.jsonl: TensorBoard event files under
   # <workdir>/tensorboard, and Weights & Biases when wandb_project is set (`pip install wandb`;
   # wandb_mode "offline" needs no network, "disabled" turns it off).

@@ -235,6 +235,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   integer("eval.every", 1)
   integer("eval.num_examples", 1)
   integer("eval.seed", 0)
+  need(isinstance(c.eval.in_distribution, bool), "eval.in_distribution",
+       f"must be True or False, got {c.eval.in_distribution!r}")
   integer("checkpoint.every", 1)
   integer("checkpoint.max_to_keep", 1)
 
@@ -420,6 +422,10 @@ def step_examples(c: ml_collections.ConfigDict, policy: policy_lib.Policy, step:
   return [ex for ex in prompts for _ in range(c.rollout.group_size)]
 
 
+# Train-split seeds of RL steps are seed * 1_000_003 + step; held-out draws use this one + eval.seed.
+_HELDOUT_SEED = 2**31 - 1_000_003
+
+
 def _slice(tree: dict, idx: np.ndarray) -> dict:
   return {k: v[idx] for k, v in tree.items()}
 
@@ -438,24 +444,36 @@ class Trainer:
     self.tx = make_optimizer(c)
     self.microbatch_update = make_microbatch_update(c, policy, self.tx, self.mesh)
     self.minibatch_update = make_minibatch_update(c, policy, self.tx, self.mesh)
-    self._stats = jax.jit(lambda params, tokens, valid, response_len: policy_lib.response_logprobs(
-        policy_lib.bind(policy, params), tokens, valid, response_len), static_argnums=3)
     batch = c.rollout.prompts_per_step * c.rollout.group_size
     self.stats_rows = batch // (c.train.num_minibatches * c.train.num_microbatches)
-    self.val_examples = policy.task.val_examples(c.eval.num_examples, seed=c.eval.seed)
 
-  def evaluate(self, params: dict) -> float:
-    return policy_lib.greedy_accuracy(self.policy, params, self.val_examples)
+    def stats(params, tokens, valid, response_len):  # one chunk of stats_rows rows at a time
+      model = policy_lib.bind(policy, params)
+      chunks = [x.reshape((-1, self.stats_rows) + x.shape[1:]) for x in (tokens, valid)]
+      out = jax.lax.map(lambda tv: policy_lib.response_logprobs(model, *tv, response_len), chunks)
+      return tuple(x.reshape((-1,) + x.shape[2:]) for x in out)
+
+    self._stats = jax.jit(stats, static_argnums=3)
+    self.val_examples = policy.task.val_examples(c.eval.num_examples, seed=c.eval.seed)
+    # In-distribution held-out: other draws of the train split (from a seed no step uses; a
+    # task with few distinct prompts repeats some training prompts).
+    self.val_id_examples = (policy.task.train_examples(c.eval.num_examples,
+                                                       seed=_HELDOUT_SEED + c.eval.seed)
+                            if c.eval.in_distribution else [])
+
+  def evaluate(self, params: dict) -> dict[str, float]:
+    """Greedy accuracy on the val split ("val/accuracy") and, with eval.in_distribution, on
+    held-out draws of the train split ("val_id/accuracy")."""
+    out = {"val/accuracy": policy_lib.greedy_accuracy(self.policy, params, self.val_examples)}
+    if self.val_id_examples:
+      out["val_id/accuracy"] = policy_lib.greedy_accuracy(self.policy, params, self.val_id_examples)
+    return out
 
   def stats(self, params: dict, tokens_BxT, valid_BxT, response_len: int):
-    """(logp_BxL, entropy_BxL) of the responses, one microbatch of rows per compiled call so that
-    memory stays that of a microbatch whatever the batch."""
-    parts = [self._stats(params, tokens_BxT[i:i + self.stats_rows],
-                         valid_BxT[i:i + self.stats_rows], response_len)
-             for i in range(0, tokens_BxT.shape[0], self.stats_rows)]
-    if len(parts) == 1:
-      return parts[0]
-    return tuple(jnp.concatenate(columns, axis=0) for columns in zip(*parts))
+    """(logp_BxL, entropy_BxL) of the responses (B a multiple of a microbatch), in one compiled
+    call that maps over chunks of a microbatch's rows (`lax.map`), so that memory stays that of a
+    microbatch whatever the batch."""
+    return self._stats(params, tokens_BxT, valid_BxT, response_len)
 
   def fresh_params(self) -> dict:
     """A copy of the initial params to train (the microbatch update donates its params, and
@@ -838,7 +856,7 @@ def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
         sinks.write(record["step"], {k: v for k, v in record.items() if k != "step"})
 
     if start == 0:
-      write({"step": 0, "val/accuracy": trainer.evaluate(params)})
+      write({"step": 0, **trainer.evaluate(params)})
     bar = tqdm.tqdm(range(start, c.steps), initial=start, total=c.steps, file=sys.stdout,
                     desc=f"{c.task}/{c.algorithm}", disable=not (progress and lead),
                     mininterval=1.0)
@@ -848,7 +866,8 @@ def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
       params, opt_state, metrics = trainer.step(params, opt_state, step, c.seed)
       done = step + 1
       if done % c.eval.every == 0 or done == c.steps:
-        last_val = metrics["val/accuracy"] = trainer.evaluate(params)
+        metrics.update(trainer.evaluate(params))
+        last_val = metrics["val/accuracy"]
       write(dict(step=done, **metrics))
       bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", kl=f"{metrics['kl/step']:.1e}",
                       val="-" if last_val is None else f"{last_val:.2f}")

@@ -1,8 +1,10 @@
-"""A reduced sweep runs end to end, the report covers every cell, and a rerun redoes nothing."""
+"""A reduced sweep runs end to end, records its overrides and summaries, resumes from summaries
+alone, and the report covers every cell; the scheduler keeps every worker busy."""
 
 import csv
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -15,21 +17,31 @@ import sweep  # noqa: E402
 
 @pytest.mark.slow
 def test_reduced_sweep_and_report(tmp_path):
-  """1 algorithm x 2 learning rates x 1 seed: every (task, algorithm, lr, seed) row and figure.
-  (One algorithm: the others run the same sweep code; tests/test_train.py covers each.)"""
-  out = tmp_path / "sweep"
+  """1 arm x 2 learning rates x 1 seed: overrides.json and a summary per run, a rerun with the
+  run directories deleted redoes nothing, and the report has every (task, algorithm, lr, seed).
+  (One arm: the others run the same sweep code; tests/test_train.py covers each algorithm.)"""
+  out, summaries = tmp_path / "sweep", tmp_path / "summaries"
   overrides = [f"sft.checkpoint_dir={json.dumps(str(tmp_path / 'warm'))}", "sft.steps=20",
                "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
                "rollout.prompts_per_step=4", "rollout.group_size=2", "eval.num_examples=8"]
-  args = ["--out", str(out), "--tasks", "reverse", "--algorithms", "proma",
-          "--lrs", "1e-4,1e-3", "--seeds", "0", "--steps", "2", "--workers", "1"]
+  args = ["--out", str(out), "--summaries", str(summaries), "--tasks", "reverse",
+          "--arms", "proma_rb0.5", "--lrs", "1e-4,1e-3", "--seeds", "0", "--steps", "2",
+          "--workers", "1"]
   args += [x for o in overrides for x in ("--override", o)]
   sweep.main(args)
-  done = sorted(str(p.relative_to(out)) for p in out.rglob("DONE"))
-  assert done == ["reverse/proma/lr0.0001_seed0/DONE", "reverse/proma/lr0.001_seed0/DONE"]
-  mtimes = {p: p.stat().st_mtime for p in out.rglob("metrics.jsonl")}
-  sweep.main(args)  # resume: nothing left to run
-  assert {p: p.stat().st_mtime for p in out.rglob("metrics.jsonl")} == mtimes
+  names = ["reverse/base/proma_rb0.5/lr0.0001_seed0", "reverse/base/proma_rb0.5/lr0.001_seed0"]
+  assert sorted(str(p.relative_to(summaries)) for p in summaries.rglob("*.json")) == [
+      n + ".json" for n in names]
+  for name, lr in zip(names, (1e-4, 1e-3)):
+    recorded = json.load(open(out / name / "overrides.json"))
+    assert recorded["optim.lr"] == lr and recorded["proma.relative_bound"] == 0.5
+    assert recorded["model.d_model"] == 32 and recorded["steps"] == 2
+    run = json.load(open(out / name / "run.json"))
+    assert run["config"]["proma"]["relative_bound"] == 0.5 and run["lr"] == lr
+    summary = json.load(open(summaries / (name + ".json")))
+    assert summary["arm"] == "proma_rb0.5" and summary["algorithm"] == "proma"
+    assert summary["steps_done"] == 2 and set(summary["val"]) == set(summary["val_id"]) == {"0", "1", "2"}
+    assert len(summary["curves"]["kl/step"]) == 2 and "proma/reduction" in summary["curves"]
 
   results = tmp_path / "results"
   sweep_report.main([str(out), "--out", str(results)])
@@ -37,6 +49,34 @@ def test_reduced_sweep_and_report(tmp_path):
   cells = {(r["task"], r["algorithm"], float(r["lr"]), int(r["seed"])) for r in rows}
   assert cells == {("reverse", "proma", lr, 0) for lr in (1e-4, 1e-3)}
   for r in rows:
-    assert r["val_best"] != "" and r["kl_step_max"] != "" and r["wall_s"] != ""
+    assert r["val_best"] != "" and r["kl_step_max"] != ""
   for name in ("val_vs_lr_reverse.png", "curves_reverse.png"):
     assert (results / name).stat().st_size > 10_000
+
+  shutil.rmtree(out)  # a fresh machine with only the committed summaries: nothing to run
+  mtimes = {p: p.stat().st_mtime for p in summaries.rglob("*.json")}
+  sweep.main(args)
+  assert not out.exists() or not any(out.rglob("metrics.jsonl"))
+  assert {p: p.stat().st_mtime for p in summaries.rglob("*.json")} == mtimes
+
+
+def test_scheduler_keeps_groups_on_workers_and_no_worker_idle():
+  """A worker stays on its group (its compiled step) while it has runs, then takes the costliest
+  group no other worker is on; it gets a run whenever any is left."""
+  a, b, c = ("reverse", "paper", "proma_both"), ("reverse", "paper", "grpo"), ("arith", "base", "grpo")
+  pending = {a: ["a1", "a2"], b: ["b1"], c: ["c1", "c2"]}
+  assert sweep.next_job(pending, None, set()) == "a1"  # costliest first
+  assert sweep.next_job(pending, None, {a}) == "b1"  # another worker is on a
+  assert sweep.next_job(pending, a, {b}) == "a2"  # stays on its group
+  assert sweep.next_job(pending, a, {c}) == "c1"  # a and b are done: joins c rather than idle
+  assert sweep.next_job(pending, c, set()) == "c2"
+  assert sweep.next_job(pending, c, set()) is None
+
+
+def test_overrides_precedence_and_unknown_names():
+  """Later layers win: run-time fields < shape < arm < --override; unknown arms are refused."""
+  o = sweep.run_overrides("paper", "grpo_2ep", 1e-4, 3, 30, ["train.num_epochs=3"])
+  assert o["rollout.prompts_per_step"] == 64 and o["train.num_microbatches"] == 32
+  assert o["train.num_epochs"] == 3 and o["optim.lr"] == 1e-4 and o["seed"] == 3
+  with pytest.raises(SystemExit, match="unknown arm or shape"):
+    sweep.main(["--arms", "ppo", "--out", "/nonexistent"])

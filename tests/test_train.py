@@ -46,7 +46,8 @@ def test_each_algorithm_runs_two_steps(algorithm, warm_dir, tmp_path):
   for key in ("reward/mean", "kl/step", "kl/step_k3", "kl/init", "entropy", "grad/norm",
               "time/step_s", "time/sample_s", "time/update_s"):
     assert np.isfinite(by_step[2][key]), key
-  assert "val/accuracy" in by_step[0] and "val/accuracy" in by_step[2]
+  for step in (0, 2):
+    assert 0 <= by_step[step]["val/accuracy"] <= 1 and 0 <= by_step[step]["val_id/accuracy"] <= 1
   assert by_step[1]["kl/step_k3"] >= 0
   if algorithm == "grpo":
     assert "pg/clipfrac" in by_step[1]
@@ -130,7 +131,7 @@ INVALID_FIELDS = [
     ("eval.every", 0), ("eval.num_examples", 0), ("eval.seed", -1),
     ("checkpoint.every", 0), ("checkpoint.max_to_keep", 0),
     ("sft.steps", -1), ("sft.batch_size", 0), ("sft.lr", 0.0), ("sft.lr", INF), ("sft.seed", -1),
-    ("sft.checkpoint_dir", ""),
+    ("sft.checkpoint_dir", ""), ("eval.in_distribution", "yes"),
     ("logging.wandb_mode", "sometimes"),
     ("logging.wandb_project", ""),
     ("task_kwargs.noise", NAN),  # any float anywhere, task_kwargs included, must be finite
