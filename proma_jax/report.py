@@ -3,8 +3,9 @@
 A run directory holds
   run.json       {"algorithm", "task", "lr", "seed", ...}: what was run;
   metrics.jsonl  one JSON object per RL step with at least "step", and usually "reward/mean",
-                 "kl/step", "kl/init", "entropy", "time/step_s", plus "val/accuracy" on validation
-                 steps (step 0 holds the validation before training).
+                 "kl/step", "kl/init", "entropy", "time/step_s", plus "val/accuracy" (the val
+                 split) and "val_id/accuracy" (held-out draws of the train distribution) on
+                 validation steps (step 0 holds the validation before training).
 A resumed run appends the steps it repeats, so the LAST record of a step wins. A line that is not
 valid JSON, or not an object with an integer "step", is skipped with a warning; so is (by `main`)
 a directory without a readable run.json.
@@ -38,7 +39,7 @@ Summary = dict[str, Any]
 
 SUMMARY_FIELDS = (
     "run", "task", "algorithm", "lr", "seed",
-    "val_before", "val_after", "val_best",
+    "val_before", "val_after", "val_best", "val_id_before", "val_id_after", "val_id_best",
     "kl_step_mean", "kl_step_max", "kl_init_final", "entropy_final",
     "reward_first", "reward_last", "steps", "wall_s",
 )
@@ -46,7 +47,8 @@ SUMMARY_FIELDS = (
 # (metric key, panel title, y-axis label) of each panel of `plot_runs`.
 CURVE_PANELS = (
     ("kl/step", "Per-step KL(pi_old || pi_new)", "kl/step"),
-    ("val/accuracy", "Validation accuracy (greedy)", "accuracy"),
+    ("val/accuracy", "Validation accuracy, val split (greedy)", "accuracy"),
+    ("val_id/accuracy", "Held-out train-distribution accuracy (greedy)", "accuracy"),
     ("reward/mean", "Mean training reward", "reward"),
     ("entropy", "Policy entropy", "nats / token"),
     ("kl/init", "KL to the initial policy", "kl/init"),
@@ -123,13 +125,15 @@ def _max(values: Sequence[float]) -> float | None:
 def summarize_run(run: Run) -> Summary:
   """One row of results: what was run and the headline numbers of its curves.
 
-  val_before / val_after / val_best are the first / last / best `val/accuracy`; kl_step_mean and
+  val_before / val_after / val_best are the first / last / best `val/accuracy` (val_id_*: of
+  `val_id/accuracy`, the in-distribution held-out set); kl_step_mean and
   kl_step_max are over all RL steps; *_final and reward_last are the last logged values; steps
   counts the RL steps (records with `reward/mean`); wall_s sums `time/step_s`. A quantity the run
   never logged is None.
   """
   meta = run["meta"]
   val = metric_series(run, "val/accuracy")[1]
+  val_id = metric_series(run, "val_id/accuracy")[1]
   kl_step = metric_series(run, "kl/step")[1]
   reward = metric_series(run, "reward/mean")[1]
   return {
@@ -141,6 +145,9 @@ def summarize_run(run: Run) -> Summary:
       "val_before": _first(val),
       "val_after": _last(val),
       "val_best": _max(val),
+      "val_id_before": _first(val_id),
+      "val_id_after": _last(val_id),
+      "val_id_best": _max(val_id),
       "kl_step_mean": _mean(kl_step),
       "kl_step_max": _max(kl_step),
       "kl_init_final": _last(metric_series(run, "kl/init")[1]),
@@ -166,6 +173,8 @@ def results_table(summaries: Iterable[Summary]) -> str:
       ("val before -> after", lambda s: f"{_fmt(s['val_before'], '.3f')} -> "
                                         f"{_fmt(s['val_after'], '.3f')}"),
       ("val best", lambda s: _fmt(s["val_best"], ".3f")),
+      ("val_id before -> after", lambda s: f"{_fmt(s['val_id_before'], '.3f')} -> "
+                                           f"{_fmt(s['val_id_after'], '.3f')}"),
       ("kl/step mean", lambda s: _fmt(s["kl_step_mean"], ".2e")),
       ("kl/step max", lambda s: _fmt(s["kl_step_max"], ".2e")),
       ("kl/init final", lambda s: _fmt(s["kl_init_final"], ".2e")),
@@ -207,11 +216,11 @@ def plot_runs(runs: Sequence[Run], path_png: str | os.PathLike,
   """Writes a PNG with one panel per CURVE_PANELS metric and one line per run.
 
   `kl/step` uses a log y-axis when all its values are positive; sparse series (validation) are
-  drawn with markers. The sixth grid cell holds the legend.
+  drawn with markers. The last grid cell holds the legend.
   """
   labels = run_labels(runs)
   colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
-  fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=100)
+  fig, axes = plt.subplots(2, 4, figsize=(17, 7), dpi=100)
   for ax, (key, panel_title, ylabel) in zip(axes.flat, CURVE_PANELS):
     all_values = []
     for i, (run, label) in enumerate(zip(runs, labels)):
@@ -228,6 +237,8 @@ def plot_runs(runs: Sequence[Run], path_png: str | os.PathLike,
     ax.set_xlabel("RL step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+  for ax in axes.flat[len(CURVE_PANELS) + 1:]:
+    ax.axis("off")
   legend_ax = axes.flat[len(CURVE_PANELS)]
   legend_ax.axis("off")
   handles, legend_labels = axes.flat[0].get_legend_handles_labels()

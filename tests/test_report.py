@@ -15,12 +15,14 @@ def write_run(run_dir, meta, records):
   (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def step_record(step, reward, kl, entropy, kl_init, val=None):
+def step_record(step, reward, kl, entropy, kl_init, val=None, val_id=None):
   record = {"step": step, "reward/mean": reward, "kl/step": kl, "kl/step_k3": kl,
             "kl/init": kl_init, "entropy": entropy, "time/step_s": 0.5, "time/sample_s": 0.3,
             "time/update_s": 0.2, "grad/norm": 1.0}
   if val is not None:
     record["val/accuracy"] = val
+  if val_id is not None:
+    record["val_id/accuracy"] = val_id
   return record
 
 
@@ -29,12 +31,12 @@ def run_dirs(tmp_path):
   """A GRPO run that was interrupted after step 3 and resumed from step 2, and a PROMA run."""
   grpo = tmp_path / "grpo"
   write_run(grpo, {"algorithm": "grpo", "task": "arith", "lr": 1e-4, "seed": 0}, [
-      {"step": 0, "val/accuracy": 0.25},
+      {"step": 0, "val/accuracy": 0.25, "val_id/accuracy": 0.5},
       step_record(1, 0.1, 0.02, 1.5, 0.02),
-      step_record(2, 0.2, 0.04, 1.4, 0.05, val=0.30),
+      step_record(2, 0.2, 0.04, 1.4, 0.05, val=0.30, val_id=0.75),
       step_record(3, 0.9, 9.0, 0.1, 9.0),  # lost by the interruption, redone after the resume
       step_record(3, 0.3, 0.06, 1.3, 0.08),
-      step_record(4, 0.4, 0.08, 1.2, 0.10, val=0.35),
+      step_record(4, 0.4, 0.08, 1.2, 0.10, val=0.35, val_id=0.625),
   ])
   proma = tmp_path / "proma"
   write_run(proma, {"algorithm": "proma", "task": "arith", "lr": 1e-4, "seed": 0}, [
@@ -60,13 +62,14 @@ def test_summaries_are_exact(run_dirs):
   expected_grpo = {
       "run": "grpo", "task": "arith", "algorithm": "grpo", "lr": 1e-4, "seed": 0,
       "val_before": 0.25, "val_after": 0.35, "val_best": 0.35,
+      "val_id_before": 0.5, "val_id_after": 0.625, "val_id_best": 0.75,
       "kl_step_mean": 0.05, "kl_step_max": 0.08, "kl_init_final": 0.10, "entropy_final": 1.2,
       "reward_first": 0.1, "reward_last": 0.4, "steps": 4, "wall_s": 2.0,
   }
   assert grpo.keys() == expected_grpo.keys() == set(report.SUMMARY_FIELDS)
   assert grpo == expected_grpo
   assert (proma["val_before"], proma["val_after"], proma["val_best"]) == (0.25, 0.38, 0.40)
-  assert proma["kl_step_mean"] == 0.02
+  assert proma["kl_step_mean"] == 0.02 and proma["val_id_best"] is None  # never logged
   assert (proma["kl_step_max"], proma["steps"], proma["wall_s"]) == (0.03, 3, 1.5)
 
 
