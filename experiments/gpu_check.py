@@ -53,6 +53,7 @@ def _config(args) -> "ml_collections.ConfigDict":
   c.rollout.max_prompt_tokens, c.rollout.sample_batch = args.prompt_tokens + args.bucket, 0
   c.model.max_len = c.rollout.max_prompt_tokens + args.new_tokens  # the fixture header has 128
   c.train.num_minibatches, c.train.num_microbatches = args.minibatches, args.microbatches
+  c.train.scan_microbatches = bool(args.scan)
   c.optim.lr, c.eval.num_examples = 1e-6, 8
   c.proma.relative_bound = 0.5 if args.algorithm.startswith("proma") else None
   return c
@@ -115,7 +116,8 @@ def check_step(args, c, policy, params) -> dict:
   state, opt_state, metrics = trainer.step(state, opt_state, 1, seed=0)
   keep = ("time/sample_s", "time/logprob_s", "time/update_s", "time/step_s", "kl/step",
           "grad/norm", "response/length")
-  return dict(mode="step", algorithm=args.algorithm, sequences=args.prompts * args.group,
+  return dict(mode="step", algorithm=args.algorithm, scan=bool(args.scan),
+              sequences=args.prompts * args.group,
               microbatch=args.prompts * args.group // (args.minibatches * args.microbatches),
               first_step_s=first_s, finite=bool(np.isfinite(metrics["kl/step"])),
               **{k: metrics[k] for k in keep if k in metrics})
@@ -131,6 +133,8 @@ def main():
   parser.add_argument("--group", type=int, default=8)
   parser.add_argument("--minibatches", type=int, default=2)
   parser.add_argument("--microbatches", type=int, default=4)
+  parser.add_argument("--scan", type=int, default=1, choices=(0, 1),
+                      help="1: one compiled lax.scan per optimizer step; 0: a call per microbatch")
   parser.add_argument("--prompt_tokens", type=int, default=480)
   parser.add_argument("--new_tokens", type=int, default=1024)
   parser.add_argument("--bucket", type=int, default=64)
