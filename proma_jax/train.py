@@ -445,7 +445,8 @@ class Trainer:
     self.microbatch_update = make_microbatch_update(c, policy, self.tx, self.mesh)
     self.minibatch_update = make_minibatch_update(c, policy, self.tx, self.mesh)
     batch = c.rollout.prompts_per_step * c.rollout.group_size
-    self.stats_rows = batch // (c.train.num_minibatches * c.train.num_microbatches)
+    self.minibatch_rows = batch // c.train.num_minibatches
+    self.stats_rows = self.minibatch_rows // c.train.num_microbatches
 
     def stats(params, tokens, valid, response_len):  # one chunk of stats_rows rows at a time
       model = policy_lib.bind(policy, params)
@@ -470,10 +471,16 @@ class Trainer:
     return out
 
   def stats(self, params: dict, tokens_BxT, valid_BxT, response_len: int):
-    """(logp_BxL, entropy_BxL) of the responses (B a multiple of a microbatch), in one compiled
-    call that maps over chunks of a microbatch's rows (`lax.map`), so that memory stays that of a
-    microbatch whatever the batch."""
-    return self._stats(params, tokens_BxT, valid_BxT, response_len)
+    """(logp_BxL, entropy_BxL) of the responses (B a multiple of the minibatch), one compiled call
+    per minibatch of rows that maps over chunks of a microbatch's rows (`lax.map`): memory stays
+    that of a microbatch whatever the batch, and one program serves the whole batch and its
+    minibatches."""
+    rows = min(len(tokens_BxT), self.minibatch_rows)
+    parts = [self._stats(params, tokens_BxT[i:i + rows], valid_BxT[i:i + rows], response_len)
+             for i in range(0, len(tokens_BxT), rows)]
+    if len(parts) == 1:
+      return parts[0]
+    return tuple(jnp.concatenate(columns, axis=0) for columns in zip(*parts))
 
   def fresh_params(self) -> dict:
     """A copy of the initial params to train (the microbatch update donates its params, and

@@ -17,7 +17,7 @@ import sweep  # noqa: E402
 
 @pytest.mark.slow
 def test_reduced_sweep_and_report(tmp_path):
-  """1 arm x 2 learning rates x 1 seed: overrides.json and a summary per run, a rerun with the
+  """1 arm (GRPO with 2 epochs) x 2 learning rates x 1 seed: overrides.json and a summary per run, a rerun with the
   run directories deleted redoes nothing, and the report has every (task, algorithm, lr, seed).
   (One arm: the others run the same sweep code; tests/test_train.py covers each algorithm.)"""
   out, summaries = tmp_path / "sweep", tmp_path / "summaries"
@@ -25,29 +25,29 @@ def test_reduced_sweep_and_report(tmp_path):
                "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
                "rollout.prompts_per_step=4", "rollout.group_size=2", "eval.num_examples=8"]
   args = ["--out", str(out), "--summaries", str(summaries), "--tasks", "reverse",
-          "--arms", "proma_rb0.5", "--lrs", "1e-4,1e-3", "--seeds", "0", "--steps", "2",
+          "--arms", "grpo_2ep", "--lrs", "1e-4,1e-3", "--seeds", "0", "--steps", "2",
           "--workers", "1"]
   args += [x for o in overrides for x in ("--override", o)]
   sweep.main(args)
-  names = ["reverse/base/proma_rb0.5/lr0.0001_seed0", "reverse/base/proma_rb0.5/lr0.001_seed0"]
+  names = ["reverse/base/grpo_2ep/lr0.0001_seed0", "reverse/base/grpo_2ep/lr0.001_seed0"]
   assert sorted(str(p.relative_to(summaries)) for p in summaries.rglob("*.json")) == [
       n + ".json" for n in names]
   for name, lr in zip(names, (1e-4, 1e-3)):
     recorded = json.load(open(out / name / "overrides.json"))
-    assert recorded["optim.lr"] == lr and recorded["proma.relative_bound"] == 0.5
+    assert recorded["optim.lr"] == lr and recorded["train.num_epochs"] == 2
     assert recorded["model.d_model"] == 32 and recorded["steps"] == 2
     run = json.load(open(out / name / "run.json"))
-    assert run["config"]["proma"]["relative_bound"] == 0.5 and run["lr"] == lr
+    assert run["config"]["train"]["num_epochs"] == 2 and run["lr"] == lr
     summary = json.load(open(summaries / (name + ".json")))
-    assert summary["arm"] == "proma_rb0.5" and summary["algorithm"] == "proma"
+    assert summary["arm"] == "grpo_2ep" and summary["algorithm"] == "grpo"
     assert summary["steps_done"] == 2 and set(summary["val"]) == set(summary["val_id"]) == {"0", "1", "2"}
-    assert len(summary["curves"]["kl/step"]) == 2 and "proma/reduction" in summary["curves"]
+    assert len(summary["curves"]["kl/step"]) == 2 and "pg/clipfrac" in summary["curves"]
 
   results = tmp_path / "results"
   sweep_report.main([str(out), "--out", str(results)])
   rows = list(csv.DictReader(open(results / "summary.csv")))
   cells = {(r["task"], r["algorithm"], float(r["lr"]), int(r["seed"])) for r in rows}
-  assert cells == {("reverse", "proma", lr, 0) for lr in (1e-4, 1e-3)}
+  assert cells == {("reverse", "grpo", lr, 0) for lr in (1e-4, 1e-3)}
   for r in rows:
     assert r["val_best"] != "" and r["kl_step_max"] != ""
   for name in ("val_vs_lr_reverse.png", "curves_reverse.png"):
