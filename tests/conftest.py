@@ -3,6 +3,11 @@
 The end-to-end tests start the training CLI in subprocesses and several test processes (xdist
 workers) build the same programs: a persistent compilation cache shared by all of them (one
 directory per pytest run) lets each program compile once.
+
+The tests' programs are small and mostly compiled once, so compile time dominates the suite:
+XLA's CPU backend runs at LLVM optimization level 0 here (`--xla_backend_optimization_level=0`,
+added to XLA_FLAGS, which subprocesses inherit). It changes how fast the code runs, not what it
+computes: the HLO is the same. It cut the two slowest test_train cases from 57 s to 42 s.
 """
 
 import importlib.util
@@ -14,6 +19,9 @@ _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"proma_jax_test_jax_cache_{_RUN}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import pytest  # noqa: E402
 

@@ -20,7 +20,8 @@ NUM_DEVICES = 4
 
 
 def _run_case(case: str, *args: str, devices: int = NUM_DEVICES, timeout: int = 300) -> str:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                                  f"--xla_force_host_platform_device_count={devices}")
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), case, *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -366,7 +367,8 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
            f"--workdir={workdir}", *_tiny_flags(reference_run / "warm"), "--config.mesh.data=2",
            "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
            f"--config.distributed.coordinator=127.0.0.1:{port}"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                                    "--xla_force_host_platform_device_count=1")
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   outputs = [p.communicate(timeout=300)[0] for p in procs]

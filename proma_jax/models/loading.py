@@ -68,9 +68,28 @@ def resolve_checkpoint(spec: str | pathlib.Path) -> pathlib.Path:
 
 def checkpoint_config(spec: str | pathlib.Path, **config_overrides) -> ModelConfig:
   """The `ModelConfig` of a checkpoint, from its header alone (no tensor is read): the cheap check
-  a run makes before it compiles anything. Raises CheckpointError naming the problem."""
-  with _open(spec) as ckpt:
-    return _config(ckpt, config_overrides)
+  a run makes before it compiles anything. Raises CheckpointError naming the problem.
+
+  Remembered per file state (path, size and modification time of the file, or of a directory's
+  files), so validating one config twice reads a GGUF header once."""
+  path = resolve_checkpoint(spec)
+  try:
+    return _header_config(path, _file_state(path), tuple(sorted(config_overrides.items())))
+  except TypeError:  # an unhashable override value: no memo
+    with _open(path) as ckpt:
+      return _config(ckpt, config_overrides)
+
+
+def _file_state(path: pathlib.Path) -> tuple:
+  files = sorted(path.iterdir()) if path.is_dir() else [path]
+  return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+
+
+@functools.lru_cache(maxsize=32)
+def _header_config(path: pathlib.Path, state: tuple, overrides: tuple) -> ModelConfig:
+  del state  # part of the key only: a rewritten checkpoint is read again
+  with _open(path) as ckpt:
+    return _config(ckpt, dict(overrides))
 
 
 @contextlib.contextmanager
