@@ -19,10 +19,11 @@ committed to the repository even on a fresh machine without `runs/`; a run inter
 resumes from its last checkpoint in `--out` when that is still there. `--commit_every S` commits
 new summaries to git every S seconds (and at the end).
 
-Scheduling: `--workers` processes, each fed one run at a time: a free worker takes another run of
-the group (task, shape, arm) it last ran, whose compiled step it holds (lr and seed are run-time
-inputs, `train._trainer_for`), else the costliest group no worker is on, else any, so no worker
-idles while runs are left.
+Scheduling: `--workers` processes, each fed one run at a time from one queue, so no worker idles
+while runs are left. The queue is seed-major (every cell's seed 0, then seed 1, ...; the costliest
+arms first within a seed), so a sweep stopped part-way has paired seeds in every cell rather than
+all seeds of a few arms. A worker keeps the compiled step of every group (task, shape, arm) it
+has run (lr and seed are run-time inputs, `train._trainer_for`), so each compiles once per worker.
 """
 
 from __future__ import annotations
@@ -193,23 +194,17 @@ def plan_cells(args) -> list[tuple]:
   return cells
 
 
-def _group_cost(group: tuple) -> float:
-  task, shape, arm = group
+def _cost(cell: tuple) -> float:
+  task, shape, arm, lr, seed = cell
   overrides = SHAPES[shape]
   sequences = (overrides.get("rollout.prompts_per_step", 16) * overrides.get("rollout.group_size", 4))
   return ARM_COST.get(arm, 1) * sequences
 
 
-def next_job(pending: dict, last_group, busy_groups) -> tuple | None:
-  """The next run for a worker that last ran `last_group`: the same group if runs are left,
-  else the costliest group no other worker is on, else the costliest group."""
-  if pending.get(last_group):
-    return pending[last_group].pop(0)
-  left = [g for g in pending if pending[g]]
-  if not left:
-    return None
-  free = [g for g in left if g not in busy_groups] or left
-  return pending[max(free, key=_group_cost)].pop(0)
+def queue_order(cells: list[tuple]) -> list[tuple]:
+  """Seed-major: all of seed s before any of seed s + 1; within a seed, the costliest runs first
+  (so the cheap ones fill the end), ties in plan order."""
+  return sorted(cells, key=lambda cell: (cell[4], -_cost(cell)))
 
 
 def commit_summaries(summaries: str, message: str) -> bool:
@@ -253,11 +248,8 @@ def main(argv=None):
   overrides = {cell: run_overrides(cell[1], cell[2], cell[3], cell[4], args.steps, args.override)
                for cell in cells}
   done = lambda cell: os.path.exists(os.path.join(summaries, run_name(*cell) + ".json"))  # noqa: E731
-  pending: dict[tuple, list] = {}
-  for cell in cells:
-    if not done(cell):
-      pending.setdefault(cell[:3], []).append(cell)
-  total, left = len(cells), sum(map(len, pending.values()))
+  pending = queue_order([cell for cell in cells if not done(cell)])
+  total, left = len(cells), len(pending)
   print(f"sweep: {total} runs, {total - left} already summarised in {summaries}, {left} to run",
         flush=True)
 
@@ -267,7 +259,7 @@ def main(argv=None):
 
     from proma_jax import sft
     logging.set_verbosity(logging.WARNING)
-    for task in sorted({g[0] for g in pending}):
+    for task in sorted({cell[0] for cell in pending}):
       cell = next(c for c in cells if c[0] == task)
       sft.load_or_train(make_config(task, ARMS[cell[2]][0], overrides[cell]))
 
@@ -283,8 +275,8 @@ def main(argv=None):
       workers.append(ctx.Process(target=_worker, args=(i, inboxes[i], outbox, args.out, summaries),
                                  daemon=True))
       workers[i].start()
-      job = next_job(pending, None, {g for g in current.values() if g})
-      current[i] = job[:3]
+      job = pending.pop(0)
+      current[i] = job
       inboxes[i].put((job, overrides[job]))
     while current:
       try:
@@ -298,12 +290,11 @@ def main(argv=None):
         raise SystemExit(f"sweep: run {name} failed:\n{error}")
       bar.update(1)
       bar.write(f"done {name}")
-      last_group = current.pop(worker_id)
-      job = next_job(pending, last_group, set(current.values()))
-      if job is None:
+      current.pop(worker_id)
+      if not pending:
         inboxes[worker_id].put(None)
       else:
-        current[worker_id] = job[:3]
+        job = current[worker_id] = pending.pop(0)
         inboxes[worker_id].put((job, overrides[job]))
       if args.commit_every and time.perf_counter() - last_commit > args.commit_every:
         if commit_summaries(summaries, f"sweep ({args.plan or 'flags'}): run summaries, "

@@ -1,5 +1,5 @@
 """A reduced sweep runs end to end, records its overrides and summaries, resumes from summaries
-alone, and the report covers every cell; the scheduler keeps every worker busy."""
+alone, and the report covers every cell; the queue is seed-major."""
 
 import csv
 import json
@@ -60,17 +60,16 @@ def test_reduced_sweep_and_report(tmp_path):
   assert {p: p.stat().st_mtime for p in summaries.rglob("*.json")} == mtimes
 
 
-def test_scheduler_keeps_groups_on_workers_and_no_worker_idle():
-  """A worker stays on its group (its compiled step) while it has runs, then takes the costliest
-  group no other worker is on; it gets a run whenever any is left."""
-  a, b, c = ("reverse", "paper", "proma_both"), ("reverse", "paper", "grpo"), ("arith", "base", "grpo")
-  pending = {a: ["a1", "a2"], b: ["b1"], c: ["c1", "c2"]}
-  assert sweep.next_job(pending, None, set()) == "a1"  # costliest first
-  assert sweep.next_job(pending, None, {a}) == "b1"  # another worker is on a
-  assert sweep.next_job(pending, a, {b}) == "a2"  # stays on its group
-  assert sweep.next_job(pending, a, {c}) == "c1"  # a and b are done: joins c rather than idle
-  assert sweep.next_job(pending, c, set()) == "c2"
-  assert sweep.next_job(pending, c, set()) is None
+def test_queue_is_seed_major_and_costliest_first():
+  """All of seed 0 before seed 1 (a sweep stopped part-way has paired seeds in every cell), and
+  within a seed the costliest runs first (proma_both over grpo; 512 sequences over 64)."""
+  cells = [("reverse", "base", "grpo", 1e-4, 1), ("reverse", "paper", "grpo", 1e-4, 0),
+           ("reverse", "base", "proma_both", 1e-4, 0), ("arith", "paper", "proma_both", 3e-4, 1),
+           ("reverse", "paper", "proma_both", 1e-4, 0), ("reverse", "base", "grpo", 1e-4, 0)]
+  assert sweep.queue_order(cells) == [
+      ("reverse", "paper", "proma_both", 1e-4, 0), ("reverse", "paper", "grpo", 1e-4, 0),
+      ("reverse", "base", "proma_both", 1e-4, 0), ("reverse", "base", "grpo", 1e-4, 0),
+      ("arith", "paper", "proma_both", 3e-4, 1), ("reverse", "base", "grpo", 1e-4, 1)]
 
 
 def test_overrides_precedence_and_unknown_names():
