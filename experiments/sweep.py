@@ -35,6 +35,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import signal
 import subprocess
 import sys
 import time
@@ -264,6 +265,8 @@ def main(argv=None):
       sft.load_or_train(make_config(task, ARMS[cell[2]][0], overrides[cell]))
 
   import tqdm
+  # SIGTERM unwinds like Ctrl-C: the workers are told to stop (each checkpoints its run).
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   start = last_commit = time.perf_counter()
   bar = tqdm.tqdm(total=total, initial=total - left, desc="sweep runs", file=sys.stdout)
   ctx = mp.get_context("spawn")
