@@ -17,6 +17,14 @@ Two data-parallel modes (`config.mesh.mode`, see `proma_jax.transforms` for the 
           projects against its own sequences only; the changes of R are summed by one psum of a
           parameter-sized tree per microbatch (`axis_name` of the PROMA transforms).
 
+FSDP (issue 14, first step): `fsdp_mesh(data, fsdp)` is a 2-D ("data", "fsdp") mesh and
+`param_specs` the ZeRO-3 placement rule (each large leaf of >= 2 dims sharded over "fsdp" along its
+largest divisible dimension, small leaves replicated, per-path overrides); `place` puts a tree on
+it. Under `jax.jit` the compiler partitions the PROMA transforms exactly
+(tests/test_distributed.py::test_fsdp_mesh_transforms_equal_one_device), but it all-gathers the
+per-sequence gradients of sharded kernels for the Gram matrix instead of all-reducing shard-local
+partial sums; the training loop does not use this mesh yet.
+
 Multi-process: `initialize_distributed` calls `jax.distributed.initialize` (coordinator
 host:port, process count and id) before any other JAX call. On CPU, JAX 0.10.2's default
 cross-process collectives are gloo (`jax_cpu_collectives_implementation`), so nothing else is
@@ -26,7 +34,9 @@ devices (`shard_sequences`, `jax.make_array_from_process_local_data`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+import re
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -34,7 +44,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
 MODES = ("exact", "local")
+# Leaves smaller than this stay replicated under the FSDP rule (norm scales, biases): sharding them
+# saves little memory and costs a collective each.
+FSDP_MIN_SIZE = 2**14
 
 
 def initialize_distributed(num_processes: int, process_id: int, coordinator: str) -> None:
@@ -134,3 +148,72 @@ def data_parallel(update_fn: Callable, mesh: Mesh, mode: str, sequence_axis: int
                                in_specs=(P(), P(), _sequence_spec(sequence_axis), P()),
                                out_specs=P(), check_vma=False), donate_argnums=(0, 1))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# ("data", "fsdp") meshes: parameters, the PROMA accumulator and optimizer state sharded ZeRO-3
+# style over "fsdp" (GSPMD partitions the program; see docs/algorithm.md for the math).
+
+
+def fsdp_mesh(data: int, fsdp: int) -> Mesh:
+  """A 2-D ("data", "fsdp") mesh over the first data * fsdp devices."""
+  n, available = data * fsdp, jax.device_count()
+  if n > available:
+    raise ValueError(f"config.mesh: data {data} x fsdp {fsdp} = {n} devices requested but "
+                     f"{available} are available (on CPU, set "
+                     "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)")
+  return Mesh(np.array(jax.devices()[:n]).reshape(data, fsdp), (DATA_AXIS, FSDP_AXIS))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
+  """The default placement of one leaf: a leaf of 2 or more dimensions and at least `min_size`
+  elements is sharded over "fsdp" along its largest dimension that `fsdp` divides (the first of
+  equal ones); every other leaf is replicated (P())."""
+  if len(shape) < 2 or math.prod(shape) < min_size or fsdp == 1:
+    return P()
+  order = sorted(range(len(shape)), key=lambda d: (-shape[d], d))
+  for dim in order:
+    if shape[dim] % fsdp == 0:
+      return P(*(FSDP_AXIS if d == dim else None for d in range(len(shape))))
+  return P()
+
+
+def param_specs(tree: Any, fsdp: int, rules: Sequence[tuple[str, Any]] = (),
+                min_size: int = FSDP_MIN_SIZE) -> Any:
+  """A PartitionSpec per leaf of `tree` (arrays or ShapeDtypeStructs): the first of `rules`
+  (regex, spec) whose regex `re.search`es the leaf's path (`jax.tree_util.keystr`, e.g.
+  "['layers_0']['mlp']['up']['kernel']") gives its spec (a PartitionSpec, or a tuple of axis
+  names / None); else `fsdp_spec`. Raises ValueError naming the leaf when a spec does not fit it
+  (more entries than dimensions, or a dimension the mesh axis size does not divide)."""
+  compiled = [(re.compile(pattern), spec if isinstance(spec, P) else P(*spec))
+              for pattern, spec in rules]
+
+  def spec_of(path, leaf):
+    name = jax.tree_util.keystr(path)
+    shape = tuple(leaf.shape)
+    spec = next((spec for pattern, spec in compiled if pattern.search(name)), None)
+    if spec is None:
+      return fsdp_spec(shape, fsdp, min_size)
+    if len(spec) > len(shape):
+      raise ValueError(f"sharding rule for {name}: {spec} has more entries than the leaf's "
+                       f"{len(shape)} dimensions {shape}")
+    for dim, axis in enumerate(spec):
+      if axis == FSDP_AXIS and shape[dim] % fsdp:
+        raise ValueError(f"sharding rule for {name}: dimension {dim} of {shape} is not divisible "
+                         f"by the {fsdp} '{FSDP_AXIS}' shards")
+    return spec
+
+  return jax.tree_util.tree_map_with_path(spec_of, tree)
+
+
+def place(tree: Any, mesh: Mesh, specs: Any) -> Any:
+  """`tree` placed on `mesh`, each leaf with its spec from `specs` (a tree of PartitionSpecs)."""
+  return jax.device_put(tree, jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                                           is_leaf=lambda x: isinstance(x, P)))
+
+
+def with_sequence_axis(specs: Any) -> Any:
+  """Specs of per-sequence stacks (n_seq, *leaf) of leaves with `specs`: the sequence axis over
+  "data", the leaf's own dimensions as the leaf is sharded."""
+  return jax.tree.map(lambda spec: P(DATA_AXIS, *spec), specs,
+                      is_leaf=lambda x: isinstance(x, P))

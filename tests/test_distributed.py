@@ -293,8 +293,94 @@ def case_transforms():
   case_local_intra()
 
 
+FSDP_SHAPES = {"up": {"kernel": (32, 128)}, "down": {"kernel": (128, 32)},
+               "embed": {"embedding": (96, 32)}, "norm": {"scale": (32,)}}
+
+
+def case_fsdp_transforms():
+  """A ("data", "fsdp") = 2 x 4 mesh, params, grads and the transform state sharded by the FSDP
+  rule, sequence statistics over "data": each variant's update and state equal one device's,
+  and the accumulator R stays sharded (no parameter-sized tensor is replicated)."""
+  import chex
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import PartitionSpec as P
+
+  import proma_jax
+  from proma_jax import mesh as mesh_lib
+
+  assert jax.device_count() == 8
+  mesh = mesh_lib.fsdp_mesh(2, 4)
+  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), FSDP_SHAPES,
+                        is_leaf=lambda x: isinstance(x, tuple))
+  specs = mesh_lib.param_specs(shapes, 4, min_size=1024)
+  assert specs["up"]["kernel"] == P(None, "fsdp") and specs["down"]["kernel"] == P("fsdp", None)
+  assert specs["embed"]["embedding"] == P("fsdp", None) and specs["norm"]["scale"] == P()
+  num, n_seq, n_tok = 3, 8, 32
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape), shapes)
+  batches = []
+  for key in jax.random.split(jax.random.PRNGKey(40), num):
+    k_base, k_noise, k_adv, k_a, k_g = jax.random.split(key, 5)
+    adv = jax.random.normal(k_adv, (n_seq,))
+    seq = jax.tree.map(lambda s: jax.random.normal(k_base, s.shape)[None] + 0.1 * jax.random.normal(
+        k_noise, (n_seq, *s.shape)), shapes)
+    grads = jax.tree.map(lambda x: -jnp.tensordot(adv, x, axes=1), seq)
+    factors = jax.tree.map(lambda _: None, shapes)
+    for name, (d_in, d_out) in (("up", (32, 128)), ("down", (128, 32))):
+      factors[name]["kernel"] = proma_jax.DenseFactors(jax.random.normal(k_a, (n_tok, d_in)),
+                                                       jax.random.normal(k_g, (n_tok, d_out)))
+    batches.append((grads, seq, factors))
+  variants = {
+      "plain": (proma_jax.microbatch_accumulation(optax.adam(1e-3), num), ()),
+      "accumulation": (proma_jax.proma_accumulation(optax.adam(1e-3), num, relative_bound=0.5),
+                       ("seq_grads",)),
+      "intra": (proma_jax.proma_intra(optax.adam(1e-3), num, rank=3), ("factors",)),
+      "both": (proma_jax.proma_both(optax.adam(1e-3), num, rank=3), ("seq_grads", "factors")),
+  }
+  seq_specs = mesh_lib.with_sequence_axis(specs)
+  for name, (tx, extra_names) in variants.items():
+    single_update = jax.jit(lambda g, st, p, extra, tx=tx: tx.update(g, st, p, **extra))
+    single_state = tx.init(params)
+    sharded_params = mesh_lib.place(params, mesh, specs)
+    # The state by the same rule (it is shape-based): R, Adam's moments and intra's per-kernel
+    # sums like the params, scalars replicated.
+    state_specs = mesh_lib.param_specs(jax.eval_shape(tx.init, params), 4, min_size=1024)
+    sharded_state = mesh_lib.place(tx.init(params), mesh, state_specs)
+    state_shardings = jax.tree.map(lambda x: x.sharding, sharded_state)
+    update_shardings = jax.tree.map(lambda x: x.sharding, sharded_params)
+    sharded_update = jax.jit(lambda g, st, p, extra, tx=tx: tx.update(g, st, p, **extra),
+                             out_shardings=(update_shardings, state_shardings))
+    for j, (grads, seq, factors) in enumerate(batches):
+      extra = {k: v for k, v in (("seq_grads", seq), ("factors", factors)) if k in extra_names}
+      single, single_state = single_update(grads, single_state, params, extra)
+      placed = {}
+      if "seq_grads" in extra:
+        placed["seq_grads"] = mesh_lib.place(seq, mesh, seq_specs)
+      if "factors" in extra:
+        placed["factors"] = jax.device_put(factors, mesh_lib.sequence_sharded(mesh))
+      args = (mesh_lib.place(grads, mesh, specs), sharded_state, sharded_params, placed)
+      if j == 0:
+        hlo = sharded_update.lower(*args).compile().as_text()
+        collectives = {op: hlo.count(f" {op}(") for op in ("all-reduce", "all-gather",
+                                                          "reduce-scatter", "all-to-all")}
+        print(name, "collectives in the compiled update:", collectives)
+        if name == "plain":  # ZeRO-3 placement of grads, params and state: nothing gathered
+          assert collectives["all-gather"] == 0 and collectives["all-to-all"] == 0, collectives
+      sharded, sharded_state = sharded_update(*args)
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(single))
+    assert scale > 0, name
+    chex.assert_trees_all_close(sharded, single, atol=1e-5 * scale, rtol=1e-5)
+    chex.assert_trees_all_close(jax.tree.map(np.asarray, sharded_state),
+                                jax.tree.map(np.asarray, single_state), atol=1e-5, rtol=1e-5)
+    kernel_r = sharded_state.accumulator["up"]["kernel"]
+    assert kernel_r.sharding.spec == P(None, "fsdp"), kernel_r.sharding
+    assert kernel_r.addressable_shards[0].data.shape == (32, 32)
+    print(name, "fsdp 2x4 == single device")
+
+
 CASES = {"transforms": case_transforms, "train_single": case_train_single,
-         "train_mesh": case_train_mesh}
+         "train_mesh": case_train_mesh, "fsdp_transforms": case_fsdp_transforms}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +468,43 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
   written = {d for d in os.listdir(workdir / "checkpoints" / str(COMPARED_STEPS) / "state")
              if d.startswith("ocdbt.process_")}
   assert written == {"ocdbt.process_0"}, written
+
+
+@pytest.mark.slow
+def test_fsdp_mesh_transforms_equal_one_device():
+  """On a ("data", "fsdp") = 2 x 4 mesh of 8 CPU devices, with params, grads and the transform
+  state sharded by the FSDP rule and sequence statistics over "data", plain accumulation and
+  every PROMA variant give the single-device update and state; R stays sharded."""
+  out = _run_case("fsdp_transforms", devices=8)
+  for name in ("plain", "accumulation", "intra", "both"):
+    assert f"{name} fsdp 2x4 == single device" in out, out
+
+
+def test_fsdp_rule_and_its_refusals():
+  """The default rule shards a large leaf of >= 2 dims along its largest divisible dimension and
+  replicates the rest; a user rule wins by path; a rule that does not fit names the leaf."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  from proma_jax import mesh as mesh_lib
+  tree = {"attn": {"q": {"kernel": jax.ShapeDtypeStruct((1024, 2048), jnp.float32)}},
+          "mlp": {"down": {"kernel": jax.ShapeDtypeStruct((3072, 1024), jnp.float32)}},
+          "odd": jax.ShapeDtypeStruct((1026, 2050), jnp.float32),
+          "norm": {"scale": jax.ShapeDtypeStruct((1024,), jnp.float32)},
+          "tiny": jax.ShapeDtypeStruct((8, 8), jnp.float32)}
+  specs = mesh_lib.param_specs(tree, 4)
+  assert specs["attn"]["q"]["kernel"] == P(None, "fsdp")
+  assert specs["mlp"]["down"]["kernel"] == P("fsdp", None)
+  assert specs["odd"] == P() and specs["norm"]["scale"] == P() and specs["tiny"] == P()
+  specs = mesh_lib.param_specs(tree, 4, rules=[(r"\['q'\]", ("fsdp", None)), ("norm", P())])
+  assert specs["attn"]["q"]["kernel"] == P("fsdp", None)
+  with pytest.raises(ValueError, match=r"\['odd'\].*dimension 0 of \(1026, 2050\) is not divisible"):
+    mesh_lib.param_specs(tree, 4, rules=[("odd", ("fsdp",))])
+  with pytest.raises(ValueError, match=r"\['norm'\]\['scale'\].*more entries"):
+    mesh_lib.param_specs(tree, 4, rules=[("norm", (None, "fsdp"))])
+  with pytest.raises(ValueError, match=r"data 2 x fsdp 4 = 8 devices requested but 1"):
+    mesh_lib.fsdp_mesh(2, 4)
 
 
 def test_invalid_mesh_config_names_the_field(tmp_path):
