@@ -59,10 +59,15 @@ def normalised_system(raw_gram_nxn: jax.Array, raw_inner_n: jax.Array,
 
 
 def stacked_statistics(r: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """<S_i, S_j> and <R, S_i> (Frobenius) for stacked sequence gradients s of shape (n, *r.shape)."""
-  s_nxD = s.reshape(s.shape[0], -1).astype(jnp.float32)
-  r_D = r.reshape(-1).astype(jnp.float32)
-  return s_nxD @ s_nxD.T, s_nxD @ r_D
+  """<S_i, S_j> and <R, S_i> (Frobenius) for stacked sequence gradients s of shape (n, *r.shape).
+
+  Contracted over the leaf's own axes without flattening them, so that when the leaf is sharded
+  (FSDP) each device contracts its own shard and only the n x n and n partial sums are summed
+  across devices (a flatten would make the compiler gather the S_i first)."""
+  s32, r32 = s.astype(jnp.float32), r.astype(jnp.float32)
+  leaf_axes = tuple(range(1, s.ndim))
+  return (jnp.tensordot(s32, s32, axes=(leaf_axes, leaf_axes)),
+          jnp.tensordot(s32, r32, axes=(leaf_axes, tuple(range(r.ndim)))))
 
 
 def stacked_combination(coeffs_n: jax.Array, s: jax.Array) -> jax.Array:

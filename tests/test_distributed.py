@@ -7,6 +7,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=4, so this pytest process keeps
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -367,6 +368,12 @@ def case_fsdp_transforms():
         print(name, "collectives in the compiled update:", collectives)
         if name == "plain":  # ZeRO-3 placement of grads, params and state: nothing gathered
           assert collectives["all-gather"] == 0 and collectives["all-to-all"] == 0, collectives
+        # No sharded leaf is gathered whole (nor its S_i): the Gram and <R, S_i> are contracted
+        # shard by shard. (S_i shards do cross "data", as in the data-parallel exact mode.)
+        gathered = [tuple(int(d) for d in dims.split(",") if d) for dims in
+                    re.findall(r"= f32\[([\d,]*)\][^ ]* all-gather\(", hlo)]
+        whole = {(32, 128), (128, 32), (96, 32)}
+        assert not [g for g in gathered if g[-2:] in whole], (name, gathered)
       sharded, sharded_state = sharded_update(*args)
     scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(single))
     assert scale > 0, name
