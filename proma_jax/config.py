@@ -63,7 +63,11 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
   # collectives inserted by the compiler; "local": each device projects against its own sequences,
   # one psum per microbatch (an approximation for accumulation-PROMA; the paper's data-parallel
   # intra variant). data=1 is the single-device path.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, mode="exact"))
+  # fsdp > 1: a ("data", "fsdp") mesh of data x fsdp devices; params, optimizer state and the
+  # PROMA accumulator sharded over "fsdp" ZeRO-3 style (each leaf of >= fsdp_min_size elements
+  # along its largest divisible dimension; `proma_jax.mesh.param_specs`), sequences over "data";
+  # exact mode, one process.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, mode="exact", fsdp=1, fsdp_min_size=2**14))
   # Multi-process runs: the same command started once per process with its process_id; process 0
   # writes metrics and (through orbax) checkpoints.
   c.distributed = ml_collections.ConfigDict(dict(

@@ -99,9 +99,11 @@ def _process_rows(sharding: NamedSharding, shape: tuple[int, ...], axis: int = 0
   """The contiguous rows (along `axis`) of a sequence-sharded array held by this process's
   devices."""
   n = shape[axis]
-  rows = [index[axis] for index in sharding.addressable_devices_indices_map(shape).values()]
-  start, stop = min(r.start or 0 for r in rows), max(n if r.stop is None else r.stop for r in rows)
-  held = sum((n if r.stop is None else r.stop) - (r.start or 0) for r in rows)
+  # Distinct blocks: on a ("data", "fsdp") mesh the devices of one "data" row hold the same rows.
+  rows = sorted({(index[axis].start or 0, n if index[axis].stop is None else index[axis].stop)
+                 for index in sharding.addressable_devices_indices_map(shape).values()})
+  start, stop = rows[0][0], max(r[1] for r in rows)
+  held = sum(b - a for a, b in rows)
   if held != stop - start:
     raise ValueError(f"this process's devices hold rows {rows}, not one contiguous block")
   return slice(start, stop)

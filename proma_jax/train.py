@@ -195,6 +195,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
        f"{t.num_microbatches} does not divide the minibatch of {minibatch} sequences")
   microbatch, m, d = minibatch // t.num_microbatches, c.mesh, c.distributed
   integer("mesh.data", 1)
+  integer("mesh.fsdp", 1)
+  integer("mesh.fsdp_min_size", 0)
+  need(m.fsdp == 1 or m.mode == "exact", "mesh.mode",
+       f"an FSDP mesh (mesh.fsdp={m.fsdp}) runs in exact mode only, got {m.mode!r}")
+  need(m.fsdp == 1 or d.num_processes == 1, "mesh.fsdp",
+       "FSDP across several processes is not supported yet; use mesh.fsdp=1 with "
+       "distributed.num_processes > 1")
   need(microbatch % m.data == 0, "mesh.data",
        f"{m.data} does not divide the microbatch of {microbatch} sequences, which are sharded over "
        "the mesh.data devices")
@@ -289,18 +296,20 @@ def _is_dense_kernel(path) -> bool:
 
 
 def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Policy,
-                           tx: optax.GradientTransformationExtraArgs, mesh=None):
+                           tx: optax.GradientTransformationExtraArgs, mesh=None, placement=None):
   """The jitted (params, opt_state, microbatch, num_tokens) -> (params, opt_state, metrics);
   params and opt_state are donated.
 
   With a mesh, jitted on it (`mesh_lib.data_parallel`): the microbatch sharded over "data", the
-  rest replicated; in local mode each device's metrics (sums over its tokens) are psum-ed.
+  rest replicated; in local mode each device's metrics (sums over its tokens) are psum-ed. With
+  `placement` = (params shardings, opt_state shardings) on an FSDP mesh, the outputs keep them.
   """
-  return _compile(c, _microbatch_update_fn(c, policy, tx), mesh, stacked=False)
+  return _compile(c, _microbatch_update_fn(c, policy, tx), mesh, stacked=False,
+                  placement=placement)
 
 
 def make_minibatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Policy,
-                          tx: optax.GradientTransformationExtraArgs, mesh=None):
+                          tx: optax.GradientTransformationExtraArgs, mesh=None, placement=None):
   """One optimizer step in one compiled call: the jitted
   (params, opt_state, microbatches, num_tokens) -> (params, opt_state, metrics), where every leaf
   of `microbatches` stacks the step's M microbatches on a leading axis (M, n, ...).
@@ -321,14 +330,18 @@ def make_minibatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Polic
     (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state), microbatches)
     return params, opt_state, jax.tree.map(lambda x: jnp.sum(x, axis=0), metrics)
 
-  return _compile(c, minibatch_update, mesh, stacked=True)
+  return _compile(c, minibatch_update, mesh, stacked=True, placement=placement)
 
 
-def _compile(c: ml_collections.ConfigDict, update, mesh, stacked: bool):
+def _compile(c: ml_collections.ConfigDict, update, mesh, stacked: bool, placement=None):
   """`update` jitted with params and opt_state donated, on the mesh when there is one (in local
-  mode its metrics, sums over each device's tokens, are psum-ed)."""
+  mode its metrics, sums over each device's tokens, are psum-ed; on an FSDP mesh the inputs come
+  placed and the outputs keep `placement`, the metrics replicated)."""
   if mesh is None:
     return jax.jit(update, donate_argnums=(0, 1))
+  if placement is not None:
+    return jax.jit(update, out_shardings=(*placement, mesh_lib.replicated(mesh)),
+                   donate_argnums=(0, 1))
   if _local_mode(c):
     def update_local(params, opt_state, mb, num_tokens):
       params, opt_state, metrics = update(params, opt_state, mb, num_tokens)
@@ -439,11 +452,19 @@ class Trainer:
 
   def __init__(self, c: ml_collections.ConfigDict, policy: policy_lib.Policy, init_params: dict):
     validate_config(c)
-    self.mesh = mesh_lib.data_mesh(c.mesh.data) if c.mesh.data > 1 else None
-    self.c, self.policy, self.init_params = c, policy, self.replicate(init_params)
+    self.c = c
+    if c.mesh.fsdp > 1:
+      self.mesh = mesh_lib.fsdp_mesh(c.mesh.data, c.mesh.fsdp)
+    else:
+      self.mesh = mesh_lib.data_mesh(c.mesh.data) if c.mesh.data > 1 else None
+    self.policy, self.init_params = policy, self.replicate(init_params)
     self.tx = make_optimizer(c)
-    self.microbatch_update = make_microbatch_update(c, policy, self.tx, self.mesh)
-    self.minibatch_update = make_minibatch_update(c, policy, self.tx, self.mesh)
+    placement = None
+    if c.mesh.fsdp > 1:  # the outputs keep the inputs' FSDP placement
+      state = jax.eval_shape(lambda p: self.tx.init(p), init_params)
+      placement = (self._shardings(init_params), self._shardings(state))
+    self.microbatch_update = make_microbatch_update(c, policy, self.tx, self.mesh, placement)
+    self.minibatch_update = make_minibatch_update(c, policy, self.tx, self.mesh, placement)
     batch = c.rollout.prompts_per_step * c.rollout.group_size
     self.minibatch_rows = batch // c.train.num_minibatches
     self.stats_rows = self.minibatch_rows // c.train.num_microbatches
@@ -492,8 +513,19 @@ class Trainer:
         optax.tree.set(self.tx.init(params), learning_rate=jnp.asarray(lr, jnp.float32)))
 
   def replicate(self, tree):
-    """`tree` replicated on the mesh (unchanged without one)."""
-    return tree if self.mesh is None else mesh_lib.replicate(tree, self.mesh)
+    """`tree` (params, optimizer state, scalars) placed on the mesh: replicated, or with
+    mesh.fsdp > 1 each leaf by the FSDP rule (`mesh_lib.param_specs`; small leaves and scalars
+    replicated). Unchanged without a mesh."""
+    if self.mesh is None:
+      return tree
+    if self.c.mesh.fsdp == 1:
+      return mesh_lib.replicate(tree, self.mesh)
+    return jax.device_put(tree, self._shardings(tree))
+
+  def _shardings(self, tree):
+    specs = mesh_lib.param_specs(tree, self.c.mesh.fsdp, min_size=self.c.mesh.fsdp_min_size)
+    return jax.tree.map(lambda spec: jax.sharding.NamedSharding(self.mesh, spec), specs,
+                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
   def shard(self, microbatch: dict, axis: int = 0) -> dict:
     """A microbatch's sequences (along `axis`) sharded over the mesh, this process feeding its

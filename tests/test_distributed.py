@@ -273,14 +273,27 @@ def case_train_single(workdir):
 
 
 def case_train_mesh(workdir, reference):
-  """Two RL steps on the 4-device mesh in exact mode give the 1-device metrics; proma_intra in
+  """Two RL steps on the 4-device mesh in exact mode, and on a 2 x 2 ("data", "fsdp") mesh with
+  the params, optimizer state and accumulator sharded, give the 1-device metrics; proma_intra in
   local mode (the paper's data-parallel variant) trains with the projection active."""
+  import jax
+
   from proma_jax import train
   warm = os.path.join(reference, "warm")
   exact = train.run(_tiny("proma", warm, data=NUM_DEVICES, mode="exact"),
                     os.path.join(workdir, "exact"), progress=False)
   _compare_records(exact, _read_metrics(os.path.join(reference, "single")))
   print("proma 4-device exact == 1 device")
+  # FSDP: a ("data", "fsdp") = 2 x 2 mesh, every 2-D leaf of the tiny model sharded over "fsdp".
+  fsdp_config = _tiny("proma", warm, data=2, fsdp=2, fsdp_min_size=0)
+  fsdp = train.run(fsdp_config, os.path.join(workdir, "fsdp"), progress=False)
+  _compare_records(fsdp, _read_metrics(os.path.join(reference, "single")))
+  trainer, _ = train._trainer_for(fsdp_config)
+  specs = {jax.tree_util.keystr(path): leaf.sharding.spec for path, leaf in
+           jax.tree_util.tree_flatten_with_path(trainer.init_params)[0]}
+  sharded = [name for name, spec in specs.items() if "fsdp" in spec]
+  assert len(sharded) >= len(specs) // 2, specs  # kernels and the embedding; norms replicated
+  print(f"proma fsdp 2x2 == 1 device ({len(sharded)} of {len(specs)} leaves sharded)")
   local = train.run(_tiny("proma_intra", warm, data=NUM_DEVICES, mode="local"),
                     os.path.join(workdir, "local"), progress=False)
   assert all(np.isfinite(v) for v in local[-1].values())
@@ -431,6 +444,7 @@ def test_training_on_four_devices_matches_one_device(reference_run, tmp_path):
   """Two RL steps of proma on a 4-device mesh (exact mode) log the 1-device metrics."""
   out = _run_case("train_mesh", str(tmp_path), str(reference_run))
   assert "proma 4-device exact == 1 device" in out and "proma_intra local mode trains" in out
+  assert "proma fsdp 2x2 == 1 device" in out
 
 
 def _free_port() -> int:
