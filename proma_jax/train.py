@@ -18,7 +18,8 @@ Rerunning the same command resumes from the latest checkpoint in --workdir, with
 back to that checkpoint's step (rows logged after it, and a line cut short by a kill, are dropped and
 recomputed). The resumed config must equal the one in <workdir>/run.json except for the run-time
 fields RESUMABLE_FIELDS (steps, checkpoint.every, checkpoint.max_to_keep, eval.every,
-sft.checkpoint_dir, distributed.coordinator, distributed.process_id, logging); any other difference
+sft.checkpoint_dir, distributed.coordinator, distributed.process_id, logging, and the mesh shape
+mesh.data / mesh.fsdp / mesh.fsdp_min_size, except mesh.data in local mode); any other difference
 is refused with every differing field named, unless --allow_config_change (recorded in run.json under
 "config_changes"). A run holds an exclusive lock on <workdir>/.lock: a second run on the same
 workdir fails at once, naming the holder's pid.
@@ -684,7 +685,9 @@ def _trainer_for(c: ml_collections.ConfigDict) -> tuple[Trainer, dict]:
 # process reaches the others, none of what a step computes. A field listed here covers its subfields.
 RESUMABLE_FIELDS = ("steps", "checkpoint.every", "checkpoint.max_to_keep", "eval.every",
                     "sft.checkpoint_dir", "distributed.coordinator", "distributed.process_id",
-                    "logging")
+                    "logging", "mesh.data", "mesh.fsdp", "mesh.fsdp_min_size")
+# ...but in local data-parallel mode the number of devices changes what a step computes.
+_LOCAL_MODE_FIELDS = ("mesh.data",)
 
 
 class ConfigChangedError(ValueError):
@@ -738,8 +741,9 @@ def _check_resume_config(workdir: str, config: dict, allow_config_change: bool) 
           f"checked against it; {hint}") from None
     logging.warning("%s holds no readable config (%s); continuing under the new config", path, e)
     return {}, {"<run.json>": ("unreadable", "replaced")}
+  local = "local" in (stored.get("mesh", {}).get("mode"), config.get("mesh", {}).get("mode"))
   changes = {field: change for field, change in config_changes(stored, config).items()
-             if not _is_resumable(field)}
+             if not _is_resumable(field) or (local and field in _LOCAL_MODE_FIELDS)}
   if changes and not allow_config_change:
     lines = "\n".join(f"  config.{field}: {json.dumps(old, default=str)} -> "
                       f"{json.dumps(new, default=str)}" for field, (old, new) in changes.items())
@@ -826,7 +830,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
 
   Resuming: a workdir holding run.json is resumed only under the same config, up to
   RESUMABLE_FIELDS (steps, checkpoint.every, checkpoint.max_to_keep, eval.every,
-  sft.checkpoint_dir, distributed.coordinator, distributed.process_id, logging); any other
+  sft.checkpoint_dir, distributed.coordinator, distributed.process_id, logging, the mesh shape
+  except mesh.data in local mode: checkpoints restore onto any mesh); any other
   difference raises ConfigChangedError naming every differing field, unless `allow_config_change` (then
   run.json takes the new config and lists the change under "config_changes"). metrics.jsonl is
   cut back to the restored checkpoint's step first (to nothing without one), so a run killed at

@@ -294,6 +294,17 @@ def case_train_mesh(workdir, reference):
   sharded = [name for name, spec in specs.items() if "fsdp" in spec]
   assert len(sharded) >= len(specs) // 2, specs  # kernels and the embedding; norms replicated
   print(f"proma fsdp 2x2 == 1 device ({len(sharded)} of {len(specs)} leaves sharded)")
+  # Saved from the 2 x 2 FSDP mesh after step 1, resumed on a 4-device data mesh for step 2.
+  resharded = os.path.join(workdir, "resharded")
+  fsdp_config.steps = 1
+  train.run(fsdp_config, resharded, progress=False)
+  train.run(_tiny("proma", warm, data=NUM_DEVICES, mode="exact"), resharded, progress=False)
+  records = _read_metrics(resharded)
+  for record in records:  # the 1-step run ended at step 1, so it also validated there
+    if record["step"] == 1:
+      record.pop("val/accuracy"), record.pop("val_id/accuracy")
+  _compare_records(records, _read_metrics(os.path.join(reference, "single")))
+  print("proma fsdp 2x2 -> data 4 resume == 1 device")
   local = train.run(_tiny("proma_intra", warm, data=NUM_DEVICES, mode="local"),
                     os.path.join(workdir, "local"), progress=False)
   assert all(np.isfinite(v) for v in local[-1].values())
@@ -444,7 +455,7 @@ def test_training_on_four_devices_matches_one_device(reference_run, tmp_path):
   """Two RL steps of proma on a 4-device mesh (exact mode) log the 1-device metrics."""
   out = _run_case("train_mesh", str(tmp_path), str(reference_run))
   assert "proma 4-device exact == 1 device" in out and "proma_intra local mode trains" in out
-  assert "proma fsdp 2x2 == 1 device" in out
+  assert "proma fsdp 2x2 == 1 device" in out and "proma fsdp 2x2 -> data 4 resume == 1 device" in out
 
 
 def _free_port() -> int:
@@ -526,6 +537,22 @@ def test_fsdp_rule_and_its_refusals():
     mesh_lib.param_specs(tree, 4, rules=[("norm", (None, "fsdp"))])
   with pytest.raises(ValueError, match=r"data 2 x fsdp 4 = 8 devices requested but 1"):
     mesh_lib.fsdp_mesh(2, 4)
+
+
+def test_mesh_shape_may_change_on_resume_except_in_local_mode(tmp_path):
+  """Checkpoints restore onto any mesh: mesh.data / mesh.fsdp may differ from run.json's in exact
+  mode; in local mode the device count changes the projection, so mesh.data may not."""
+  from proma_jax import train
+
+  def config(**mesh):
+    return {"seed": 0, "mesh": dict(dict(data=2, mode="exact", fsdp=2, fsdp_min_size=0), **mesh)}
+
+  (tmp_path / "run.json").write_text(json.dumps({"config": config()}))
+  _, changes = train._check_resume_config(str(tmp_path), config(data=4, fsdp=1), False)
+  assert changes == {}
+  (tmp_path / "run.json").write_text(json.dumps({"config": config(mode="local", fsdp=1)}))
+  with pytest.raises(train.ConfigChangedError, match=r"config\.mesh\.data: 2 -> 4"):
+    train._check_resume_config(str(tmp_path), config(mode="local", fsdp=1, data=4), False)
 
 
 def test_invalid_mesh_config_names_the_field(tmp_path):
