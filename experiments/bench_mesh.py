@@ -98,7 +98,7 @@ def run_one(algorithm: str, devices: int, mode: str, args) -> dict:
   microbatches, num_tokens = synthetic_microbatches(policy, params, args.num_microbatches,
                                                     args.microbatch)
   microbatches = [trainer.shard(mb) for mb in microbatches]
-  num_tokens = trainer.replicate(num_tokens)
+  num_tokens = trainer.place(num_tokens)
 
   t0 = time.perf_counter()
   compiled = trainer.microbatch_update.lower(params, opt_state, microbatches[0], num_tokens).compile()

@@ -208,10 +208,15 @@ def param_specs(tree: Any, fsdp: int, rules: Sequence[tuple[str, Any]] = (),
   return jax.tree_util.tree_map_with_path(spec_of, tree)
 
 
+def shardings(mesh: Mesh, specs: Any) -> Any:
+  """A NamedSharding on `mesh` per PartitionSpec of `specs` (a tree of them)."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
 def place(tree: Any, mesh: Mesh, specs: Any) -> Any:
   """`tree` placed on `mesh`, each leaf with its spec from `specs` (a tree of PartitionSpecs)."""
-  return jax.device_put(tree, jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
-                                           is_leaf=lambda x: isinstance(x, P)))
+  return jax.device_put(tree, shardings(mesh, specs))
 
 
 def with_sequence_axis(specs: Any) -> Any:

@@ -458,7 +458,7 @@ class Trainer:
       self.mesh = mesh_lib.fsdp_mesh(c.mesh.data, c.mesh.fsdp)
     else:
       self.mesh = mesh_lib.data_mesh(c.mesh.data) if c.mesh.data > 1 else None
-    self.policy, self.init_params = policy, self.replicate(init_params)
+    self.policy, self.init_params = policy, self.place(init_params)
     self.tx = make_optimizer(c)
     placement = None
     if c.mesh.fsdp > 1:  # the outputs keep the inputs' FSDP placement
@@ -507,13 +507,13 @@ class Trainer:
   def fresh_params(self) -> dict:
     """A copy of the initial params to train (the microbatch update donates its params, and
     `init_params` must survive for kl/init and later runs of a sweep)."""
-    return self.replicate(jax.tree.map(jnp.copy, self.init_params))
+    return self.place(jax.tree.map(jnp.copy, self.init_params))
 
   def init_opt_state(self, params: dict, lr: float):
-    return self.replicate(
+    return self.place(
         optax.tree.set(self.tx.init(params), learning_rate=jnp.asarray(lr, jnp.float32)))
 
-  def replicate(self, tree):
+  def place(self, tree):
     """`tree` (params, optimizer state, scalars) placed on the mesh: replicated, or with
     mesh.fsdp > 1 each leaf by the FSDP rule (`mesh_lib.param_specs`; small leaves and scalars
     replicated). Unchanged without a mesh."""
@@ -524,9 +524,8 @@ class Trainer:
     return jax.device_put(tree, self._shardings(tree))
 
   def _shardings(self, tree):
-    specs = mesh_lib.param_specs(tree, self.c.mesh.fsdp, min_size=self.c.mesh.fsdp_min_size)
-    return jax.tree.map(lambda spec: jax.sharding.NamedSharding(self.mesh, spec), specs,
-                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return mesh_lib.shardings(self.mesh, mesh_lib.param_specs(
+        tree, self.c.mesh.fsdp, min_size=self.c.mesh.fsdp_min_size))
 
   def shard(self, microbatch: dict, axis: int = 0) -> dict:
     """A microbatch's sequences (along `axis`) sharded over the mesh, this process feeding its
@@ -584,7 +583,7 @@ class Trainer:
     sums: dict[str, list] = {}
     for mb_idx in minibatches:
       mb = _slice(batch, mb_idx)
-      num_tokens = self.replicate(jnp.maximum(jnp.sum(mb["mask"]), 1.0))
+      num_tokens = self.place(jnp.maximum(jnp.sum(mb["mask"]), 1.0))
       logp_before, entropy = timed_stats(params, mb["tokens"], mb["valid"])
       params, opt_state, step_metrics = self.optimizer_step(params, opt_state, mb, num_tokens)
       step_metrics = dict(step_metrics)
@@ -866,7 +865,7 @@ def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
   restored = checkpointer.restore({"params": params, "opt_state": opt_state})
   if restored is not None:
     start, state, _ = restored
-    params, opt_state = trainer.replicate((state["params"], state["opt_state"]))
+    params, opt_state = trainer.place((state["params"], state["opt_state"]))
     print(f"resuming {workdir} from step {start}")
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
