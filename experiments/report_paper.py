@@ -33,9 +33,10 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ARM_ORDER = ("reinforce", "grpo", "grpo_2ep", "proma", "proma_rb0.5", "proma_intra", "proma_both")
-COLORS = dict(zip(ARM_ORDER, ("tab:gray", "tab:orange", "tab:brown", "tab:blue", "tab:cyan",
-                              "tab:green", "tab:purple")))
+ARM_ORDER = ("reinforce", "grpo", "grpo_2ep", "grpo_4ep", "proma", "proma_rb0.5", "proma_intra",
+             "proma_both")
+COLORS = dict(zip(ARM_ORDER, ("tab:gray", "tab:orange", "tab:brown", "tab:olive", "tab:blue",
+                              "tab:cyan", "tab:green", "tab:purple")))
 SHAPE_ORDER = ("paper", "mb256_4x64", "mb32_4x8", "mb32_32x1", "base")
 # shape -> (minibatch size in sequences, microbatches per minibatch, sequences per microbatch):
 # experiments/sweep.py SHAPES and the config's own (base: 16 x 4 = 64 sequences, 2 minibatches).
@@ -327,10 +328,10 @@ def lr_robustness_table(robust: list[dict]) -> str:
 
 
 def clipping_table(rows: list[dict]) -> str:
-  arms = ("grpo", "grpo_2ep")
+  arms = ("grpo", "grpo_2ep", "grpo_4ep")
   by_cell = cells([r for r in rows if r["arm"] in arms], ("task", "shape", "lr"))
   if not by_cell:
-    return "No grpo or grpo_2ep runs yet."
+    return "No grpo, grpo_2ep or grpo_4ep runs yet."
   table = []
   for key in sorted(by_cell, key=lambda k: (k[0], _rank(k[1], SHAPE_ORDER), k[2])):
     row = [key[0], key[1], f"{key[2]:g}"]
@@ -340,7 +341,8 @@ def clipping_table(rows: list[dict]) -> str:
       row.append("-" if clip is None else
                  f"{clip:.4f}{' (acts)' if clip >= CLIP_ACTS else ''} n={len(runs)}")
     table.append(row)
-  return md_table(["task", "shape", "lr", "grpo clipfrac", "grpo_2ep clipfrac"], table)
+  return md_table(["task", "shape", "lr", "grpo clipfrac", "grpo_2ep clipfrac",
+                   "grpo_4ep clipfrac"], table)
 
 
 # --- figures ------------------------------------------------------------------------------------
