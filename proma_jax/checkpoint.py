@@ -3,9 +3,20 @@
 A checkpoint at step `s` lives in `<directory>/<s>/` and holds three orbax items:
 
   state   the leaves of the state pytree, flattened in `jax.tree.leaves` order and stored as a
-          dict {"000000": leaf_0, "000001": leaf_1, ...} of NumPy arrays;
-  layout  JSON: per leaf, its key path, shape, dtype and the CRC-32 of its bytes;
+          dict {"000000": leaf_0, "000001": leaf_1, ...};
+  layout  JSON: per leaf, its key path, shape, dtype and a checksum of its values;
   meta    JSON: whatever the caller passes (data position, config hash, ...).
+
+jax.Array leaves are handed to orbax as they are: each process writes the shards its devices hold
+(a replicated array once), and restoring reads each leaf straight onto the template leaf's
+sharding, which may belong to another mesh shape than the one that saved it. No process ever
+holds a whole sharded leaf in host memory. Their checksum ("sum32") is computed on the devices,
+on the global array: the sum mod 2^32 of every element's bits times an odd weight of its flat
+index. Integer sums do not depend on how the array is split, so the check is the same on any
+mesh, and any single changed element changes it (it is a corruption check, not a cryptographic
+hash). Other leaves (NumPy arrays, Python scalars, typed PRNG keys, stored as their uint32 key
+data) go through host memory and are checked by the CRC-32 of their bytes ("crc32"), as every
+leaf of older checkpoints is.
 
 Restoring unflattens the stored leaves with the TEMPLATE's treedef and casts each leaf back to
 the template leaf's kind (jax.Array, np.ndarray, Python scalar or typed PRNG key), so the result
@@ -37,6 +48,7 @@ import zlib
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -87,6 +99,38 @@ def _checksum(array: np.ndarray) -> int:
   return zlib.crc32(np.ascontiguousarray(array).tobytes())
 
 
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def _on_devices(leaf: Any) -> bool:
+  """Whether `leaf` is saved from and restored onto devices (and checked by `_sum32`)."""
+  return (isinstance(leaf, jax.Array) and not _is_typed_key(leaf)
+          and np.dtype(leaf.dtype).itemsize in _UNSIGNED)
+
+
+def _sum32(x: jax.Array) -> jax.Array:
+  """sum_i bits(x_i) * w_i mod 2^32 over the flat index i, with odd weights w_i: a uint32 that
+  any single changed element changes, computed shard-locally plus one integer all-reduce."""
+  bits = (x.astype(jnp.uint32) if x.dtype == jnp.bool_ else
+          jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize]).astype(jnp.uint32))
+  index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+  for dim in reversed(range(x.ndim)):  # the flat index, built from per-axis iotas (partitionable)
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride)
+    stride = (stride * x.shape[dim]) % 2**32
+  weight = (index * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)
+  return jnp.sum(bits * weight, dtype=jnp.uint32)
+
+
+@jax.jit
+def _device_checksums(leaves: list[jax.Array]) -> list[jax.Array]:
+  return [_sum32(x) for x in leaves]
+
+
+def _device_entries(leaves: list[jax.Array]) -> list[int]:
+  """The `_sum32` of each leaf, as Python ints (one compiled call for all of them)."""
+  return [int(np.asarray(c)) for c in _device_checksums(leaves)] if leaves else []
+
+
 def _leaf_key(i: int) -> str:
   return f"{i:06d}"
 
@@ -134,10 +178,14 @@ class Checkpointer:
                   "saved (%d).", stale, self.directory, step)
       self._manager.delete(stale)
     paths_and_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    arrays = [_to_numpy(leaf) for _, leaf in paths_and_leaves]
+    on_devices = [_on_devices(leaf) for _, leaf in paths_and_leaves]
+    arrays = [leaf if device else _to_numpy(leaf)
+              for device, (_, leaf) in zip(on_devices, paths_and_leaves)]
+    sums = iter(_device_entries([a for a, device in zip(arrays, on_devices) if device]))
     layout = {"leaves": [
-        {"path": jax.tree_util.keystr(path), "shape": list(a.shape), "dtype": str(a.dtype),
-         "crc32": _checksum(a)} for (path, _), a in zip(paths_and_leaves, arrays)]}
+        {"path": jax.tree_util.keystr(path), "shape": list(a.shape), "dtype": str(np.dtype(a.dtype)),
+         **({"sum32": next(sums)} if device else {"crc32": _checksum(a)})}
+        for (path, _), a, device in zip(paths_and_leaves, arrays, on_devices)]}
     args = ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave({_leaf_key(i): a for i, a in enumerate(arrays)}),
         _LAYOUT: ocp.args.JsonSave(layout),
@@ -170,14 +218,13 @@ class Checkpointer:
               f"checkpoint at step {step} in {self.directory} holds a different state structure "
               f"than the template (first difference: {_first_difference(found, expected)}); "
               "restore with the matching model/optimizer configuration or use a new directory.")
+        entries = layout["leaves"]
         stored = self._restore_item(step, _STATE, ocp.args.StandardRestore(
-            {_leaf_key(i): np.zeros(entry["shape"], entry["dtype"])
-             for i, entry in enumerate(layout["leaves"])}))
-        arrays = [np.asarray(stored[_leaf_key(i)]) for i in range(len(template_leaves))]
-        for array, entry in zip(arrays, layout["leaves"]):
-          if [list(array.shape), str(array.dtype), _checksum(array)] != [
-              entry["shape"], entry["dtype"], entry["crc32"]]:
-            raise ValueError(f"leaf {entry['path']} does not match its recorded checksum")
+            {_leaf_key(i): _restore_target(entry, template)
+             for i, (entry, template) in enumerate(zip(entries, template_leaves))}))
+        arrays = [stored[_leaf_key(i)] for i in range(len(template_leaves))]
+        arrays = [a if "sum32" in entry else np.asarray(a) for a, entry in zip(arrays, entries)]
+        _verify(arrays, entries)
         meta = self._restore_item(step, _META, ocp.args.JsonRestore())
       except IncompatibleCheckpointError:
         raise
@@ -186,8 +233,9 @@ class Checkpointer:
         log.warning("Checkpoint at step %d in %s is unreadable (%s: %s); trying an older one.",
                     step, self.directory, type(e).__name__, reason)
         continue
-      state = jax.tree.unflatten(
-          treedef, [_from_numpy(a, t) for a, t in zip(arrays, template_leaves)])
+      state = jax.tree.unflatten(treedef, [
+          a if "sum32" in entry and isinstance(t, jax.Array) else _from_numpy(np.asarray(a), t)
+          for a, t, entry in zip(arrays, template_leaves, entries)])
       return step, state, dict(meta)
     return None
 
@@ -200,6 +248,28 @@ class Checkpointer:
     if restored[name] is None:
       raise FileNotFoundError(f"item {name!r} is missing")
     return restored[name]
+
+
+def _restore_target(entry: dict[str, Any], template_leaf: Any) -> Any:
+  """What orbax restores one stored leaf into: a leaf saved from devices goes straight onto the
+  template leaf's sharding (any mesh); everything else into host memory."""
+  if "sum32" in entry and isinstance(template_leaf, jax.Array):
+    return jax.ShapeDtypeStruct(tuple(entry["shape"]), np.dtype(entry["dtype"]),
+                                sharding=template_leaf.sharding)
+  return np.zeros(entry["shape"], entry["dtype"])
+
+
+def _verify(arrays: list[Any], entries: list[dict[str, Any]]) -> None:
+  """Raises ValueError naming the first leaf whose shape, dtype or checksum differs from its
+  layout entry."""
+  on_devices = [i for i, entry in enumerate(entries) if "sum32" in entry]
+  sums = dict(zip(on_devices, _device_entries([jnp.asarray(arrays[i]) for i in on_devices])))
+  for i, (array, entry) in enumerate(zip(arrays, entries)):
+    found = [list(array.shape), str(np.dtype(array.dtype)),
+             sums[i] if i in sums else _checksum(array)]
+    expected = [entry["shape"], entry["dtype"], entry["sum32" if i in sums else "crc32"]]
+    if found != expected:
+      raise ValueError(f"leaf {entry['path']} does not match its recorded checksum")
 
 
 def _first_difference(found: list[list[Any]], expected: list[list[Any]]) -> str:

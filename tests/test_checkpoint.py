@@ -113,14 +113,15 @@ def test_missing_step_file_and_interrupted_save_fall_back(tmp_path, caplog):
   assert any("step 2" in r.getMessage() for r in caplog.records)
 
 
-def test_checksum_mismatch_falls_back(tmp_path, caplog):
-  """Bytes that decode but differ from what was saved are caught by the recorded CRC-32."""
+@pytest.mark.parametrize("kind", ["sum32", "crc32"])  # a leaf checked on devices, one on the host
+def test_checksum_mismatch_falls_back(tmp_path, caplog, kind):
+  """Bytes that decode but differ from what was saved are caught by the recorded checksum."""
   ckpt = Checkpointer(tmp_path)
   ckpt.save(1, make_state(1), {"step": 1})
   ckpt.save(2, make_state(2), {"step": 2})
   layout_file = tmp_path / "2" / "layout" / "metadata"
   layout = json.loads(layout_file.read_text())
-  layout["leaves"][0]["crc32"] += 1
+  next(entry for entry in layout["leaves"] if kind in entry)[kind] += 1
   layout_file.write_text(json.dumps(layout))
   with caplog.at_level(logging.WARNING, logger="proma_jax.checkpoint"):
     assert ckpt.restore(make_state(0))[0] == 1
@@ -159,3 +160,24 @@ def test_max_to_keep_below_one_is_refused(tmp_path, max_to_keep):
   with pytest.raises((ValueError, TypeError), match="max_to_keep"):
     Checkpointer(tmp_path, max_to_keep=max_to_keep)
   assert not os.path.exists(tmp_path / "0")
+
+
+def _sum32_reference(array: np.ndarray) -> int:
+  """checkpoint._sum32 in NumPy uint64/Python ints: sum_i bits_i * w_i mod 2^32, w_i odd."""
+  bits = array.astype(np.uint64) if array.dtype == np.bool_ else array.view(
+      {1: np.uint8, 2: np.uint16, 4: np.uint32}[array.dtype.itemsize]).astype(np.uint64)
+  index = np.arange(array.size, dtype=np.uint64)
+  weight = ((index * 0x9E3779B1 + 0x7F4A7C15) % 2**32) | 1
+  return int(np.sum((bits.ravel() * weight) % 2**32) % 2**32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32", "uint8", "bool"])
+def test_device_checksum_matches_numpy_and_sees_one_changed_element(dtype):
+  from proma_jax import checkpoint
+  values = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 7)) * 50
+  x = values > 0 if dtype == "bool" else values.astype(dtype)
+  got = [int(c) for c in checkpoint._device_checksums([x, x[0, 0, 0], x.reshape(-1)])]
+  reference = _sum32_reference(np.asarray(x))
+  assert got == [reference, _sum32_reference(np.asarray(x)[0, 0, 0]), reference]
+  flipped = jnp.logical_not(x[1, 2, 3]) if dtype == "bool" else x[1, 2, 3] + 1
+  assert int(checkpoint._device_checksums([x.at[1, 2, 3].set(flipped)])[0]) != reference
