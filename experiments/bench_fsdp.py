@@ -6,7 +6,9 @@ count F (a ("data", "fsdp") mesh of shape (1, F), `mesh.fsdp_mesh(1, F)`) and va
 PROMA from one forward and backward pass), the jitted microbatch step (params and optimizer state
 donated, their FSDP placement kept on the outputs as `train._compile` does) is lowered and compiled
 on ABSTRACT inputs: `jax.ShapeDtypeStruct`s carrying NamedShardings (params and optimizer state by
-`mesh.param_specs(..., min_size=mesh.FSDP_MIN_SIZE)`, the microbatch by `mesh.sequence_sharded`).
+`mesh.param_specs(..., min_size=mesh.FSDP_MIN_SIZE)`, the microbatch by `mesh.sequence_sharded`
+over both axes, or over "data" alone for the variants with per-sequence gradients, as the
+training loop places them).
 Nothing of model size is allocated, so Qwen3-8B compiles on a 24 GiB CPU box. 8 host CPU devices
 are forced (XLA_FLAGS) before JAX starts.
 
@@ -89,6 +91,9 @@ def abstract(tree, mesh: jax.sharding.Mesh, fsdp: int):
   return structs, shards
 
 
+PER_SEQUENCE = ("proma_mat", "both_mat")  # variants with per-sequence gradients S_i
+
+
 def compile_step(cfg, variant: str, fsdp: int, n_seq: int, seq_len: int, num_microbatches: int):
   """The compiled microbatch step of `variant` on a (1, fsdp) mesh, and its lower seconds."""
   mesh = mesh_lib.fsdp_mesh(1, fsdp)
@@ -99,7 +104,9 @@ def compile_step(cfg, variant: str, fsdp: int, n_seq: int, seq_len: int, num_mic
                                          num_microbatches)
   opt_state, state_shards = abstract(jax.eval_shape(tx.init, params), mesh, fsdp)
   batch = jax.eval_shape(lambda: bench_step.make_batch(cfg, jax.random.PRNGKey(0), n_seq, seq_len))
-  rows = mesh_lib.sequence_sharded(mesh, 0, n_seq)
+  # The training loop's layout (train.Trainer.shard): sequences over "data" and "fsdp", except
+  # for the variants that form per-sequence gradients, which keep them over "data".
+  rows = mesh_lib.sequence_sharded(mesh, 0, None if variant in PER_SEQUENCE else n_seq)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows), batch)
   step = jax.jit(microbatch, out_shardings=(param_shards, state_shards), donate_argnums=(0, 1))
   t0 = time.perf_counter()

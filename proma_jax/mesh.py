@@ -17,13 +17,13 @@ Two data-parallel modes (`config.mesh.mode`, see `proma_jax.transforms` for the 
           projects against its own sequences only; the changes of R are summed by one psum of a
           parameter-sized tree per microbatch (`axis_name` of the PROMA transforms).
 
-FSDP (issue 14, first step): `fsdp_mesh(data, fsdp)` is a 2-D ("data", "fsdp") mesh and
+FSDP (`config.mesh.fsdp` > 1): `fsdp_mesh(data, fsdp)` is a 2-D ("data", "fsdp") mesh and
 `param_specs` the ZeRO-3 placement rule (each large leaf of >= 2 dims sharded over "fsdp" along its
 largest divisible dimension, small leaves replicated, per-path overrides); `place` puts a tree on
-it. Under `jax.jit` the compiler partitions the PROMA transforms exactly
-(tests/test_distributed.py::test_fsdp_mesh_transforms_equal_one_device), but it all-gathers the
-per-sequence gradients of sharded kernels for the Gram matrix instead of all-reducing shard-local
-partial sums; the training loop does not use this mesh yet.
+it. Params, the PROMA accumulator and the optimizer state keep that placement through the jitted
+step, whose partitioning (and collectives) the compiler chooses; sequences are sharded over both
+axes where the microbatch divides. The statistics contract over each leaf's own axes
+(`projection.stacked_statistics`), so a Gram matrix is shard-local partial sums plus an all-reduce.
 
 Multi-process: `initialize_distributed` calls `jax.distributed.initialize` (coordinator
 host:port, process count and id) before any other JAX call. On CPU, JAX 0.10.2's default
@@ -79,20 +79,45 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def sequence_sharded(mesh: Mesh, axis: int = 0) -> NamedSharding:
+def sequence_sharded(mesh: Mesh, axis: int = 0, num_rows: int | None = None) -> NamedSharding:
   """Sharded over "data" along `axis` (the sequence axis: 0 for a microbatch, 1 for microbatches
-  stacked on a leading axis)."""
-  return NamedSharding(mesh, _sequence_spec(axis))
+  stacked on a leading axis). On a ("data", "fsdp") mesh, when `num_rows` (the length of that
+  axis) is given and a multiple of every device, over both axes: each device then computes its
+  own sequences with the gathered parameters (ZeRO-3), not the same ones as its "fsdp" peers.
+  That suits the gradient alone; per-sequence gradients S_i of sharded kernels would then have
+  to cross "fsdp" whole for the Gram matrix (compiled: all-gathers of f32[n, d_in, d_out]), so
+  the PROMA variants that form them keep their sequences over "data"."""
+  return NamedSharding(mesh, _sequence_spec(axis, _sequence_axes(mesh, num_rows)))
 
 
-def _sequence_spec(axis: int) -> P:
-  return P(*([None] * axis), DATA_AXIS)
+def _sequence_axes(mesh: Mesh, num_rows: int | None) -> str | tuple[str, str]:
+  if (FSDP_AXIS in mesh.axis_names and num_rows is not None
+      and num_rows % (mesh.shape[DATA_AXIS] * mesh.shape[FSDP_AXIS]) == 0):
+    return (DATA_AXIS, FSDP_AXIS)
+  return DATA_AXIS
+
+
+def _sequence_spec(axis: int, axes: str | tuple[str, str] = DATA_AXIS) -> P:
+  return P(*([None] * axis), axes)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Every leaf replicated on every device of the mesh (each process supplies its own copy,
   which must be the same on all processes)."""
-  return jax.device_put(tree, replicated(mesh))
+  return _device_put(tree, jax.tree.map(lambda _: replicated(mesh), tree))
+
+
+def _device_put(tree: Any, shardings: Any) -> Any:
+  """`jax.device_put` leaf by leaf, where an array held by this process's devices only (e.g.
+  restored onto one device) goes to a sharding spanning several processes through host memory:
+  each process then supplies its own shards, as from a NumPy array (JAX's CPU backend has no
+  direct cross-host device transfer)."""
+  def put(x, sharding):
+    if (isinstance(x, jax.Array) and x.is_fully_addressable
+        and not sharding.is_fully_addressable):
+      x = np.asarray(x)
+    return jax.device_put(x, sharding)
+  return jax.tree.map(put, tree, shardings)
 
 
 def _process_rows(sharding: NamedSharding, shape: tuple[int, ...], axis: int = 0) -> slice:
@@ -109,18 +134,18 @@ def _process_rows(sharding: NamedSharding, shape: tuple[int, ...], axis: int = 0
   return slice(start, stop)
 
 
-def shard_sequences(tree: Any, mesh: Mesh, axis: int = 0) -> Any:
-  """Each leaf sequence-sharded over "data" along `axis` ((n_seq, ...) with axis 0; (M, n_seq,
-  ...) stacked microbatches with axis 1); every process feeds only its own rows.
+def shard_sequences(tree: Any, mesh: Mesh, axis: int = 0, over_fsdp: bool = False) -> Any:
+  """Each leaf sequence-sharded along `axis` ((n_seq, ...) with axis 0; (M, n_seq, ...) stacked
+  microbatches with axis 1), over "data", or with `over_fsdp` over ("data", "fsdp") where the
+  rows divide (`sequence_sharded`); every process feeds only its own rows.
 
   The leaves are the whole microbatch as this process knows it (host or replicated arrays); only
   the block of rows that lands on this process's devices is handed to
   `jax.make_array_from_process_local_data`.
   """
-  sharding = sequence_sharded(mesh, axis)
-
   def place(x):
     x = np.asarray(x)
+    sharding = sequence_sharded(mesh, axis, x.shape[axis] if over_fsdp else None)
     rows = (slice(None),) * axis + (_process_rows(sharding, x.shape, axis),)
     return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
 
@@ -164,6 +189,9 @@ def fsdp_mesh(data: int, fsdp: int) -> Mesh:
     raise ValueError(f"config.mesh: data {data} x fsdp {fsdp} = {n} devices requested but "
                      f"{available} are available (on CPU, set "
                      "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)")
+  if jax.process_count() > 1 and n != available:
+    raise ValueError(f"config.mesh: a {jax.process_count()}-process run must use all {available} "
+                     f"devices, got data {data} x fsdp {fsdp} = {n}")
   return Mesh(np.array(jax.devices()[:n]).reshape(data, fsdp), (DATA_AXIS, FSDP_AXIS))
 
 
@@ -216,7 +244,7 @@ def shardings(mesh: Mesh, specs: Any) -> Any:
 
 def place(tree: Any, mesh: Mesh, specs: Any) -> Any:
   """`tree` placed on `mesh`, each leaf with its spec from `specs` (a tree of PartitionSpecs)."""
-  return jax.device_put(tree, shardings(mesh, specs))
+  return _device_put(tree, shardings(mesh, specs))
 
 
 def with_sequence_axis(specs: Any) -> Any:

@@ -200,9 +200,6 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   integer("mesh.fsdp_min_size", 0)
   need(m.fsdp == 1 or m.mode == "exact", "mesh.mode",
        f"an FSDP mesh (mesh.fsdp={m.fsdp}) runs in exact mode only, got {m.mode!r}")
-  need(m.fsdp == 1 or d.num_processes == 1, "mesh.fsdp",
-       "FSDP across several processes is not supported yet; use mesh.fsdp=1 with "
-       "distributed.num_processes > 1")
   need(microbatch % m.data == 0, "mesh.data",
        f"{m.data} does not divide the microbatch of {microbatch} sequences, which are sharded over "
        "the mesh.data devices")
@@ -210,9 +207,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   integer("distributed.num_processes", 1)
   need(_is_int(d.process_id) and 0 <= d.process_id < d.num_processes, "distributed.process_id",
        f"must be in [0, {d.num_processes}), got {d.process_id!r}")
-  need(d.num_processes == 1 or m.data % d.num_processes == 0, "mesh.data",
+  need(d.num_processes == 1 or (m.data * m.fsdp) % d.num_processes == 0, "mesh.data",
        f"a {d.num_processes}-process run shards over all devices of all processes; "
-       f"{m.data} is not a multiple of distributed.num_processes")
+       f"mesh.data x mesh.fsdp = {m.data * m.fsdp} is not a multiple of "
+       "distributed.num_processes")
   host, _, port = str(d.coordinator).rpartition(":")
   need(bool(host) and port.isdigit() and 0 < int(port) < 65536, "distributed.coordinator",
        f"must be host:port, got {d.coordinator!r}")
@@ -459,6 +457,9 @@ class Trainer:
     else:
       self.mesh = mesh_lib.data_mesh(c.mesh.data) if c.mesh.data > 1 else None
     self.policy, self.init_params = policy, self.place(init_params)
+    # On an FSDP mesh, sequences over "fsdp" too, unless the algorithm forms per-sequence
+    # gradients S_i (their Gram would gather S_i of sharded kernels whole: mesh.sequence_sharded).
+    self.sequences_over_fsdp = c.algorithm not in ("proma", "proma_both")
     self.tx = make_optimizer(c)
     placement = None
     if c.mesh.fsdp > 1:  # the outputs keep the inputs' FSDP placement
@@ -521,7 +522,8 @@ class Trainer:
       return tree
     if self.c.mesh.fsdp == 1:
       return mesh_lib.replicate(tree, self.mesh)
-    return jax.device_put(tree, self._shardings(tree))
+    return mesh_lib.place(tree, self.mesh, mesh_lib.param_specs(
+        tree, self.c.mesh.fsdp, min_size=self.c.mesh.fsdp_min_size))
 
   def _shardings(self, tree):
     return mesh_lib.shardings(self.mesh, mesh_lib.param_specs(
@@ -531,7 +533,8 @@ class Trainer:
     """A microbatch's sequences (along `axis`) sharded over the mesh, this process feeding its
     own rows."""
     return (microbatch if self.mesh is None
-            else mesh_lib.shard_sequences(microbatch, self.mesh, axis))
+            else mesh_lib.shard_sequences(microbatch, self.mesh, axis,
+                                          over_fsdp=self.sequences_over_fsdp))
 
   def optimizer_step(self, params: dict, opt_state, minibatch: dict, num_tokens):
     """One optimizer step on a minibatch: its M microbatches (consecutive rows) accumulated by

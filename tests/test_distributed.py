@@ -273,38 +273,51 @@ def case_train_single(workdir):
 
 
 def case_train_mesh(workdir, reference):
-  """Two RL steps on the 4-device mesh in exact mode, and on a 2 x 2 ("data", "fsdp") mesh with
-  the params, optimizer state and accumulator sharded, give the 1-device metrics; proma_intra in
+  """Two RL steps on the 4-device mesh in exact mode, and one on a 2 x 2 ("data", "fsdp") mesh
+  with the params, optimizer state and accumulator sharded followed by one resumed on the data
+  mesh, give the 1-device metrics; proma_intra in
   local mode (the paper's data-parallel variant) trains with the projection active."""
+  import chex
   import jax
 
-  from proma_jax import train
+  from proma_jax import mesh as mesh_lib, train
   warm = os.path.join(reference, "warm")
   exact = train.run(_tiny("proma", warm, data=NUM_DEVICES, mode="exact"),
                     os.path.join(workdir, "exact"), progress=False)
   _compare_records(exact, _read_metrics(os.path.join(reference, "single")))
   print("proma 4-device exact == 1 device")
-  # FSDP: a ("data", "fsdp") = 2 x 2 mesh, every 2-D leaf of the tiny model sharded over "fsdp".
+  # FSDP: a ("data", "fsdp") = 2 x 2 mesh, every 2-D leaf of the tiny model sharded over "fsdp"
+  # (test_two_processes_match_one_process[fsdp] compares a whole 2 x 4 run with one device).
+  # Saved from it after step 1, resumed on a 4-device data mesh for step 2.
   fsdp_config = _tiny("proma", warm, data=2, fsdp=2, fsdp_min_size=0)
-  fsdp = train.run(fsdp_config, os.path.join(workdir, "fsdp"), progress=False)
-  _compare_records(fsdp, _read_metrics(os.path.join(reference, "single")))
+  fsdp_config.steps = 1
+  resharded = os.path.join(workdir, "resharded")
+  train.run(fsdp_config, resharded, progress=False)
   trainer, _ = train._trainer_for(fsdp_config)
   specs = {jax.tree_util.keystr(path): leaf.sharding.spec for path, leaf in
            jax.tree_util.tree_flatten_with_path(trainer.init_params)[0]}
   sharded = [name for name, spec in specs.items() if "fsdp" in spec]
   assert len(sharded) >= len(specs) // 2, specs  # kernels and the embedding; norms replicated
-  print(f"proma fsdp 2x2 == 1 device ({len(sharded)} of {len(specs)} leaves sharded)")
-  # Saved from the 2 x 2 FSDP mesh after step 1, resumed on a 4-device data mesh for step 2.
-  resharded = os.path.join(workdir, "resharded")
-  fsdp_config.steps = 1
-  train.run(fsdp_config, resharded, progress=False)
   train.run(_tiny("proma", warm, data=NUM_DEVICES, mode="exact"), resharded, progress=False)
   records = _read_metrics(resharded)
   for record in records:  # the 1-step run ended at step 1, so it also validated there
     if record["step"] == 1:
       record.pop("val/accuracy"), record.pop("val_id/accuracy")
   _compare_records(records, _read_metrics(os.path.join(reference, "single")))
-  print("proma fsdp 2x2 -> data 4 resume == 1 device")
+  print(f"proma fsdp 2x2 ({len(sharded)} of {len(specs)} leaves sharded) -> data 4 resume "
+        "== 1 device")
+  # grpo (no per-sequence gradients): on the 2 x 2 FSDP mesh each device gets its own sequences.
+  results = {}
+  for name, mesh in (("single", {}), ("fsdp", dict(data=2, fsdp=2, fsdp_min_size=0))):
+    trainer, _ = train._trainer_for(_tiny("grpo", warm, **mesh))
+    params = trainer.fresh_params()
+    params, _, metrics = trainer.step(params, trainer.init_opt_state(params, 1e-3), 0, 0)
+    results[name] = (jax.tree.map(np.asarray, params),
+                     {k: v for k, v in metrics.items() if not k.startswith("time/")})
+  rows = trainer.shard({"x": np.zeros((4, 3))})["x"]
+  assert rows.sharding.spec == mesh_lib.P(("data", "fsdp")), rows.sharding
+  chex.assert_trees_all_close(results["fsdp"], results["single"], rtol=1e-4, atol=1e-6)
+  print("grpo fsdp 2x2, sequences over both axes == 1 device")
   local = train.run(_tiny("proma_intra", warm, data=NUM_DEVICES, mode="local"),
                     os.path.join(workdir, "local"), progress=False)
   assert all(np.isfinite(v) for v in local[-1].values())
@@ -408,6 +421,33 @@ def case_fsdp_transforms():
     assert kernel_r.sharding.spec == P(None, "fsdp"), kernel_r.sharding
     assert kernel_r.addressable_shards[0].data.shape == (32, 32)
     print(name, "fsdp 2x4 == single device")
+  _sharded_checkpoint_round_trips({"params": sharded_params, "opt_state": sharded_state})
+
+
+def _sharded_checkpoint_round_trips(state):
+  """`state` saved from its 2 x 4 placement restores onto 1 x 8, 4 x 2 and one device: straight
+  onto each template's shardings, equal values, the device checksums agreeing across layouts."""
+  import tempfile
+
+  import chex
+  import jax
+
+  from proma_jax import mesh as mesh_lib
+  from proma_jax.checkpoint import Checkpointer
+
+  with tempfile.TemporaryDirectory() as directory:
+    Checkpointer(directory).save(3, state)
+    expected = jax.tree.map(np.asarray, state)
+    for data, fsdp in ((1, 8), (4, 2), (1, 1)):
+      mesh = mesh_lib.fsdp_mesh(data, fsdp)
+      zeros = jax.tree.map(np.zeros_like, expected)  # placed by the rule for this mesh
+      template = mesh_lib.place(zeros, mesh, mesh_lib.param_specs(zeros, fsdp, min_size=1024))
+      step, restored, _ = Checkpointer(directory).restore(template)
+      assert step == 3
+      for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(template)):
+        assert got.sharding.is_equivalent_to(want.sharding, got.ndim), (got.sharding, want.sharding)
+      chex.assert_trees_all_equal(jax.tree.map(np.asarray, restored), expected)
+      print(f"sharded checkpoint 2x4 -> {data}x{fsdp} restored onto its shardings")
 
 
 CASES = {"transforms": case_transforms, "train_single": case_train_single,
@@ -455,7 +495,8 @@ def test_training_on_four_devices_matches_one_device(reference_run, tmp_path):
   """Two RL steps of proma on a 4-device mesh (exact mode) log the 1-device metrics."""
   out = _run_case("train_mesh", str(tmp_path), str(reference_run))
   assert "proma 4-device exact == 1 device" in out and "proma_intra local mode trains" in out
-  assert "proma fsdp 2x2 == 1 device" in out and "proma fsdp 2x2 -> data 4 resume == 1 device" in out
+  assert "-> data 4 resume == 1 device" in out
+  assert "grpo fsdp 2x2, sequences over both axes == 1 device" in out
 
 
 def _free_port() -> int:
@@ -474,19 +515,26 @@ def _tiny_flags(warm_dir) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(reference_run, tmp_path):
-  """`python -m proma_jax.train` as 2 processes (1 CPU device each, gloo collectives) logs the
-  metrics of the 1-process run; only process 0 writes metrics and checkpoint data."""
+@pytest.mark.parametrize("layout", ["data", "fsdp"])
+def test_two_processes_match_one_process(reference_run, tmp_path, layout):
+  """`python -m proma_jax.train` as 2 processes (gloo collectives) logs the metrics of the
+  1-process run (process 0 alone writes metrics). "data": 1 CPU device per process, a 2-device
+  data mesh. "fsdp": 4 devices per process, a ("data", "fsdp") = 2 x 4 mesh
+  with every 2-D leaf sharded over "fsdp" across both processes' devices; each process writes
+  its own shards of the checkpoint."""
   sys.path.insert(0, TESTS)
   workdir, port = tmp_path / "two", _free_port()
+  devices, mesh = {"data": (1, ["--config.mesh.data=2"]),
+                   "fsdp": (4, ["--config.mesh.data=2", "--config.mesh.fsdp=4",
+                                "--config.mesh.fsdp_min_size=0"])}[layout]
   procs = []
   for pid in range(2):
     cmd = [sys.executable, "-m", "proma_jax.train", "--config=configs/reverse.py:proma",
-           f"--workdir={workdir}", *_tiny_flags(reference_run / "warm"), "--config.mesh.data=2",
+           f"--workdir={workdir}", *_tiny_flags(reference_run / "warm"), *mesh,
            "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
            f"--config.distributed.coordinator=127.0.0.1:{port}"]
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
-                                    "--xla_force_host_platform_device_count=1")
+                                    f"--xla_force_host_platform_device_count={devices}")
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   outputs = [p.communicate(timeout=300)[0] for p in procs]
@@ -499,7 +547,8 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
   assert configs[0] == configs[1]
   written = {d for d in os.listdir(workdir / "checkpoints" / str(COMPARED_STEPS) / "state")
              if d.startswith("ocdbt.process_")}
-  assert written == {"ocdbt.process_0"}, written
+  if layout == "fsdp":  # each process wrote the shards of its devices (orbax may also spread
+    assert written == {"ocdbt.process_0", "ocdbt.process_1"}, written  # replicated writes)
 
 
 @pytest.mark.slow
@@ -510,6 +559,8 @@ def test_fsdp_mesh_transforms_equal_one_device():
   out = _run_case("fsdp_transforms", devices=8)
   for name in ("plain", "accumulation", "intra", "both"):
     assert f"{name} fsdp 2x4 == single device" in out, out
+  for layout in ("1x8", "4x2", "1x1"):
+    assert f"sharded checkpoint 2x4 -> {layout} restored onto its shardings" in out, out
 
 
 def test_fsdp_rule_and_its_refusals():
