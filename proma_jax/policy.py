@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from proma_jax import sampling, tasks
+from proma_jax import mesh as mesh_lib, sampling, tasks
 from proma_jax.models import loading
 from proma_jax.models.decoder import (
     ModelConfig,
@@ -65,6 +65,17 @@ def max_new_tokens(config: ml_collections.ConfigDict, task: tasks.Task) -> int:
   return task.answer_width + config.rollout.extra_new_tokens
 
 
+def _fsdp_shardings(config: ml_collections.ConfigDict):
+  """With `mesh.fsdp` > 1, the (path, shape) -> sharding of each parameter on the run's FSDP mesh
+  (`mesh.param_specs`' default rule), so a checkpoint is loaded straight onto its shards; else
+  None."""
+  if config.mesh.fsdp <= 1:
+    return None
+  mesh = mesh_lib.fsdp_mesh(config.mesh.data, config.mesh.fsdp)
+  return lambda path, shape: jax.sharding.NamedSharding(
+      mesh, mesh_lib.fsdp_spec(tuple(shape), config.mesh.fsdp, config.mesh.fsdp_min_size))
+
+
 def make_policy(config: ml_collections.ConfigDict) -> tuple[Policy, dict]:
   """The policy of `config` and its initial parameters (a pure dict): freshly initialised for
   the tiny decoder, read from `config.model.checkpoint` for a pretrained one."""
@@ -74,7 +85,8 @@ def make_policy(config: ml_collections.ConfigDict) -> tuple[Policy, dict]:
     options = {k: config.model[k] for k in PRETRAINED_OPTIONS}
     if config.model.max_len is not None:
       options["max_len"] = config.model.max_len
-    model, tokenizer = loading.load_pretrained(config.model.checkpoint, **options)
+    model, tokenizer = loading.load_pretrained(config.model.checkpoint,
+                                               shardings=_fsdp_shardings(config), **options)
     graphdef, state = nnx.split(model)
     r = config.rollout
     policy = Policy(task, tokenizer, model.cfg, graphdef, None, length, bucket=r.bucket,

@@ -265,6 +265,33 @@ def _compare_records(got, expected):
                                    err_msg=f"step {record['step']} {key}")
 
 
+def _pretrained_loads_onto_its_shards():
+  """The tiny Qwen3 checkpoint read straight onto a 2 x 2 FSDP mesh (`policy._fsdp_shardings`):
+  each device receives only its block, the values are those of a one-device load."""
+  import chex
+  import jax
+  import ml_collections
+  from flax import nnx
+
+  from proma_jax import mesh as mesh_lib, policy as policy_lib
+  from proma_jax.models import loading
+  checkpoint = os.path.join(TESTS, "fixtures", "hf", "tiny_qwen3")
+  c = ml_collections.ConfigDict({"mesh": {"data": 2, "fsdp": 2, "fsdp_min_size": 0}})
+  sharded = nnx.to_pure_dict(nnx.state(loading.load_model(
+      checkpoint, shardings=policy_lib._fsdp_shardings(c))))
+  whole = nnx.to_pure_dict(nnx.state(loading.load_model(checkpoint)))
+  specs = mesh_lib.param_specs(whole, 2, min_size=0)
+  kernel = sharded["layers"][0]["mlp"]["up_proj"]["kernel"]
+  assert kernel.sharding.spec == specs["layers"][0]["mlp"]["up_proj"]["kernel"] != mesh_lib.P()
+  for shard in kernel.addressable_shards:  # a block per device, never the whole kernel
+    assert shard.data.shape[1] == kernel.shape[1] // 2, shard.data.shape
+  for got, spec in zip(jax.tree.leaves(sharded), jax.tree.leaves(
+      specs, is_leaf=lambda x: isinstance(x, mesh_lib.P))):
+    assert got.sharding.spec == spec, (got.sharding, spec)
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, sharded), jax.tree.map(np.asarray, whole))
+  print("pretrained checkpoint loaded onto its fsdp 2x2 shards")
+
+
 def case_train_single(workdir):
   """The 1-device reference run of proma (it also trains the warm start the others restore)."""
   from proma_jax import train
@@ -306,6 +333,7 @@ def case_train_mesh(workdir, reference):
   _compare_records(records, _read_metrics(os.path.join(reference, "single")))
   print(f"proma fsdp 2x2 ({len(sharded)} of {len(specs)} leaves sharded) -> data 4 resume "
         "== 1 device")
+  _pretrained_loads_onto_its_shards()
   # grpo (no per-sequence gradients): on the 2 x 2 FSDP mesh each device gets its own sequences.
   results = {}
   for name, mesh in (("single", {}), ("fsdp", dict(data=2, fsdp=2, fsdp_min_size=0))):
@@ -497,6 +525,7 @@ def test_training_on_four_devices_matches_one_device(reference_run, tmp_path):
   assert "proma 4-device exact == 1 device" in out and "proma_intra local mode trains" in out
   assert "-> data 4 resume == 1 device" in out
   assert "grpo fsdp 2x2, sequences over both axes == 1 device" in out
+  assert "pretrained checkpoint loaded onto its fsdp 2x2 shards" in out
 
 
 def _free_port() -> int:

@@ -15,7 +15,8 @@ exception: a tied checkpoint (`tie_word_embeddings`) may also store `lm_head.wei
 `model.embed_tokens.weight` (some exports save the tied matrix twice); an unequal one is an error,
 since the decoder would silently ignore it. Tensors are read, checked (shape, finite values),
 transposed, cast to `param_dtype` and placed on the device one at a time, so the host holds at
-most a tensor or two beyond the model at any moment.
+most a tensor or two beyond the model at any moment. With `shardings`, each tensor goes straight
+onto its own sharding (e.g. FSDP over a mesh): each device receives its block only.
 """
 
 from __future__ import annotations
@@ -160,8 +161,18 @@ def _abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
   return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 
 
-def _load(ckpt: Checkpoint, cfg: ModelConfig) -> Transformer:
-  """The decoder of `cfg` with every parameter read from `ckpt` (see the module docstring)."""
+def _put(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+  """`array` on the default device, or split over `sharding`'s devices: each device receives
+  only its own block (`jax.make_array_from_callback`), so no device ever holds the whole tensor
+  of a sharded leaf."""
+  if sharding is None:
+    return jax.device_put(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _load(ckpt: Checkpoint, cfg: ModelConfig, shardings=None) -> Transformer:
+  """The decoder of `cfg` with every parameter read from `ckpt` (see the module docstring);
+  `shardings(path, shape)` gives the sharding of the parameter at the pure-dict `path`."""
   graphdef, abstract_state = _abstract_model(cfg)
   state = jax.tree.map(lambda x: x, abstract_state)  # a fresh tree to fill; the cache stays abstract
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
@@ -173,7 +184,8 @@ def _load(ckpt: Checkpoint, cfg: ModelConfig) -> Transformer:
     is_kernel = path[-1] == "kernel"
     w = _read(ckpt, name, leaf.shape[::-1] if is_kernel else leaf.shape)
     # A fresh C-ordered copy: JAX on CPU aliases NumPy buffers, and `w` may be a view of the file.
-    loaded[path] = jax.device_put(np.array(w.T if is_kernel else w, leaf.dtype, order="C"))
+    loaded[path] = _put(np.array(w.T if is_kernel else w, leaf.dtype, order="C"),
+                        None if shardings is None else shardings(path, leaf.shape))
     del w
   if cfg.tie_embeddings and _LM_HEAD in ckpt.origins:
     embedding = ckpt.read(_EMBEDDING)
@@ -185,10 +197,14 @@ def _load(ckpt: Checkpoint, cfg: ModelConfig) -> Transformer:
 
 
 def load_model(path: str | pathlib.Path, *, param_dtype: str = "float32", dtype: str = "float32",
-               **config_overrides) -> Transformer:
+               shardings=None, **config_overrides) -> Transformer:
   """The decoder of the checkpoint at `path` (HF directory or .gguf file), weights only.
 
   param_dtype: storage dtype of the parameters ("float32" or "bfloat16"); dtype: compute dtype.
+  shardings: None (every parameter on the default device) or a function (path, shape) ->
+  jax.sharding.Sharding of the parameter at `path` (a tuple of pure-dict keys, e.g. ("layers",
+  3, "mlp", "up_proj", "kernel")): each tensor is then placed straight onto its sharding, one
+  tensor at a time, e.g. FSDP-sharded over a mesh (`mesh.param_specs`).
   config_overrides: other `ModelConfig` fields, e.g. max_len, remat, attention_impl, or the
   rope_scaling of a Llama 3.1+ GGUF file. Raises `CheckpointError` (a ValueError) naming the
   tensor and the file on an unsupported architecture or a missing, unexpected, misshapen or
@@ -196,14 +212,15 @@ def load_model(path: str | pathlib.Path, *, param_dtype: str = "float32", dtype:
   """
   with _open(path) as ckpt:
     return _load(ckpt, _config(ckpt, dict(config_overrides, param_dtype=param_dtype,
-                                          dtype=dtype)))
+                                          dtype=dtype)), shardings)
 
 
 def load_pretrained(path: str | pathlib.Path, *, param_dtype: str = "float32",
-                    dtype: str = "float32", **config_overrides) -> tuple[Transformer, Any]:
+                    dtype: str = "float32", shardings=None,
+                    **config_overrides) -> tuple[Transformer, Any]:
   """(decoder, tokenizer) of the checkpoint at `path`; see `load_model` for the arguments. The
   tokenizer comes from the directory's tokenizer files or the GGUF file's metadata
   (`models.tokenizer`)."""
   with _open(path) as ckpt:
     cfg = _config(ckpt, dict(config_overrides, param_dtype=param_dtype, dtype=dtype))
-    return _load(ckpt, cfg), ckpt.load_tokenizer()
+    return _load(ckpt, cfg, shardings), ckpt.load_tokenizer()
