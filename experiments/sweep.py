@@ -115,6 +115,20 @@ def run_overrides(shape: str, arm: str, lr: float, seed: int, steps: int,
   return overrides
 
 
+def _check_summaries(cells: list, overrides: dict, summaries: str) -> None:
+  """Exits naming the first summarised run whose recorded overrides differ from what this sweep
+  would run (e.g. another --steps): it would otherwise count as done and be reported as if it
+  were this sweep's."""
+  for cell in cells:
+    path = os.path.join(summaries, run_name(*cell) + ".json")
+    with open(path) as f:
+      recorded = json.load(f).get("overrides")
+    wanted = json.loads(json.dumps(overrides[cell]))
+    if recorded != wanted:
+      raise SystemExit(f"sweep: {path} was run with overrides {recorded}, but this sweep would run "
+                       f"{wanted}; use another --summaries directory or remove that file")
+
+
 def make_config(task: str, algorithm: str, overrides: dict):
   sys.path.insert(0, os.path.join(REPO, "configs"))
   c = __import__(task).get_config(algorithm)
@@ -253,6 +267,7 @@ def main(argv=None):
   overrides = {cell: run_overrides(cell[1], cell[2], cell[3], cell[4], args.steps, args.override)
                for cell in cells}
   done = lambda cell: os.path.exists(os.path.join(summaries, run_name(*cell) + ".json"))  # noqa: E731
+  _check_summaries([cell for cell in cells if done(cell)], overrides, summaries)
   pending = queue_order([cell for cell in cells if not done(cell)])
   total, left = len(cells), len(pending)
   print(f"sweep: {total} runs, {total - left} already summarised in {summaries}, {left} to run",
@@ -308,9 +323,14 @@ def main(argv=None):
                                        f"{bar.n}/{total} done"):
           last_commit = time.perf_counter()
   finally:
+    # Ctrl-C has reached the workers already (one process group); a second signal would abort
+    # their checkpoint. Otherwise they are told once, and waited for while they checkpoint.
+    interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)
     for w in workers:
-      if w.is_alive():
+      if w.is_alive() and not interrupted:
         w.terminate()
+    for w in workers:
+      w.join(timeout=300)
     bar.close()
     if args.commit_every:
       commit_summaries(summaries, f"sweep ({args.plan or 'flags'}): run summaries, "

@@ -77,8 +77,8 @@ def _from_numpy(array: np.ndarray, template_leaf: Any) -> Any:
   """`array` converted to the kind of `template_leaf` (the inverse of `_to_numpy`)."""
   if _is_typed_key(template_leaf):
     return jax.random.wrap_key_data(array, impl=jax.random.key_impl(template_leaf))
-  if isinstance(template_leaf, jax.Array):
-    return jax.numpy.asarray(array)
+  if isinstance(template_leaf, jax.Array):  # onto the template's devices and sharding
+    return jax.device_put(array, template_leaf.sharding)
   if isinstance(template_leaf, np.ndarray):
     return array
   if isinstance(template_leaf, np.generic):
@@ -103,9 +103,13 @@ _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
 def _on_devices(leaf: Any) -> bool:
-  """Whether `leaf` is saved from and restored onto devices (and checked by `_sum32`)."""
+  """Whether `leaf` is saved from and restored onto devices (and checked by `_sum32`): a
+  jax.Array of whole 1-, 2- or 4-byte elements that is not a PRNG key and, in a multi-process
+  run, spans the processes (orbax refuses to write an array local to one process's devices)."""
   return (isinstance(leaf, jax.Array) and not _is_typed_key(leaf)
-          and np.dtype(leaf.dtype).itemsize in _UNSIGNED)
+          and np.dtype(leaf.dtype).itemsize in _UNSIGNED
+          and jax.dtypes.itemsize_bits(leaf.dtype) == 8 * np.dtype(leaf.dtype).itemsize
+          and (jax.process_count() == 1 or not leaf.is_fully_addressable))
 
 
 def _sum32(x: jax.Array) -> jax.Array:
@@ -210,6 +214,10 @@ class Checkpointer:
     expected = [[jax.tree_util.keystr(path), *_stored_spec(leaf)]
                 for path, leaf in paths_and_leaves]
     for step in reversed(self.all_steps()):
+      # In a multi-process run each process reads its own shards, so a damaged file may fail on
+      # some processes only: they agree (`_all_ok`) before the collective checksum and before
+      # returning, so that all fall back together instead of diverging.
+      error = None
       try:
         layout = self._restore_item(step, _LAYOUT, ocp.args.JsonRestore())
         found = [[e["path"], e["shape"], e["dtype"]] for e in layout["leaves"]]
@@ -224,17 +232,26 @@ class Checkpointer:
              for i, (entry, template) in enumerate(zip(entries, template_leaves))}))
         arrays = [stored[_leaf_key(i)] for i in range(len(template_leaves))]
         arrays = [a if "sum32" in entry else np.asarray(a) for a, entry in zip(arrays, entries)]
-        _verify(arrays, entries)
-        meta = self._restore_item(step, _META, ocp.args.JsonRestore())
       except IncompatibleCheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        reason = str(e).splitlines()[0][:_MAX_REASON_CHARS] if str(e) else ""
+        error = e
+      ok = _all_ok(error is None)
+      if ok:
+        try:
+          _verify(arrays, entries)
+          meta = self._restore_item(step, _META, ocp.args.JsonRestore())
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+        ok = _all_ok(error is None)
+      if not ok:
+        error = error or RuntimeError("another process could not read this checkpoint")
+        reason = str(error).splitlines()[0][:_MAX_REASON_CHARS] if str(error) else ""
         log.warning("Checkpoint at step %d in %s is unreadable (%s: %s); trying an older one.",
-                    step, self.directory, type(e).__name__, reason)
+                    step, self.directory, type(error).__name__, reason)
         continue
       state = jax.tree.unflatten(treedef, [
-          a if "sum32" in entry and isinstance(t, jax.Array) else _from_numpy(np.asarray(a), t)
+          a if _onto_devices(entry, t) else _from_numpy(np.asarray(a), t)
           for a, t, entry in zip(arrays, template_leaves, entries)])
       return step, state, dict(meta)
     return None
@@ -250,10 +267,24 @@ class Checkpointer:
     return restored[name]
 
 
+def _all_ok(ok: bool) -> bool:
+  """Whether `ok` holds on every process (a collective in a multi-process run)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _onto_devices(entry: dict[str, Any], template_leaf: Any) -> bool:
+  """Whether a stored leaf is restored straight onto the template leaf's sharding: it was saved
+  from devices and the template is such an array too (not, e.g., a typed PRNG key)."""
+  return "sum32" in entry and _on_devices(template_leaf)
+
+
 def _restore_target(entry: dict[str, Any], template_leaf: Any) -> Any:
   """What orbax restores one stored leaf into: a leaf saved from devices goes straight onto the
   template leaf's sharding (any mesh); everything else into host memory."""
-  if "sum32" in entry and isinstance(template_leaf, jax.Array):
+  if _onto_devices(entry, template_leaf):
     return jax.ShapeDtypeStruct(tuple(entry["shape"]), np.dtype(entry["dtype"]),
                                 sharding=template_leaf.sharding)
   return np.zeros(entry["shape"], entry["dtype"])

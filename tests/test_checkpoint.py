@@ -181,3 +181,34 @@ def test_device_checksum_matches_numpy_and_sees_one_changed_element(dtype):
   assert got == [reference, _sum32_reference(np.asarray(x)[0, 0, 0]), reference]
   flipped = jnp.logical_not(x[1, 2, 3]) if dtype == "bool" else x[1, 2, 3] + 1
   assert int(checkpoint._device_checksums([x.at[1, 2, 3].set(flipped)])[0]) != reference
+
+
+def test_checkpoint_of_the_host_only_format_still_restores(tmp_path, monkeypatch):
+  """A checkpoint whose every leaf went through host memory with a CRC-32 (the format before
+  device checksums) restores onto today's template: same values, leaves on the template's
+  devices."""
+  from proma_jax import checkpoint
+  state = make_state(3)
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint, "_on_devices", lambda leaf: False)
+    Checkpointer(tmp_path).save(7, state)
+  layout = json.loads((tmp_path / "7" / "layout" / "metadata").read_text())
+  assert all("crc32" in e and "sum32" not in e for e in layout["leaves"])
+  step, restored, _ = Checkpointer(tmp_path).restore(make_state(0))
+  assert step == 7
+  assert_same_state(restored, state)
+
+
+def test_keys_and_sub_byte_dtypes_take_the_host_path(tmp_path):
+  """Typed PRNG keys and sub-byte (int4) arrays go through the host with a CRC-32 (the device
+  checksum bit-casts whole bytes) and round-trip exactly; float arrays use the device path."""
+  state = {"typed": jax.random.key(1), "int4": jnp.arange(6, dtype=jnp.int4).reshape(2, 3),
+           "f": jnp.ones(3)}
+  ckpt = Checkpointer(tmp_path)
+  ckpt.save(1, state)
+  layout = json.loads((tmp_path / "1" / "layout" / "metadata").read_text())
+  kinds = {e["path"]: "sum32" if "sum32" in e else "crc32" for e in layout["leaves"]}
+  assert kinds == {"['f']": "sum32", "['int4']": "crc32", "['typed']": "crc32"}, kinds
+  _, restored, _ = ckpt.restore(jax.tree.map(jnp.zeros_like, state) | {
+      "typed": jax.random.key(0)})
+  assert_same_state(restored, state)

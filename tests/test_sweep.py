@@ -79,3 +79,15 @@ def test_overrides_precedence_and_unknown_names():
   assert o["train.num_epochs"] == 3 and o["optim.lr"] == 1e-4 and o["seed"] == 3
   with pytest.raises(SystemExit, match="unknown arm or shape"):
     sweep.main(["--arms", "ppo", "--out", "/nonexistent"])
+
+
+def test_a_summary_run_with_other_overrides_is_refused(tmp_path):
+  """A summarised run counts as done only if it ran with this sweep's overrides (e.g. steps)."""
+  cell = ("reverse", "paper", "grpo", 1e-4, 0)
+  ran = sweep.run_overrides(*cell[1:], 60, [])
+  path = tmp_path / (sweep.run_name(*cell) + ".json")
+  path.parent.mkdir(parents=True)
+  path.write_text(json.dumps({"overrides": ran}))
+  sweep._check_summaries([cell], {cell: ran}, str(tmp_path))  # the same: accepted
+  with pytest.raises(SystemExit, match=r"lr0.0001_seed0.json was run with overrides .*'steps': 60"):
+    sweep._check_summaries([cell], {cell: sweep.run_overrides(*cell[1:], 40, [])}, str(tmp_path))
