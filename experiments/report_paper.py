@@ -464,7 +464,8 @@ def build_report(rows: list[dict], ratio_rows: list[dict]) -> str:
       "proma / grpo paired KL ratio (geometric mean [95% CI] n seeds) per shape. The four shapes "
       "cross minibatch size (256, 32) with microbatch count (32, 4): paper vs mb256_4x64 and "
       "mb32_32x1 vs mb32_4x8 change only the microbatch count; paper vs mb32_32x1 and mb256_4x64 "
-      "vs mb32_4x8 change only the minibatch size.\n\n" + controls_table(ratio_rows),
+      "vs mb32_4x8 change the minibatch size (and with it the rollout batch: 512 sequences per "
+      "step against 64).\n\n" + controls_table(ratio_rows),
       "## Learning-rate robustness\n\nPer (task, shape, arm), from seed-mean last val accuracy "
       "(OOD) against the seed-mean warm-start val (step 0).\n\n"
       + lr_robustness_table(lr_robustness_rows(rows)),

@@ -21,8 +21,9 @@ FSDP (`config.mesh.fsdp` > 1): `fsdp_mesh(data, fsdp)` is a 2-D ("data", "fsdp")
 `param_specs` the ZeRO-3 placement rule (each large leaf of >= 2 dims sharded over "fsdp" along its
 largest divisible dimension, small leaves replicated, per-path overrides); `place` puts a tree on
 it. Params, the PROMA accumulator and the optimizer state keep that placement through the jitted
-step, whose partitioning (and collectives) the compiler chooses; sequences are sharded over both
-axes where the microbatch divides. The statistics contract over each leaf's own axes
+step, whose partitioning (and collectives) the compiler chooses; `shard_sequences(...,
+over_fsdp=True)` shards sequences over both axes where the microbatch divides (the training loop
+does so except for the PROMA variants with per-sequence gradients: `sequence_sharded`). The statistics contract over each leaf's own axes
 (`projection.stacked_statistics`), so a Gram matrix is shard-local partial sums plus an all-reduce.
 
 Multi-process: `initialize_distributed` calls `jax.distributed.initialize` (coordinator

@@ -27,12 +27,14 @@ workdir fails at once, naming the holder's pid.
 Data parallelism (`proma_jax.mesh`): --config.mesh.data=D shards each microbatch's sequences over a
 ("data",) mesh of D devices with params replicated; --config.mesh.mode=exact (the single-device
 result; the compiler inserts the collectives) or local (shard_map: each device projects against its
-own sequences, one psum per microbatch). Multi-process: start the same command N times with
+own sequences, one psum per microbatch). --config.mesh.fsdp=F adds an "fsdp" axis (D x F devices,
+exact mode): params, optimizer state and the accumulator sharded over it ZeRO-3 style
+(`mesh.param_specs`). Multi-process: start the same command N times with
 --config.distributed.num_processes=N --config.distributed.process_id=i
---config.distributed.coordinator=127.0.0.1:PORT and --config.mesh.data=<total devices>; each
+--config.distributed.coordinator=127.0.0.1:PORT, with D x F = the total device count; each
 process computes the rollout, feeds its own rows of every microbatch, and process 0 writes the
-metrics (checkpoints are saved collectively through orbax, whose primary process writes them).
-Rollouts, log-prob statistics and evaluation run replicated on every device of the mesh.
+metrics (checkpoints are saved collectively through orbax, each process writing its shards).
+Rollouts, log-prob statistics and evaluation run on the mesh with the params as they are placed.
 """
 
 from __future__ import annotations
@@ -434,7 +436,9 @@ def step_examples(c: ml_collections.ConfigDict, policy: policy_lib.Policy, step:
   return [ex for ex in prompts for _ in range(c.rollout.group_size)]
 
 
-# Train-split seeds of RL steps are seed * 1_000_003 + step; held-out draws use this one + eval.seed.
+# Train-split seeds of RL steps are seed * 1_000_003 + step; the val_id draws use this one +
+# eval.seed: fresh draws for generated tasks (a few may repeat training prompts), draws from the
+# same training file for file-based tasks (GSM8K), which are then not held out.
 _HELDOUT_SEED = 2**31 - 1_000_003
 
 
@@ -844,8 +848,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   workdir raises WorkdirLockedError at once, naming the holder's pid.
 
   In a multi-process run (c.distributed) every process calls this; only process 0 takes the lock
-  and writes run.json and metrics.jsonl, and checkpoints are saved collectively (orbax writes from
-  process 0). Every process checks the config against run.json, so all refuse together.
+  and writes run.json and metrics.jsonl, and checkpoints are saved collectively (orbax: each
+  process writes its devices' shards). Every process checks the config against run.json, so all
+  refuse together.
   """
   validate_config(c)
   os.makedirs(workdir, exist_ok=True)
