@@ -652,6 +652,10 @@ def test_invalid_mesh_config_names_the_field(tmp_path):
     train.validate_config(c)
   with pytest.raises(ValueError, match=r"config\.mesh\.data: 2 devices requested but 1"):
     mesh_lib.data_mesh(2)
+  c = _tiny("proma", str(tmp_path / "never"), data=2)  # this process has 1 CPU device
+  with pytest.raises(ValueError, match=r"config\.mesh\.data: mesh\.data x mesh\.fsdp = 2 devices "
+                                       r"requested but 1 are available"):
+    train.validate_config(c)
   assert not (tmp_path / "never").exists()
 
 
