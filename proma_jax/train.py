@@ -209,10 +209,11 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   integer("distributed.num_processes", 1)
   # One process sees every device now (with several, only after jax.distributed starts, later):
   # refuse before a warm start trains, not when the mesh is built.
-  need(d.num_processes > 1 or m.data * m.fsdp <= jax.device_count(), "mesh.data",
-       f"mesh.data x mesh.fsdp = {m.data * m.fsdp} devices requested but "
-       f"{jax.device_count()} are available (on CPU, set "
-       "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)")
+  if d.num_processes == 1:  # (jax.device_count() would start the backend before distributed)
+    need(m.data * m.fsdp <= jax.device_count(), "mesh.data",
+         f"mesh.data x mesh.fsdp = {m.data * m.fsdp} devices requested but "
+         f"{jax.device_count()} are available (on CPU, set "
+         "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)")
   need(_is_int(d.process_id) and 0 <= d.process_id < d.num_processes, "distributed.process_id",
        f"must be in [0, {d.num_processes}), got {d.process_id!r}")
   need(d.num_processes == 1 or (m.data * m.fsdp) % d.num_processes == 0, "mesh.data",
