@@ -335,15 +335,28 @@ def case_train_mesh(workdir, reference):
         "== 1 device")
   _pretrained_loads_onto_its_shards()
   # grpo (no per-sequence gradients): on the 2 x 2 FSDP mesh each device gets its own sequences.
-  results = {}
+  # One optimizer step (2 microbatches of 4) on a random minibatch whose old log-probs make the
+  # ratios clip.
+  results, rng = {}, np.random.default_rng(0)
   for name, mesh in (("single", {}), ("fsdp", dict(data=2, fsdp=2, fsdp_min_size=0))):
     trainer, _ = train._trainer_for(_tiny("grpo", warm, **mesh))
+    if not results:
+      width, length = trainer.policy.prompt_width, trainer.policy.max_new_tokens
+      n = trainer.minibatch_rows
+      minibatch = {"tokens": rng.integers(1, trainer.policy.model_config.vocab_size,
+                                          (n, width + length)).astype(np.int32),
+                   "valid": np.ones((n, width + length), np.float32),
+                   "mask": (rng.random((n, length)) < 0.8).astype(np.float32),
+                   "old_logp": rng.normal(-2.0, 0.5, (n, length)).astype(np.float32),
+                   "advantages": rng.normal(size=n).astype(np.float32)}
     params = trainer.fresh_params()
-    params, _, metrics = trainer.step(params, trainer.init_opt_state(params, 1e-3), 0, 0)
-    results[name] = (jax.tree.map(np.asarray, params),
-                     {k: v for k, v in metrics.items() if not k.startswith("time/")})
+    params, _, metrics = trainer.optimizer_step(
+        params, trainer.init_opt_state(params, 1e-3), minibatch,
+        trainer.place(np.float32(minibatch["mask"].sum())))
+    results[name] = jax.tree.map(np.asarray, (params, metrics))
   rows = trainer.shard({"x": np.zeros((4, 3))})["x"]
   assert rows.sharding.spec == mesh_lib.P(("data", "fsdp")), rows.sharding
+  assert results["single"][1]["pg/clipfrac"] > 0, results["single"][1]
   chex.assert_trees_all_close(results["fsdp"], results["single"], rtol=1e-4, atol=1e-6)
   print("grpo fsdp 2x2, sequences over both axes == 1 device")
   local = train.run(_tiny("proma_intra", warm, data=NUM_DEVICES, mode="local"),
@@ -544,18 +557,15 @@ def _tiny_flags(warm_dir) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["data", "fsdp"])
-def test_two_processes_match_one_process(reference_run, tmp_path, layout):
-  """`python -m proma_jax.train` as 2 processes (gloo collectives) logs the metrics of the
-  1-process run (process 0 alone writes metrics). "data": 1 CPU device per process, a 2-device
-  data mesh. "fsdp": 4 devices per process, a ("data", "fsdp") = 2 x 4 mesh
-  with every 2-D leaf sharded over "fsdp" across both processes' devices; each process writes
-  its own shards of the checkpoint."""
+def test_two_processes_match_one_process(reference_run, tmp_path):
+  """`python -m proma_jax.train` as 2 processes x 4 CPU devices (gloo collectives) on a
+  ("data", "fsdp") = 2 x 4 mesh, every 2-D leaf sharded over "fsdp" across both processes'
+  devices, logs the metrics of the 1-process, 1-device run; process 0 alone writes metrics, each
+  process writes its own shards of the checkpoint. (The data-parallel mesh is the case fsdp = 1
+  of the same code: `mesh.place` with replicated specs.)"""
   sys.path.insert(0, TESTS)
   workdir, port = tmp_path / "two", _free_port()
-  devices, mesh = {"data": (1, ["--config.mesh.data=2"]),
-                   "fsdp": (4, ["--config.mesh.data=2", "--config.mesh.fsdp=4",
-                                "--config.mesh.fsdp_min_size=0"])}[layout]
+  devices, mesh = 4, ["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.fsdp_min_size=0"]
   procs = []
   for pid in range(2):
     cmd = [sys.executable, "-m", "proma_jax.train", "--config=configs/reverse.py:proma",
@@ -576,8 +586,7 @@ def test_two_processes_match_one_process(reference_run, tmp_path, layout):
   assert configs[0] == configs[1]
   written = {d for d in os.listdir(workdir / "checkpoints" / str(COMPARED_STEPS) / "state")
              if d.startswith("ocdbt.process_")}
-  if layout == "fsdp":  # each process wrote the shards of its devices (orbax may also spread
-    assert written == {"ocdbt.process_0", "ocdbt.process_1"}, written  # replicated writes)
+  assert written == {"ocdbt.process_0", "ocdbt.process_1"}, written
 
 
 @pytest.mark.slow
