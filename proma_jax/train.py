@@ -475,7 +475,8 @@ class Trainer:
     placement = None
     if c.mesh.fsdp > 1:  # the outputs keep the inputs' FSDP placement
       state = jax.eval_shape(lambda p: self.tx.init(p), init_params)
-      placement = (self._shardings(init_params), self._shardings(state))
+      placement = tuple(mesh_lib.shardings(self.mesh, self._specs(tree))
+                        for tree in (init_params, state))
     self.microbatch_update = make_microbatch_update(c, policy, self.tx, self.mesh, placement)
     self.minibatch_update = make_minibatch_update(c, policy, self.tx, self.mesh, placement)
     batch = c.rollout.prompts_per_step * c.rollout.group_size
@@ -533,12 +534,10 @@ class Trainer:
       return tree
     if self.c.mesh.fsdp == 1:
       return mesh_lib.replicate(tree, self.mesh)
-    return mesh_lib.place(tree, self.mesh, mesh_lib.param_specs(
-        tree, self.c.mesh.fsdp, min_size=self.c.mesh.fsdp_min_size))
+    return mesh_lib.place(tree, self.mesh, self._specs(tree))
 
-  def _shardings(self, tree):
-    return mesh_lib.shardings(self.mesh, mesh_lib.param_specs(
-        tree, self.c.mesh.fsdp, min_size=self.c.mesh.fsdp_min_size))
+  def _specs(self, tree):
+    return mesh_lib.param_specs(tree, self.c.mesh.fsdp, min_size=self.c.mesh.fsdp_min_size)
 
   def shard(self, microbatch: dict, axis: int = 0) -> dict:
     """A microbatch's sequences (along `axis`) sharded over the mesh, this process feeding its
