@@ -300,10 +300,12 @@ def case_train_single(workdir):
 
 
 def case_train_mesh(workdir, reference):
-  """Two RL steps on the 4-device mesh in exact mode, and one on a 2 x 2 ("data", "fsdp") mesh
-  with the params, optimizer state and accumulator sharded followed by one resumed on the data
-  mesh, give the 1-device metrics; proma_intra in
-  local mode (the paper's data-parallel variant) trains with the projection active."""
+  """Two RL steps on the 4-device mesh in exact mode give the 1-device metrics; a pretrained
+  checkpoint loads onto its FSDP shards; one grpo optimizer step on a 2 x 2 ("data", "fsdp") mesh,
+  params, optimizer state and sequences sharded, equals one device's; proma_intra in local mode
+  (the paper's data-parallel variant) trains with the projection active. (A whole FSDP run
+  across processes: test_two_processes_match_one_process; a sharded checkpoint restored onto
+  other mesh shapes: case_fsdp_transforms.)"""
   import chex
   import jax
 
@@ -313,26 +315,6 @@ def case_train_mesh(workdir, reference):
                     os.path.join(workdir, "exact"), progress=False)
   _compare_records(exact, _read_metrics(os.path.join(reference, "single")))
   print("proma 4-device exact == 1 device")
-  # FSDP: a ("data", "fsdp") = 2 x 2 mesh, every 2-D leaf of the tiny model sharded over "fsdp"
-  # (test_two_processes_match_one_process[fsdp] compares a whole 2 x 4 run with one device).
-  # Saved from it after step 1, resumed on a 4-device data mesh for step 2.
-  fsdp_config = _tiny("proma", warm, data=2, fsdp=2, fsdp_min_size=0)
-  fsdp_config.steps = 1
-  resharded = os.path.join(workdir, "resharded")
-  train.run(fsdp_config, resharded, progress=False)
-  trainer, _ = train._trainer_for(fsdp_config)
-  specs = {jax.tree_util.keystr(path): leaf.sharding.spec for path, leaf in
-           jax.tree_util.tree_flatten_with_path(trainer.init_params)[0]}
-  sharded = [name for name, spec in specs.items() if "fsdp" in spec]
-  assert len(sharded) >= len(specs) // 2, specs  # kernels and the embedding; norms replicated
-  train.run(_tiny("proma", warm, data=NUM_DEVICES, mode="exact"), resharded, progress=False)
-  records = _read_metrics(resharded)
-  for record in records:  # the 1-step run ended at step 1, so it also validated there
-    if record["step"] == 1:
-      record.pop("val/accuracy"), record.pop("val_id/accuracy")
-  _compare_records(records, _read_metrics(os.path.join(reference, "single")))
-  print(f"proma fsdp 2x2 ({len(sharded)} of {len(specs)} leaves sharded) -> data 4 resume "
-        "== 1 device")
   _pretrained_loads_onto_its_shards()
   # grpo (no per-sequence gradients): on the 2 x 2 FSDP mesh each device gets its own sequences.
   # One optimizer step (2 microbatches of 4) on a random minibatch whose old log-probs make the
@@ -356,9 +338,14 @@ def case_train_mesh(workdir, reference):
     results[name] = jax.tree.map(np.asarray, (params, metrics))
   rows = trainer.shard({"x": np.zeros((4, 3))})["x"]
   assert rows.sharding.spec == mesh_lib.P(("data", "fsdp")), rows.sharding
+  specs = {jax.tree_util.keystr(path): leaf.sharding.spec for path, leaf in
+           jax.tree_util.tree_flatten_with_path(trainer.init_params)[0]}
+  sharded = [name for name, spec in specs.items() if "fsdp" in spec]
+  assert len(sharded) >= len(specs) // 2, specs  # kernels and the embedding; norms replicated
   assert results["single"][1]["pg/clipfrac"] > 0, results["single"][1]
   chex.assert_trees_all_close(results["fsdp"], results["single"], rtol=1e-4, atol=1e-6)
-  print("grpo fsdp 2x2, sequences over both axes == 1 device")
+  print(f"grpo fsdp 2x2 ({len(sharded)} of {len(specs)} leaves sharded), sequences over both "
+        "axes == 1 device")
   local = train.run(_tiny("proma_intra", warm, data=NUM_DEVICES, mode="local"),
                     os.path.join(workdir, "local"), progress=False)
   assert all(np.isfinite(v) for v in local[-1].values())
@@ -536,8 +523,7 @@ def test_training_on_four_devices_matches_one_device(reference_run, tmp_path):
   """Two RL steps of proma on a 4-device mesh (exact mode) log the 1-device metrics."""
   out = _run_case("train_mesh", str(tmp_path), str(reference_run))
   assert "proma 4-device exact == 1 device" in out and "proma_intra local mode trains" in out
-  assert "-> data 4 resume == 1 device" in out
-  assert "grpo fsdp 2x2, sequences over both axes == 1 device" in out
+  assert "sequences over both axes == 1 device" in out
   assert "pretrained checkpoint loaded onto its fsdp 2x2 shards" in out
 
 
