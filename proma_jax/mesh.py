@@ -23,8 +23,10 @@ largest divisible dimension, small leaves replicated, per-path overrides); `plac
 it. Params, the PROMA accumulator and the optimizer state keep that placement through the jitted
 step, whose partitioning (and collectives) the compiler chooses; `shard_sequences(...,
 over_fsdp=True)` shards sequences over both axes where the microbatch divides (the training loop
-does so except for the PROMA variants with per-sequence gradients: `sequence_sharded`). The statistics contract over each leaf's own axes
-(`projection.stacked_statistics`), so a Gram matrix is shard-local partial sums plus an all-reduce.
+does so except for the PROMA variants with per-sequence gradients: `sequence_sharded`). The
+statistics contract over each leaf's own axes (`projection.stacked_statistics`), which lets the
+compiler form a Gram matrix from shard-local partial sums; at LLM shapes it still moves far more
+than plain FSDP (experiments/README.md, "FSDP: memory and collectives per fsdp shard count").
 
 Multi-process: `initialize_distributed` calls `jax.distributed.initialize` (coordinator
 host:port, process count and id) before any other JAX call. On CPU, JAX 0.10.2's default
