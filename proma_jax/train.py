@@ -532,9 +532,7 @@ class Trainer:
     replicated). Unchanged without a mesh."""
     if self.mesh is None:
       return tree
-    if self.c.mesh.fsdp == 1:
-      return mesh_lib.replicate(tree, self.mesh)
-    return mesh_lib.place(tree, self.mesh, self._specs(tree))
+    return mesh_lib.place(tree, self.mesh, self._specs(tree))  # fsdp 1: every spec is P()
 
   def _specs(self, tree):
     return mesh_lib.param_specs(tree, self.c.mesh.fsdp, min_size=self.c.mesh.fsdp_min_size)
