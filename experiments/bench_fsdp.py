@@ -7,8 +7,9 @@ PROMA from one forward and backward pass), the jitted microbatch step (params an
 donated, their FSDP placement kept on the outputs as `train._compile` does) is lowered and compiled
 on ABSTRACT inputs: `jax.ShapeDtypeStruct`s carrying NamedShardings (params and optimizer state by
 `mesh.param_specs(..., min_size=mesh.FSDP_MIN_SIZE)`, the microbatch by `mesh.sequence_sharded`
-over both axes, or over "data" alone for the variants with per-sequence gradients, as the
-training loop places them).
+over both axes as the training loop places it; `--layout data` keeps the sequences of the
+variants with per-sequence gradients over "data" alone, the training loop's layout until
+2026-11-26: LAYOUTS).
 Nothing of model size is allocated, so Qwen3-8B compiles on a 24 GiB CPU box. 8 host CPU devices
 are forced (XLA_FLAGS) before JAX starts.
 
@@ -78,8 +79,15 @@ os.environ["XLA_FLAGS"] = _FLAGS  # read when the CPU backend starts, i.e. after
 
 VARIANTS = bench_llm_step.VARIANTS
 FIT_BYTES = 80 * 10**9
-KEY = ("preset", "depth", "fsdp", "variant", "seqs", "len", "dtype", "param_dtype", "remat",
-       "logits_chunk")
+KEY = ("preset", "depth", "fsdp", "variant", "layout", "seqs", "len", "dtype", "param_dtype",
+       "remat", "logits_chunk")
+# Sequence layouts of the variants with per-sequence gradients S_i (the others always shard
+# sequences over both axes, "both"):
+#   both   sequences over ("data", "fsdp"), S_i resharded like the params before the statistics
+#          (`mesh.constrain_sequence_gradients`), as the training loop does;
+#   data   sequences over "data" only, S_i unconstrained (the training loop's layout until
+#          2026-11-26; the first records of results/bench_fsdp_cpu.jsonl, which have no "layout").
+LAYOUTS = ("both", "data")
 
 
 def abstract(tree, mesh: jax.sharding.Mesh, fsdp: int):
@@ -94,19 +102,26 @@ def abstract(tree, mesh: jax.sharding.Mesh, fsdp: int):
 PER_SEQUENCE = ("proma_mat", "both_mat")  # variants with per-sequence gradients S_i
 
 
-def compile_step(cfg, variant: str, fsdp: int, n_seq: int, seq_len: int, num_microbatches: int):
+def layout_of(record: dict) -> str:
+  return record.get("layout") or ("data" if record["variant"] in PER_SEQUENCE else "both")
+
+
+def compile_step(cfg, variant: str, fsdp: int, n_seq: int, seq_len: int, num_microbatches: int,
+                 layout: str = "both"):
   """The compiled microbatch step of `variant` on a (1, fsdp) mesh, and its lower seconds."""
   mesh = mesh_lib.fsdp_mesh(1, fsdp)
   graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: model_lib.make_model(cfg, seed=0)))
   params, param_shards = abstract(nnx.to_pure_dict(abstract_state), mesh, fsdp)
   num_tokens = n_seq * seq_len * num_microbatches / 2  # a loss scale only: no shape depends on it
+  constrain = None
+  if layout == "both":  # as train._microbatch_update_fn
+    constrain = lambda s: mesh_lib.constrain_sequence_gradients(s, param_shards)
   tx, microbatch = bench_step.build_step(variant, graphdef, abstract_state, num_tokens,
-                                         num_microbatches)
+                                         num_microbatches, constrain)
   opt_state, state_shards = abstract(jax.eval_shape(tx.init, params), mesh, fsdp)
   batch = jax.eval_shape(lambda: bench_step.make_batch(cfg, jax.random.PRNGKey(0), n_seq, seq_len))
-  # The training loop's layout (train.Trainer.shard): sequences over "data" and "fsdp", except
-  # for the variants that form per-sequence gradients, which keep them over "data".
-  rows = mesh_lib.sequence_sharded(mesh, 0, None if variant in PER_SEQUENCE else n_seq)
+  # `layout` (LAYOUTS): "both" is the training loop's (train.Trainer.shard).
+  rows = mesh_lib.sequence_sharded(mesh, 0, n_seq if layout == "both" else None)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows), batch)
   step = jax.jit(microbatch, out_shardings=(param_shards, state_shards), donate_argnums=(0, 1))
   t0 = time.perf_counter()
@@ -187,11 +202,13 @@ def collectives(hlo_text: str) -> dict:
 def run_one(cfg, preset: str, depth: int, fsdp: int, variant: str, args) -> dict:
   """The record of one configuration: its options, per-device memory, times and collectives."""
   t0 = time.perf_counter()
-  compiled, lower_s = compile_step(cfg, variant, fsdp, args.seqs, args.len, args.microbatches)
+  layout = args.layout if variant in PER_SEQUENCE else "both"
+  compiled, lower_s = compile_step(cfg, variant, fsdp, args.seqs, args.len, args.microbatches,
+                                   layout)
   mem = compiled.memory_analysis()
   return dict(
       preset=preset, depth=depth, full_depth=presets.PRESETS[preset]["n_layers"], fsdp=fsdp,
-      variant=variant, seqs=args.seqs, len=args.len, dtype=args.dtype,
+      variant=variant, layout=layout, seqs=args.seqs, len=args.len, dtype=args.dtype,
       param_dtype=args.param_dtype, remat=args.remat, logits_chunk=args.logits_chunk,
       microbatches=args.microbatches,
       **bench_memory._memory(compiled, time.perf_counter() - t0),
@@ -278,6 +295,8 @@ def parse_args(argv=None):
                       help="layers compiled; the full-depth figures need 1 and 2")
   parser.add_argument("--fsdp", nargs="+", type=int, default=[1, 2, 4, 8])
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+  parser.add_argument("--layout", default="both", choices=LAYOUTS,
+                      help="sequence layout of the variants with per-sequence gradients (LAYOUTS)")
   parser.add_argument("--seqs", type=int, default=8, help="sequences per microbatch")
   parser.add_argument("--len", type=int, default=1536, help="tokens per sequence")
   parser.add_argument("--microbatches", type=int, default=64,
@@ -322,12 +341,13 @@ def main():
               command=" ".join(["experiments/bench_fsdp.py"] + sys.argv[1:]))
   options = dict(seqs=args.seqs, len=args.len, dtype=args.dtype, param_dtype=args.param_dtype,
                  remat=args.remat, logits_chunk=args.logits_chunk)
-  done = {tuple(r[k] for k in KEY) for r in _read(args.out)}
+  done = {tuple(dict(r, layout=layout_of(r))[k] for k in KEY) for r in _read(args.out)}
   grid = [(p, d, f, v) for p in args.presets for d in args.depths for f in args.fsdp
           for v in args.variants]
   for i, (preset, depth, fsdp, variant) in enumerate(grid):
-    key = tuple(dict(options, preset=preset, depth=depth, fsdp=fsdp, variant=variant)[k]
-                for k in KEY)
+    layout = args.layout if variant in PER_SEQUENCE else "both"
+    key = tuple(dict(options, preset=preset, depth=depth, fsdp=fsdp, variant=variant,
+                     layout=layout)[k] for k in KEY)
     label = f"[{i + 1}/{len(grid)}] {preset} L={depth} fsdp={fsdp} {variant}"
     if key in done:
       print(f"# {label}: in {args.out}, skipped", flush=True)
@@ -341,7 +361,8 @@ def main():
     records.write_record(dict(r, meta=meta), args.out)
   rows = [r for r in _read(args.out) if all(r[k] == v for k, v in options.items())
           and r["preset"] in args.presets and r["fsdp"] in args.fsdp
-          and r["variant"] in args.variants]
+          and r["variant"] in args.variants
+          and layout_of(r) == (args.layout if r["variant"] in PER_SEQUENCE else "both")]
   print()
   print(markdown(rows, derive(rows, args.microbatches), args.microbatches))
   print(f"wrote {args.out}")

@@ -71,8 +71,12 @@ def make_batch(cfg, key, n_seq, seq_len):
   }
 
 
-def build_step(variant, graphdef, abstract_state, num_tokens, num_microbatches):
-  """(tx, microbatch_fn): microbatch_fn(params, opt_state, batch) -> (params, opt_state), pure dicts."""
+def build_step(variant, graphdef, abstract_state, num_tokens, num_microbatches,
+               constrain_seq_grads=None):
+  """(tx, microbatch_fn): microbatch_fn(params, opt_state, batch) -> (params, opt_state), pure dicts.
+
+  `constrain_seq_grads` (FSDP benchmarks): applied to the per-sequence gradients before the
+  transform, as `train._microbatch_update_fn` applies `mesh.constrain_sequence_gradients`."""
   inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5))
   if variant in ("plain", "grpo"):
     tx = optax.MultiSteps(inner, num_microbatches, use_grad_mean=False)
@@ -118,6 +122,8 @@ def build_step(variant, graphdef, abstract_state, num_tokens, num_microbatches):
           objectives, m, batch, batch["advantages"], scope="dense", dense_path=path)
       if variant.startswith("both"):
         extra["factors"] = factors
+    if constrain_seq_grads is not None and "seq_grads" in extra:
+      extra["seq_grads"] = constrain_seq_grads(extra["seq_grads"])
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state
 

@@ -21,12 +21,14 @@ FSDP (`config.mesh.fsdp` > 1): `fsdp_mesh(data, fsdp)` is a 2-D ("data", "fsdp")
 `param_specs` the ZeRO-3 placement rule (each large leaf of >= 2 dims sharded over "fsdp" along its
 largest divisible dimension, small leaves replicated, per-path overrides); `place` puts a tree on
 it. Params, the PROMA accumulator and the optimizer state keep that placement through the jitted
-step, whose partitioning (and collectives) the compiler chooses; `shard_sequences(...,
-over_fsdp=True)` shards sequences over both axes where the microbatch divides (the training loop
-does so except for the PROMA variants with per-sequence gradients: `sequence_sharded`). The
-statistics contract over each leaf's own axes (`projection.stacked_statistics`), which lets the
-compiler form a Gram matrix from shard-local partial sums; at LLM shapes it still moves far more
-than plain FSDP (experiments/README.md, "FSDP: memory and collectives per fsdp shard count").
+step, whose partitioning (and collectives) the compiler chooses. Sequences are sharded over both
+axes where the microbatch divides (`shard_sequences(..., over_fsdp=True)`): each device computes
+its own sequences with gathered parameters, as plain FSDP does. The PROMA variants then reshard
+their per-sequence gradients like the parameters (`constrain_sequence_gradients`: one all-to-all
+per leaf over "fsdp"), so that the statistics contract over each leaf's own axes shard by shard
+(`projection.stacked_statistics`: partial sums and an all-reduce of n x n and n numbers) and the
+combination sum_i c_i S_i is shard-local. Measured bytes per collective: experiments/README.md,
+"FSDP: memory and collectives per fsdp shard count".
 
 Multi-process: `initialize_distributed` calls `jax.distributed.initialize` (coordinator
 host:port, process count and id) before any other JAX call. On CPU, JAX 0.10.2's default
@@ -87,9 +89,9 @@ def sequence_sharded(mesh: Mesh, axis: int = 0, num_rows: int | None = None) -> 
   stacked on a leading axis). On a ("data", "fsdp") mesh, when `num_rows` (the length of that
   axis) is given and a multiple of every device, over both axes: each device then computes its
   own sequences with the gathered parameters (ZeRO-3), not the same ones as its "fsdp" peers.
-  That suits the gradient alone; per-sequence gradients S_i of sharded kernels would then have
-  to cross "fsdp" whole for the Gram matrix (compiled: all-gathers of f32[n, d_in, d_out]), so
-  the PROMA variants that form them keep their sequences over "data"."""
+  Per-sequence gradients S_i are then whole on their sequence's device;
+  `constrain_sequence_gradients` sends each block of them to the device holding that block of
+  the parameter before the PROMA statistics (unconstrained, the compiler gathered whole S_i)."""
   return NamedSharding(mesh, _sequence_spec(axis, _sequence_axes(mesh, num_rows)))
 
 
@@ -248,6 +250,35 @@ def shardings(mesh: Mesh, specs: Any) -> Any:
 def place(tree: Any, mesh: Mesh, specs: Any) -> Any:
   """`tree` placed on `mesh`, each leaf with its spec from `specs` (a tree of PartitionSpecs)."""
   return _device_put(tree, shardings(mesh, specs))
+
+
+def constrain_sequence_gradients(seq_grads: Any, param_shardings: Any) -> Any:
+  """Per-sequence gradient stacks (n_seq, *leaf) resharded like their leaf (inside jit): the leaf's
+  own dimensions as `param_shardings` (NamedShardings like params) shard it, the sequence axis
+  replicated (the exact Gram needs every pair of sequences on each shard, so with "data" > 1 the
+  blocks of the other rows' S_i are gathered over "data", as in the data-parallel exact mode).
+  Other entries (None, matrix-free factors) are returned as they are.
+
+  With sequences over ("data", "fsdp") each device computes the S_i of its own sequences whole
+  (the parameters gathered, as in ZeRO-3). Constrained, each block of S_i goes to the device that
+  holds the same block of R: an all-to-all over "fsdp" that moves n_seq / F of a leaf per device,
+  the size of plain FSDP's reduce-scatter of the gradient when n_seq <= F. The Gram <S_i, S_j>
+  and <R, S_i> are then per-shard partial sums and one all-reduce of n x n and n numbers
+  (`projection.stacked_statistics`), and sum_i c_i S_i and the gradient are shard-local.
+  Unconstrained, the compiler was seen to all-gather whole S_i instead (n_seq x a leaf per
+  device); experiments/README.md, "FSDP: memory and collectives per fsdp shard count".
+  """
+  shardings_def = jax.tree.structure(param_shardings)
+  leaves = shardings_def.flatten_up_to(seq_grads)
+
+  def constrain(s, sharding):
+    if not isinstance(s, jax.Array):  # None, or matrix-free factors
+      return s
+    spec = P(None, *sharding.spec)
+    return jax.lax.with_sharding_constraint(s, NamedSharding(sharding.mesh, spec))
+
+  return shardings_def.unflatten(
+      [constrain(s, sh) for s, sh in zip(leaves, jax.tree.leaves(param_shardings))])
 
 
 def with_sequence_axis(specs: Any) -> Any:

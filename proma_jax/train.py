@@ -312,7 +312,7 @@ def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Poli
   rest replicated; in local mode each device's metrics (sums over its tokens) are psum-ed. With
   `placement` = (params shardings, opt_state shardings) on an FSDP mesh, the outputs keep them.
   """
-  return _compile(c, _microbatch_update_fn(c, policy, tx), mesh, stacked=False,
+  return _compile(c, _microbatch_update_fn(c, policy, tx, placement), mesh, stacked=False,
                   placement=placement)
 
 
@@ -328,7 +328,7 @@ def make_minibatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Polic
   sums them. params and opt_state are donated. With a mesh, each microbatch's sequences (axis 1)
   are sharded over "data".
   """
-  update = _microbatch_update_fn(c, policy, tx)
+  update = _microbatch_update_fn(c, policy, tx, placement)
 
   def minibatch_update(params, opt_state, microbatches, num_tokens):
     def body(carry, mb):
@@ -359,9 +359,11 @@ def _compile(c: ml_collections.ConfigDict, update, mesh, stacked: bool, placemen
 
 
 def _microbatch_update_fn(c: ml_collections.ConfigDict, policy: policy_lib.Policy,
-                          tx: optax.GradientTransformationExtraArgs):
+                          tx: optax.GradientTransformationExtraArgs, placement=None):
   """The pure (params, opt_state, microbatch, num_tokens) -> (params, opt_state, metrics) of
-  `c.algorithm`: the microbatch's gradient (and PROMA statistics), the transform, apply_updates."""
+  `c.algorithm`: the microbatch's gradient (and PROMA statistics), the transform, apply_updates.
+  With `placement` (FSDP), the per-sequence gradients are resharded like the params before the
+  transform (`mesh_lib.constrain_sequence_gradients`)."""
   algorithm = c.algorithm
   if algorithm == "grpo":
     policy_loss = losses.get_policy_loss("grpo", eps_low=c.grpo.eps_low, eps_high=c.grpo.eps_high,
@@ -426,6 +428,8 @@ def _microbatch_update_fn(c: ml_collections.ConfigDict, policy: policy_lib.Polic
               lambda m, b: objectives_and_metrics(m, b, num_tokens),
               policy_lib.bind(vmap_policy, params), mb, mb["advantages"], token_mask=mb["valid"],
               has_aux=True, scope=c.proma.scope))
+    if placement is not None and "seq_grads" in extra:
+      extra["seq_grads"] = mesh_lib.constrain_sequence_gradients(extra["seq_grads"], placement[0])
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
     return params, opt_state, dict(metrics, **{"loss": loss})
@@ -468,9 +472,6 @@ class Trainer:
     else:
       self.mesh = mesh_lib.data_mesh(c.mesh.data) if c.mesh.data > 1 else None
     self.policy, self.init_params = policy, self.place(init_params)
-    # On an FSDP mesh, sequences over "fsdp" too, unless the algorithm forms per-sequence
-    # gradients S_i (their Gram would gather S_i of sharded kernels whole: mesh.sequence_sharded).
-    self.sequences_over_fsdp = c.algorithm not in ("proma", "proma_both")
     self.tx = make_optimizer(c)
     placement = None
     if c.mesh.fsdp > 1:  # the outputs keep the inputs' FSDP placement
@@ -541,8 +542,7 @@ class Trainer:
     """A microbatch's sequences (along `axis`) sharded over the mesh, this process feeding its
     own rows."""
     return (microbatch if self.mesh is None
-            else mesh_lib.shard_sequences(microbatch, self.mesh, axis,
-                                          over_fsdp=self.sequences_over_fsdp))
+            else mesh_lib.shard_sequences(microbatch, self.mesh, axis, over_fsdp=True))
 
   def optimizer_step(self, params: dict, opt_state, minibatch: dict, num_tokens):
     """One optimizer step on a minibatch: its M microbatches (consecutive rows) accumulated by

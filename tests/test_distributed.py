@@ -301,56 +301,81 @@ def case_train_single(workdir):
 
 def case_train_mesh(workdir, reference):
   """Two RL steps on the 4-device mesh in exact mode give the 1-device metrics; a pretrained
-  checkpoint loads onto its FSDP shards; one grpo optimizer step on a 2 x 2 ("data", "fsdp") mesh,
-  params, optimizer state and sequences sharded, equals one device's; proma_intra in local mode
-  (the paper's data-parallel variant) trains with the projection active. (A whole FSDP run
-  across processes: test_two_processes_match_one_process; a sharded checkpoint restored onto
-  other mesh shapes: case_fsdp_transforms.)"""
-  import chex
-  import jax
-
-  from proma_jax import mesh as mesh_lib, train
+  checkpoint loads onto its FSDP shards; proma_intra in local mode (the paper's data-parallel
+  variant) trains with the projection active. (A whole FSDP run across processes:
+  test_two_processes_match_one_process; each algorithm's optimizer step on a 2 x 4 FSDP mesh:
+  case_fsdp_optimizer_steps; a sharded checkpoint restored onto other mesh shapes:
+  case_fsdp_transforms.)"""
+  from proma_jax import train
   warm = os.path.join(reference, "warm")
   exact = train.run(_tiny("proma", warm, data=NUM_DEVICES, mode="exact"),
                     os.path.join(workdir, "exact"), progress=False)
   _compare_records(exact, _read_metrics(os.path.join(reference, "single")))
   print("proma 4-device exact == 1 device")
   _pretrained_loads_onto_its_shards()
-  # grpo (no per-sequence gradients): on the 2 x 2 FSDP mesh each device gets its own sequences.
-  # One optimizer step (2 microbatches of 4) on a random minibatch whose old log-probs make the
-  # ratios clip.
-  results, rng = {}, np.random.default_rng(0)
-  for name, mesh in (("single", {}), ("fsdp", dict(data=2, fsdp=2, fsdp_min_size=0))):
-    trainer, _ = train._trainer_for(_tiny("grpo", warm, **mesh))
-    if not results:
-      width, length = trainer.policy.prompt_width, trainer.policy.max_new_tokens
-      n = trainer.minibatch_rows
-      minibatch = {"tokens": rng.integers(1, trainer.policy.model_config.vocab_size,
-                                          (n, width + length)).astype(np.int32),
-                   "valid": np.ones((n, width + length), np.float32),
-                   "mask": (rng.random((n, length)) < 0.8).astype(np.float32),
-                   "old_logp": rng.normal(-2.0, 0.5, (n, length)).astype(np.float32),
-                   "advantages": rng.normal(size=n).astype(np.float32)}
-    params = trainer.fresh_params()
-    params, _, metrics = trainer.optimizer_step(
-        params, trainer.init_opt_state(params, 1e-3), minibatch,
-        trainer.place(np.float32(minibatch["mask"].sum())))
-    results[name] = jax.tree.map(np.asarray, (params, metrics))
-  rows = trainer.shard({"x": np.zeros((4, 3))})["x"]
-  assert rows.sharding.spec == mesh_lib.P(("data", "fsdp")), rows.sharding
-  specs = {jax.tree_util.keystr(path): leaf.sharding.spec for path, leaf in
-           jax.tree_util.tree_flatten_with_path(trainer.init_params)[0]}
-  sharded = [name for name, spec in specs.items() if "fsdp" in spec]
-  assert len(sharded) >= len(specs) // 2, specs  # kernels and the embedding; norms replicated
-  assert results["single"][1]["pg/clipfrac"] > 0, results["single"][1]
-  chex.assert_trees_all_close(results["fsdp"], results["single"], rtol=1e-4, atol=1e-6)
-  print(f"grpo fsdp 2x2 ({len(sharded)} of {len(specs)} leaves sharded), sequences over both "
-        "axes == 1 device")
   local = train.run(_tiny("proma_intra", warm, data=NUM_DEVICES, mode="local"),
                     os.path.join(workdir, "local"), progress=False)
   assert all(np.isfinite(v) for v in local[-1].values())
   assert local[-1]["proma/intra_reduction"] > 0
   print("proma_intra local mode trains")
+
+
+FSDP_STEP_ALGORITHMS = ("grpo", "proma", "proma_intra", "proma_both")
+
+
+def case_fsdp_optimizer_steps():
+  """Each algorithm's optimizer step (2 microbatches of 8 sequences) on a ("data", "fsdp") = 2 x 4
+  mesh, params, optimizer state and sequences sharded (each device its own sequence), equals one
+  device's on a random minibatch whose old log-probs make grpo's ratios clip. The PROMA variants'
+  per-sequence gradients are resharded like the params (`mesh.constrain_sequence_gradients`);
+  what that saves at LLM shapes is measured by experiments/bench_fsdp.py (at these tiny shapes
+  the compiler uses all-to-alls with or without it)."""
+  import chex
+  import jax
+
+  from proma_jax import mesh as mesh_lib, policy as policy_lib, train
+  assert jax.device_count() == 8
+  rng = np.random.default_rng(0)
+  for algorithm in FSDP_STEP_ALGORITHMS:
+    results = {}
+    for name, mesh in (("single", {}), ("fsdp", dict(data=2, fsdp=4, fsdp_min_size=0))):
+      c = _tiny(algorithm, "unused", **mesh)
+      c.train.update(num_minibatches=1)  # microbatches of 8 rows: one sequence per device
+      policy, params = policy_lib.make_policy(c)
+      trainer = train.Trainer(c, policy, params)
+      if name == "single":
+        width, length = trainer.policy.prompt_width, trainer.policy.max_new_tokens
+        n = trainer.minibatch_rows
+        minibatch = {"tokens": rng.integers(1, trainer.policy.model_config.vocab_size,
+                                            (n, width + length)).astype(np.int32),
+                     "valid": np.ones((n, width + length), np.float32),
+                     "mask": (rng.random((n, length)) < 0.8).astype(np.float32),
+                     "old_logp": rng.normal(-2.0, 0.5, (n, length)).astype(np.float32),
+                     "advantages": rng.normal(size=n).astype(np.float32)}
+      params = trainer.fresh_params()
+      opt_state = trainer.init_opt_state(params, 1e-3)
+      num_tokens = trainer.place(np.float32(minibatch["mask"].sum()))
+      if name == "fsdp":
+        micro = trainer.shard({k: v[:n // 2] for k, v in minibatch.items()})
+        assert micro["tokens"].sharding.spec == mesh_lib.P(("data", "fsdp")), micro["tokens"].sharding
+        leaves = jax.tree.leaves(params)
+        sharded = [x for x in leaves if "fsdp" in x.sharding.spec]
+        assert len(sharded) >= len(leaves) // 2, [x.sharding.spec for x in leaves]
+      params, opt_state, metrics = trainer.optimizer_step(params, opt_state, minibatch, num_tokens)
+      metrics.update(train._transform_metrics(algorithm, opt_state))
+      results[name] = jax.tree.map(np.asarray, (params, metrics))
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(
+        jax.tree.leaves(results["single"][0]), jax.tree.leaves(trainer.init_params)))
+    assert moved > 0, algorithm
+    if algorithm == "grpo":
+      assert results["single"][1]["pg/clipfrac"] > 0, results["single"][1]
+    if algorithm in ("proma", "proma_both"):
+      assert results["single"][1]["proma/reduction"] > 0, results["single"][1]
+    # Params to 1% of an Adam step (lr 1e-3: where a gradient entry is ~0, Adam's normalisation
+    # turns its float32 rounding into a visible change), the metrics to 1e-4.
+    chex.assert_trees_all_close(results["fsdp"][0], results["single"][0], rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(results["fsdp"][1], results["single"][1], rtol=1e-4, atol=1e-6)
+    print(f"{algorithm} optimizer step fsdp 2x4 == 1 device")
 
 
 def case_transforms():
@@ -450,6 +475,36 @@ def case_fsdp_transforms():
     assert kernel_r.addressable_shards[0].data.shape == (32, 32)
     print(name, "fsdp 2x4 == single device")
   _sharded_checkpoint_round_trips({"params": sharded_params, "opt_state": sharded_state})
+  _sequence_gradients_constrained_like_params(mesh, shapes, specs)
+
+
+def _sequence_gradients_constrained_like_params(mesh, shapes, specs):
+  """`constrain_sequence_gradients` inside jit: S stacks computed with their sequences over both
+  axes leave with the leaf's own sharding (sequence axis replicated), values unchanged; None and
+  matrix-free factors pass through."""
+  import chex
+  import jax
+  import jax.numpy as jnp
+
+  import proma_jax
+  from proma_jax import mesh as mesh_lib
+  param_shardings = mesh_lib.shardings(mesh, specs)
+  seq = jax.tree.map(lambda s: jnp.arange(8 * s.size, dtype=jnp.float32).reshape(8, *s.shape),
+                     shapes)
+  seq["norm"]["scale"] = None
+  factors = proma_jax.DenseSequenceFactors(jnp.ones((16, 32)), jnp.ones((16, 128)),
+                                           jnp.zeros(16, jnp.int32), 8)
+  seq["up"]["kernel"] = factors
+  rows = jax.tree.map(lambda x: jax.device_put(x, mesh_lib.sequence_sharded(mesh, 0, 8)), seq)
+  out = jax.jit(lambda s: mesh_lib.constrain_sequence_gradients(
+      jax.tree.map(lambda x: 2.0 * x, s), param_shardings))(rows)
+  assert out["norm"]["scale"] is None
+  for leaf in (out["embed"]["embedding"], out["down"]["kernel"]):  # (8, *leaf): leaf dim 0 sharded
+    expected = jax.sharding.NamedSharding(mesh, mesh_lib.P(None, "fsdp"))
+    assert leaf.sharding.is_equivalent_to(expected, 3), leaf.sharding
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, out),
+                              jax.tree.map(lambda x: 2.0 * np.asarray(x), seq))
+  print("sequence gradients constrained like the params")
 
 
 def _sharded_checkpoint_round_trips(state):
@@ -479,6 +534,7 @@ def _sharded_checkpoint_round_trips(state):
 
 
 CASES = {"transforms": case_transforms, "train_single": case_train_single,
+         "fsdp_optimizer_steps": case_fsdp_optimizer_steps,
          "train_mesh": case_train_mesh, "fsdp_transforms": case_fsdp_transforms}
 
 
@@ -523,8 +579,16 @@ def test_training_on_four_devices_matches_one_device(reference_run, tmp_path):
   """Two RL steps of proma on a 4-device mesh (exact mode) log the 1-device metrics."""
   out = _run_case("train_mesh", str(tmp_path), str(reference_run))
   assert "proma 4-device exact == 1 device" in out and "proma_intra local mode trains" in out
-  assert "sequences over both axes == 1 device" in out
   assert "pretrained checkpoint loaded onto its fsdp 2x2 shards" in out
+
+
+@pytest.mark.slow
+def test_fsdp_optimizer_step_of_each_algorithm_equals_one_device():
+  """grpo, proma, proma_intra and proma_both: one optimizer step on a 2 x 4 FSDP mesh, each device
+  its own sequence, equals one device's to 1e-4."""
+  out = _run_case("fsdp_optimizer_steps", devices=8)
+  for algorithm in FSDP_STEP_ALGORITHMS:
+    assert f"{algorithm} optimizer step fsdp 2x4 == 1 device" in out, out
 
 
 def _free_port() -> int:
@@ -585,6 +649,7 @@ def test_fsdp_mesh_transforms_equal_one_device():
     assert f"{name} fsdp 2x4 == single device" in out, out
   for layout in ("1x8", "4x2", "1x1"):
     assert f"sharded checkpoint 2x4 -> {layout} restored onto its shardings" in out, out
+  assert "sequence gradients constrained like the params" in out, out
 
 
 def test_fsdp_rule_and_its_refusals():
