@@ -1,8 +1,11 @@
-"""Data-parallel PROMA on a ("data",) mesh: exact mode is the single-device result, local mode is its
-own per-device definition, training on 4 devices or 2 processes matches 1 device.
+"""PROMA on device meshes: on a ("data",) mesh exact mode is the single-device result and local
+mode its own per-device definition; on a ("data", "fsdp") mesh every transform and every
+algorithm's optimizer step equal one device's, sharded checkpoints restore onto other meshes, and
+2 processes x 4 devices train as 1 device.
 
 Every mesh check runs in a subprocess (`python tests/test_distributed.py <case>`) with
-XLA_FLAGS=--xla_force_host_platform_device_count=4, so this pytest process keeps its single device.
+XLA_FLAGS=--xla_force_host_platform_device_count=4 (8 for the FSDP cases), so this pytest process
+keeps its single device.
 """
 
 import json
@@ -299,83 +302,88 @@ def case_train_single(workdir):
             progress=False)
 
 
-def case_train_mesh(workdir, reference):
-  """Two RL steps on the 4-device mesh in exact mode give the 1-device metrics; a pretrained
-  checkpoint loads onto its FSDP shards; proma_intra in local mode (the paper's data-parallel
-  variant) trains with the projection active. (A whole FSDP run across processes:
-  test_two_processes_match_one_process; each algorithm's optimizer step on a 2 x 4 FSDP mesh:
-  case_fsdp_optimizer_steps; a sharded checkpoint restored onto other mesh shapes:
-  case_fsdp_transforms.)"""
-  from proma_jax import train
-  warm = os.path.join(reference, "warm")
-  exact = train.run(_tiny("proma", warm, data=NUM_DEVICES, mode="exact"),
-                    os.path.join(workdir, "exact"), progress=False)
-  _compare_records(exact, _read_metrics(os.path.join(reference, "single")))
-  print("proma 4-device exact == 1 device")
-  _pretrained_loads_onto_its_shards()
-  local = train.run(_tiny("proma_intra", warm, data=NUM_DEVICES, mode="local"),
-                    os.path.join(workdir, "local"), progress=False)
-  assert all(np.isfinite(v) for v in local[-1].values())
-  assert local[-1]["proma/intra_reduction"] > 0
-  print("proma_intra local mode trains")
+# Each algorithm's optimizer step on the meshes it may run on, against one device.
+MESH_STEPS = {"grpo": ("fsdp",), "proma": ("fsdp", "data"), "proma_intra": ("fsdp",),
+              "proma_both": ("fsdp",)}
+MESHES = {"single": {}, "fsdp": dict(data=2, fsdp=4, fsdp_min_size=0),
+          "data": dict(data=NUM_DEVICES, mode="exact")}
 
 
-FSDP_STEP_ALGORITHMS = ("grpo", "proma", "proma_intra", "proma_both")
+def _random_minibatch(trainer, rng):
+  """A random minibatch whose old log-probs make grpo's ratios clip."""
+  width, length = trainer.policy.prompt_width, trainer.policy.max_new_tokens
+  n = trainer.minibatch_rows
+  return {"tokens": rng.integers(1, trainer.policy.model_config.vocab_size,
+                                 (n, width + length)).astype(np.int32),
+          "valid": np.ones((n, width + length), np.float32),
+          "mask": (rng.random((n, length)) < 0.8).astype(np.float32),
+          "old_logp": rng.normal(-2.0, 0.5, (n, length)).astype(np.float32),
+          "advantages": rng.normal(size=n).astype(np.float32)}
 
 
-def case_fsdp_optimizer_steps():
+def _optimizer_step(algorithm, minibatch=None, rng=None, **mesh):
+  """(trainer, minibatch, (params, metrics) after one optimizer step of 2 microbatches of 8 rows
+  from random initial params, the transform's metrics included)."""
+  import jax
+
+  from proma_jax import policy as policy_lib, train
+  c = _tiny(algorithm, "unused", **mesh)
+  c.train.update(num_minibatches=1)  # microbatches of 8 rows: one sequence per device on 2 x 4
+  policy, params = policy_lib.make_policy(c)
+  trainer = train.Trainer(c, policy, params)
+  minibatch = _random_minibatch(trainer, rng) if minibatch is None else minibatch
+  params = trainer.fresh_params()
+  params, opt_state, metrics = trainer.optimizer_step(
+      params, trainer.init_opt_state(params, 1e-3), minibatch,
+      trainer.place(np.float32(minibatch["mask"].sum())))
+  metrics.update(train._transform_metrics(algorithm, opt_state))
+  return trainer, minibatch, jax.tree.map(np.asarray, (params, metrics))
+
+
+def case_mesh_optimizer_steps():
   """Each algorithm's optimizer step (2 microbatches of 8 sequences) on a ("data", "fsdp") = 2 x 4
   mesh, params, optimizer state and sequences sharded (each device its own sequence), equals one
-  device's on a random minibatch whose old log-probs make grpo's ratios clip. The PROMA variants'
+  device's; so does proma's on a 4-device data mesh in exact mode. The PROMA variants'
   per-sequence gradients are resharded like the params (`mesh.constrain_sequence_gradients`);
   what that saves at LLM shapes is measured by experiments/bench_fsdp.py (at these tiny shapes
-  the compiler uses all-to-alls with or without it)."""
+  the compiler uses all-to-alls with or without it). Also: proma_intra in local mode (the paper's
+  data-parallel variant) steps with the projection active, and a pretrained checkpoint loads
+  onto its FSDP shards. (Whole RL steps across processes: test_two_processes_match_one_process;
+  a sharded checkpoint restored onto other mesh shapes: case_fsdp_transforms.)"""
   import chex
   import jax
 
-  from proma_jax import mesh as mesh_lib, policy as policy_lib, train
+  from proma_jax import mesh as mesh_lib
   assert jax.device_count() == 8
   rng = np.random.default_rng(0)
-  for algorithm in FSDP_STEP_ALGORITHMS:
-    results = {}
-    for name, mesh in (("single", {}), ("fsdp", dict(data=2, fsdp=4, fsdp_min_size=0))):
-      c = _tiny(algorithm, "unused", **mesh)
-      c.train.update(num_minibatches=1)  # microbatches of 8 rows: one sequence per device
-      policy, params = policy_lib.make_policy(c)
-      trainer = train.Trainer(c, policy, params)
-      if name == "single":
-        width, length = trainer.policy.prompt_width, trainer.policy.max_new_tokens
-        n = trainer.minibatch_rows
-        minibatch = {"tokens": rng.integers(1, trainer.policy.model_config.vocab_size,
-                                            (n, width + length)).astype(np.int32),
-                     "valid": np.ones((n, width + length), np.float32),
-                     "mask": (rng.random((n, length)) < 0.8).astype(np.float32),
-                     "old_logp": rng.normal(-2.0, 0.5, (n, length)).astype(np.float32),
-                     "advantages": rng.normal(size=n).astype(np.float32)}
-      params = trainer.fresh_params()
-      opt_state = trainer.init_opt_state(params, 1e-3)
-      num_tokens = trainer.place(np.float32(minibatch["mask"].sum()))
-      if name == "fsdp":
-        micro = trainer.shard({k: v[:n // 2] for k, v in minibatch.items()})
-        assert micro["tokens"].sharding.spec == mesh_lib.P(("data", "fsdp")), micro["tokens"].sharding
-        leaves = jax.tree.leaves(params)
+  for algorithm, layouts in MESH_STEPS.items():
+    trainer, minibatch, single = _optimizer_step(algorithm, rng=rng)
+    assert max(float(np.abs(a - np.asarray(b)).max()) for a, b in zip(
+        jax.tree.leaves(single[0]), jax.tree.leaves(trainer.init_params))) > 0, algorithm
+    if algorithm == "grpo":
+      assert single[1]["pg/clipfrac"] > 0, single[1]
+    if algorithm in ("proma", "proma_both"):
+      assert single[1]["proma/reduction"] > 0, single[1]
+    if algorithm in ("proma_intra", "proma_both"):
+      assert single[1]["proma/intra_reduction"] > 0, single[1]
+    for layout in layouts:
+      trainer, _, got = _optimizer_step(algorithm, minibatch, **MESHES[layout])
+      if layout == "fsdp":
+        rows = trainer.shard({k: v[:8] for k, v in minibatch.items()})["tokens"]
+        assert rows.sharding.spec == mesh_lib.P(("data", "fsdp")), rows.sharding
+        leaves = jax.tree.leaves(trainer.init_params)
         sharded = [x for x in leaves if "fsdp" in x.sharding.spec]
         assert len(sharded) >= len(leaves) // 2, [x.sharding.spec for x in leaves]
-      params, opt_state, metrics = trainer.optimizer_step(params, opt_state, minibatch, num_tokens)
-      metrics.update(train._transform_metrics(algorithm, opt_state))
-      results[name] = jax.tree.map(np.asarray, (params, metrics))
-    moved = max(float(np.abs(a - b).max()) for a, b in zip(
-        jax.tree.leaves(results["single"][0]), jax.tree.leaves(trainer.init_params)))
-    assert moved > 0, algorithm
-    if algorithm == "grpo":
-      assert results["single"][1]["pg/clipfrac"] > 0, results["single"][1]
-    if algorithm in ("proma", "proma_both"):
-      assert results["single"][1]["proma/reduction"] > 0, results["single"][1]
-    # Params to 1% of an Adam step (lr 1e-3: where a gradient entry is ~0, Adam's normalisation
-    # turns its float32 rounding into a visible change), the metrics to 1e-4.
-    chex.assert_trees_all_close(results["fsdp"][0], results["single"][0], rtol=1e-4, atol=1e-5)
-    chex.assert_trees_all_close(results["fsdp"][1], results["single"][1], rtol=1e-4, atol=1e-6)
-    print(f"{algorithm} optimizer step fsdp 2x4 == 1 device")
+      # Params to 1% of an Adam step (lr 1e-3: where a gradient entry is ~0, Adam's
+      # normalisation turns its float32 rounding into a visible change), the metrics to 1e-4.
+      chex.assert_trees_all_close(got[0], single[0], rtol=1e-4, atol=1e-5)
+      chex.assert_trees_all_close(got[1], single[1], rtol=1e-4, atol=1e-6)
+      print(f"{algorithm} optimizer step {layout} {MESHES[layout]} == 1 device")
+  _, _, local = _optimizer_step("proma_intra", rng=rng, data=NUM_DEVICES, mode="local")
+  assert all(np.isfinite(v).all() for v in jax.tree.leaves(local))
+  assert local[1]["proma/intra_reduction"] > 0, local[1]
+  print("proma_intra local mode steps")
+  _pretrained_loads_onto_its_shards()
 
 
 def case_transforms():
@@ -534,8 +542,8 @@ def _sharded_checkpoint_round_trips(state):
 
 
 CASES = {"transforms": case_transforms, "train_single": case_train_single,
-         "fsdp_optimizer_steps": case_fsdp_optimizer_steps,
-         "train_mesh": case_train_mesh, "fsdp_transforms": case_fsdp_transforms}
+         "mesh_optimizer_steps": case_mesh_optimizer_steps,
+         "fsdp_transforms": case_fsdp_transforms}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,20 +583,16 @@ def reference_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_training_on_four_devices_matches_one_device(reference_run, tmp_path):
-  """Two RL steps of proma on a 4-device mesh (exact mode) log the 1-device metrics."""
-  out = _run_case("train_mesh", str(tmp_path), str(reference_run))
-  assert "proma 4-device exact == 1 device" in out and "proma_intra local mode trains" in out
+def test_optimizer_step_on_each_mesh_equals_one_device():
+  """Each algorithm's optimizer step on a 2 x 4 FSDP mesh (each device its own sequence), and
+  proma's on a 4-device data mesh, equal one device's to 1e-4; local intra steps; a pretrained
+  checkpoint loads onto its FSDP shards (case_mesh_optimizer_steps)."""
+  out = _run_case("mesh_optimizer_steps", devices=8)
+  for algorithm, layouts in MESH_STEPS.items():
+    for layout in layouts:
+      assert f"{algorithm} optimizer step {layout} {MESHES[layout]} == 1 device" in out, out
+  assert "proma_intra local mode steps" in out
   assert "pretrained checkpoint loaded onto its fsdp 2x2 shards" in out
-
-
-@pytest.mark.slow
-def test_fsdp_optimizer_step_of_each_algorithm_equals_one_device():
-  """grpo, proma, proma_intra and proma_both: one optimizer step on a 2 x 4 FSDP mesh, each device
-  its own sequence, equals one device's to 1e-4."""
-  out = _run_case("fsdp_optimizer_steps", devices=8)
-  for algorithm in FSDP_STEP_ALGORITHMS:
-    assert f"{algorithm} optimizer step fsdp 2x4 == 1 device" in out, out
 
 
 def _free_port() -> int:
