@@ -278,6 +278,26 @@ def markdown(rows: list[dict], derived: list[dict], microbatches: int) -> str:
   return "\n".join(lines)
 
 
+def layout_table(rows: list[dict]) -> str:
+  """Collective GiB per microbatch call (executed) of plain and of the per-sequence variants in
+  each layout, per (preset, depth, fsdp) with records in both layouts."""
+  total = lambda r: sum(r["collectives"]["executed_bytes"].values()) / 2**30
+  by = {(r["preset"], r["depth"], r["fsdp"], r["variant"], layout_of(r)): r for r in rows}
+  cells = [(v, layout) for v in PER_SEQUENCE for layout in ("data", "both")]
+  lines = ["Collectives per microbatch call, GiB (per-sequence variants: sequences over \"data\" "
+           "alone / over both axes with S_i resharded like the params):", "",
+           "| preset | L | fsdp | plain | " + " | ".join(f"{v} {l}" for v, l in cells) + " |",
+           "| --- | --- | --- | --- | " + " | ".join("---" for _ in cells) + " |"]
+  for preset, depth, fsdp in sorted({k[:3] for k in by}):
+    plain = by.get((preset, depth, fsdp, "plain", "both"))
+    got = [by.get((preset, depth, fsdp, v, l)) for v, l in cells]
+    if plain is None or fsdp == 1 or not all(got):
+      continue
+    lines.append(f"| {preset} | {depth} | {fsdp} | {total(plain):.2f} | " +
+                 " | ".join(f"{total(r):.2f}" for r in got) + " |")
+  return "\n".join(lines)
+
+
 def _read(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
@@ -365,6 +385,8 @@ def main():
           and layout_of(r) == (args.layout if r["variant"] in PER_SEQUENCE else "both")]
   print()
   print(markdown(rows, derive(rows, args.microbatches), args.microbatches))
+  print()
+  print(layout_table([r for r in _read(args.out) if all(r[k] == v for k, v in options.items())]))
   print(f"wrote {args.out}")
 
 

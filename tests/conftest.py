@@ -10,6 +10,7 @@ added to XLA_FLAGS, which subprocesses inherit). It changes how fast the code ru
 computes: the HLO is the same. It cut the two slowest test_train cases from 57 s to 42 s.
 """
 
+import fcntl
 import importlib.util
 import os
 import pathlib
@@ -34,10 +35,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def warm_dir(tmp_path_factory):
-  """The warm-start cache of `test_train.tiny_config`: trained once per test process, and one
-  path, so `train._trainer_for` also reuses the compiled trainers across test modules."""
-  return tmp_path_factory.mktemp("warm_start")
+def warm_dir():
+  """The warm-start cache of `test_train.tiny_config`, one directory for the whole pytest run:
+  the first test process to need it trains it under a file lock, the others wait and load it
+  (it was trained once per xdist worker before). One path also lets `train._trainer_for` reuse
+  the compiled trainers across test modules. Tests that change the SFT recipe get their own
+  subdirectory of it (`sft.warm_start_dir`), trained by the one test that uses it."""
+  path = pathlib.Path(tempfile.gettempdir()) / f"proma_jax_test_warm_start_{_RUN}"
+  path.mkdir(exist_ok=True)
+  with open(path / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    from proma_jax import sft
+    from test_train import tiny_config
+    sft.load_or_train(tiny_config("proma", path))
+  return path
 
 
 def smollm2_gguf() -> pathlib.Path:

@@ -295,11 +295,10 @@ def _pretrained_loads_onto_its_shards():
   print("pretrained checkpoint loaded onto its fsdp 2x2 shards")
 
 
-def case_train_single(workdir):
-  """The 1-device reference run of proma (it also trains the warm start the others restore)."""
+def case_train_single(workdir, warm_dir):
+  """The 1-device reference run of proma, from the run's shared warm start (conftest)."""
   from proma_jax import train
-  train.run(_tiny("proma", os.path.join(workdir, "warm")), os.path.join(workdir, "single"),
-            progress=False)
+  train.run(_tiny("proma", warm_dir), os.path.join(workdir, "single"), progress=False)
 
 
 # Each algorithm's optimizer step on the meshes it may run on, against one device.
@@ -575,10 +574,10 @@ def test_local_intra_equals_its_per_device_definition(transforms_report):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-  """Directory with the warm start and the 1-device, 1-process reference run."""
+def reference_run(tmp_path_factory, warm_dir):
+  """Directory with the 1-device, 1-process reference run (from the shared warm start)."""
   directory = tmp_path_factory.mktemp("reference")
-  _run_case("train_single", str(directory), devices=1)
+  _run_case("train_single", str(directory), str(warm_dir), devices=1)
   return directory
 
 
@@ -611,7 +610,7 @@ def _tiny_flags(warm_dir) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(reference_run, tmp_path):
+def test_two_processes_match_one_process(reference_run, warm_dir, tmp_path):
   """`python -m proma_jax.train` as 2 processes x 4 CPU devices (gloo collectives) on a
   ("data", "fsdp") = 2 x 4 mesh, every 2-D leaf sharded over "fsdp" across both processes'
   devices, logs the metrics of the 1-process, 1-device run; process 0 alone writes metrics, each
@@ -623,7 +622,7 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
   procs = []
   for pid in range(2):
     cmd = [sys.executable, "-m", "proma_jax.train", "--config=configs/reverse.py:proma",
-           f"--workdir={workdir}", *_tiny_flags(reference_run / "warm"), *mesh,
+           f"--workdir={workdir}", *_tiny_flags(warm_dir), *mesh,
            "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
            f"--config.distributed.coordinator=127.0.0.1:{port}"]
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
