@@ -295,12 +295,6 @@ def _pretrained_loads_onto_its_shards():
   print("pretrained checkpoint loaded onto its fsdp 2x2 shards")
 
 
-def case_train_single(workdir, warm_dir):
-  """The 1-device reference run of proma, from the run's shared warm start (conftest)."""
-  from proma_jax import train
-  train.run(_tiny("proma", warm_dir), os.path.join(workdir, "single"), progress=False)
-
-
 # Each algorithm's optimizer step on the meshes it may run on, against one device.
 MESH_STEPS = {"grpo": ("fsdp",), "proma": ("fsdp", "data"), "proma_intra": ("fsdp",),
               "proma_both": ("fsdp",)}
@@ -540,7 +534,7 @@ def _sharded_checkpoint_round_trips(state):
       print(f"sharded checkpoint 2x4 -> {data}x{fsdp} restored onto its shardings")
 
 
-CASES = {"transforms": case_transforms, "train_single": case_train_single,
+CASES = {"transforms": case_transforms,
          "mesh_optimizer_steps": case_mesh_optimizer_steps,
          "fsdp_transforms": case_fsdp_transforms}
 
@@ -575,9 +569,12 @@ def test_local_intra_equals_its_per_device_definition(transforms_report):
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, warm_dir):
-  """Directory with the 1-device, 1-process reference run (from the shared warm start)."""
+  """Directory whose "single" holds the 1-device, 1-process reference run of proma, from the
+  shared warm start. Run in this (1-device) pytest process: `train._trainer_for` reuses the
+  trainer that test_train compiled for the same config when both run in one worker."""
+  from proma_jax import train
   directory = tmp_path_factory.mktemp("reference")
-  _run_case("train_single", str(directory), str(warm_dir), devices=1)
+  train.run(_tiny("proma", str(warm_dir)), str(directory / "single"), progress=False)
   return directory
 
 
