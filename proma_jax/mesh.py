@@ -261,10 +261,11 @@ def constrain_sequence_gradients(seq_grads: Any, param_shardings: Any) -> Any:
 
   With sequences over ("data", "fsdp") each device computes the S_i of its own sequences whole
   (the parameters gathered, as in ZeRO-3). Constrained, each block of S_i goes to the device that
-  holds the same block of R: an all-to-all over "fsdp" that moves n_seq / F of a leaf per device,
-  the size of plain FSDP's reduce-scatter of the gradient when n_seq <= F. The Gram <S_i, S_j>
-  and <R, S_i> are then per-shard partial sums and one all-reduce of n x n and n numbers
-  (`projection.stacked_statistics`), and sum_i c_i S_i and the gradient are shard-local.
+  holds the same block of R: an all-to-all over "fsdp" in which each device sends (F - 1) / F of
+  each of its k = n_seq / (data x fsdp) stacked leaves, k times the bytes of plain FSDP's
+  gradient reduction, which it replaces (measured equal to plain's total at k = 1). The Gram
+  <S_i, S_j> and <R, S_i> are then per-shard partial sums and one all-reduce of n x n and n
+  numbers (`projection.stacked_statistics`), and sum_i c_i S_i and the gradient are shard-local.
   Unconstrained, the compiler was seen to all-gather whole S_i instead (n_seq x a leaf per
   device); experiments/README.md, "FSDP: memory and collectives per fsdp shard count".
   """
