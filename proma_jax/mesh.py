@@ -22,7 +22,7 @@ FSDP (`config.mesh.fsdp` > 1): `fsdp_mesh(data, fsdp)` is a 2-D ("data", "fsdp")
 largest divisible dimension, small leaves replicated, per-path overrides); `place` puts a tree on
 it. Params, the PROMA accumulator and the optimizer state keep that placement through the jitted
 step, whose partitioning (and collectives) the compiler chooses. Sequences are sharded over both
-axes where the microbatch divides (`shard_sequences(..., over_fsdp=True)`): each device computes
+axes where the microbatch divides (`shard_sequences`): each device computes
 its own sequences with gathered parameters, as plain FSDP does. The PROMA variants then reshard
 their per-sequence gradients like the parameters (`constrain_sequence_gradients`: one all-to-all
 per leaf over "fsdp"), so that the statistics contract over each leaf's own axes shard by shard
@@ -139,10 +139,10 @@ def _process_rows(sharding: NamedSharding, shape: tuple[int, ...], axis: int = 0
   return slice(start, stop)
 
 
-def shard_sequences(tree: Any, mesh: Mesh, axis: int = 0, over_fsdp: bool = False) -> Any:
+def shard_sequences(tree: Any, mesh: Mesh, axis: int = 0) -> Any:
   """Each leaf sequence-sharded along `axis` ((n_seq, ...) with axis 0; (M, n_seq, ...) stacked
-  microbatches with axis 1), over "data", or with `over_fsdp` over ("data", "fsdp") where the
-  rows divide (`sequence_sharded`); every process feeds only its own rows.
+  microbatches with axis 1) by `sequence_sharded`: over ("data", "fsdp") where the rows divide,
+  else over "data"; every process feeds only its own rows.
 
   The leaves are the whole microbatch as this process knows it (host or replicated arrays); only
   the block of rows that lands on this process's devices is handed to
@@ -150,7 +150,7 @@ def shard_sequences(tree: Any, mesh: Mesh, axis: int = 0, over_fsdp: bool = Fals
   """
   def place(x):
     x = np.asarray(x)
-    sharding = sequence_sharded(mesh, axis, x.shape[axis] if over_fsdp else None)
+    sharding = sequence_sharded(mesh, axis, x.shape[axis])
     rows = (slice(None),) * axis + (_process_rows(sharding, x.shape, axis),)
     return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
 

@@ -542,7 +542,7 @@ class Trainer:
     """A microbatch's sequences (along `axis`) sharded over the mesh, this process feeding its
     own rows."""
     return (microbatch if self.mesh is None
-            else mesh_lib.shard_sequences(microbatch, self.mesh, axis, over_fsdp=True))
+            else mesh_lib.shard_sequences(microbatch, self.mesh, axis))
 
   def optimizer_step(self, params: dict, opt_state, minibatch: dict, num_tokens):
     """One optimizer step on a minibatch: its M microbatches (consecutive rows) accumulated by
