@@ -102,8 +102,14 @@ def abstract(tree, mesh: jax.sharding.Mesh, fsdp: int):
 PER_SEQUENCE = ("proma_mat", "both_mat")  # variants with per-sequence gradients S_i
 
 
+def variant_layout(variant: str, layout: str) -> str:
+  """The layout `--layout` gives `variant` (only the per-sequence variants have a choice)."""
+  return layout if variant in PER_SEQUENCE else "both"
+
+
 def layout_of(record: dict) -> str:
-  return record.get("layout") or ("data" if record["variant"] in PER_SEQUENCE else "both")
+  """A record's layout; records without one predate `--layout` and used "data"."""
+  return record.get("layout") or variant_layout(record["variant"], "data")
 
 
 def compile_step(cfg, variant: str, fsdp: int, n_seq: int, seq_len: int, num_microbatches: int,
@@ -202,7 +208,7 @@ def collectives(hlo_text: str) -> dict:
 def run_one(cfg, preset: str, depth: int, fsdp: int, variant: str, args) -> dict:
   """The record of one configuration: its options, per-device memory, times and collectives."""
   t0 = time.perf_counter()
-  layout = args.layout if variant in PER_SEQUENCE else "both"
+  layout = variant_layout(variant, args.layout)
   compiled, lower_s = compile_step(cfg, variant, fsdp, args.seqs, args.len, args.microbatches,
                                    layout)
   mem = compiled.memory_analysis()
@@ -365,9 +371,8 @@ def main():
   grid = [(p, d, f, v) for p in args.presets for d in args.depths for f in args.fsdp
           for v in args.variants]
   for i, (preset, depth, fsdp, variant) in enumerate(grid):
-    layout = args.layout if variant in PER_SEQUENCE else "both"
     key = tuple(dict(options, preset=preset, depth=depth, fsdp=fsdp, variant=variant,
-                     layout=layout)[k] for k in KEY)
+                     layout=variant_layout(variant, args.layout))[k] for k in KEY)
     label = f"[{i + 1}/{len(grid)}] {preset} L={depth} fsdp={fsdp} {variant}"
     if key in done:
       print(f"# {label}: in {args.out}, skipped", flush=True)
@@ -382,7 +387,7 @@ def main():
   rows = [r for r in _read(args.out) if all(r[k] == v for k, v in options.items())
           and r["preset"] in args.presets and r["fsdp"] in args.fsdp
           and r["variant"] in args.variants
-          and layout_of(r) == (args.layout if r["variant"] in PER_SEQUENCE else "both")]
+          and layout_of(r) == variant_layout(r["variant"], args.layout)]
   print()
   print(markdown(rows, derive(rows, args.microbatches), args.microbatches))
   print()
