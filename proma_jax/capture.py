@@ -19,22 +19,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from proma_jax import seqgrads
+from proma_jax.seqgrads import DenseFactors
 
 INPUTS = "dense_inputs"
 OUTPUT_PERTURBATION = "dense_outputs"
-
-
-class DenseFactors(NamedTuple):
-  """Per-token factors of one dense kernel's gradient: grad W = activations^T @ output_grads.
-
-  activations:  (n_tokens, d_in)   layer inputs, zero rows for padding tokens.
-  output_grads: (n_tokens, d_out)  gradient of the objective w.r.t. the layer outputs.
-  Both stay in the layer's compute dtype (bfloat16 under bf16 compute); the statistics that use
-  them compute in float32.
-  """
-
-  activations: jax.Array
-  output_grads: jax.Array
 
 
 def _is_capturing(module: nnx.Module) -> bool:

@@ -54,6 +54,19 @@ def policy_gradient_and_sequence_gradients(
   return loss, grads, seq_grads
 
 
+class DenseFactors(NamedTuple):
+  """Per-token factors of one dense kernel's gradient: grad W = activations^T @ output_grads.
+
+  activations:  (n_tokens, d_in)   layer inputs, zero rows for padding tokens.
+  output_grads: (n_tokens, d_out)  gradient of the objective w.r.t. the layer outputs.
+  Both stay in the layer's compute dtype (bfloat16 under bf16 compute); the statistics that use
+  them compute in float32.
+  """
+
+  activations: jax.Array
+  output_grads: jax.Array
+
+
 # ---------------------------------------------------------------------------------------------
 # Matrix-free statistics of a dense kernel (docs/algorithm.md#matrix-free-statistics-for-dense-layers).
 #

@@ -36,8 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from proma_jax import projection, seqgrads
-from proma_jax.capture import DenseFactors
-from proma_jax.seqgrads import DenseSequenceFactors
+from proma_jax.seqgrads import DenseFactors, DenseSequenceFactors
 
 
 def _concrete(value) -> float | None:
@@ -216,6 +215,16 @@ def _check_factors(path, g, f) -> None:
                      f"grads{_path_str(path)} of shape {g.shape}")
 
 
+def _check_fused(path, s, f, fused) -> None:
+  if fused is None:
+    return
+  if not isinstance(fused, FusedLeaf):
+    raise ValueError(f"fused{_path_str(path)} must be a FusedLeaf or None, got {type(fused).__name__}")
+  if s is not None or f is not None:
+    raise ValueError(f"grads{_path_str(path)} has a FusedLeaf (its change was computed in the "
+                     "backward pass) and also seq_grads or factors; give a leaf one or the other")
+
+
 def _all_finite(leaves) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.array(True)]))
 
@@ -223,6 +232,68 @@ def _all_finite(leaves) -> jax.Array:
 def _cast_like(tree, reference):
   """`tree`'s leaves in the dtypes of `reference`'s leaves (as `optax.MultiSteps` hands the sum on)."""
   return jax.tree.map(lambda x, ref: x.astype(jnp.asarray(ref).dtype), tree, reference)
+
+
+class FusedLeaf(NamedTuple):
+  """What the fused path (`proma_jax.fused`) computed for one dense kernel inside its backward pass.
+
+  The leaf of `grads` at a fused kernel is then not M_m but the accumulator's change that
+  `microbatch_change` gives (R <- R + change); these are its metrics.
+  removed_norm:     ||shrinkage * P_bounded(R)|| (0 when nothing was projected).
+  intra_fraction:   the fraction of ||M_m|| that the intra projection removed (0 without it).
+  """
+
+  removed_norm: jax.Array
+  intra_fraction: jax.Array
+
+
+def microbatch_change(r: jax.Array, m: jax.Array, seq_grads, factors: DenseFactors | None,
+                      key: jax.Array, project: jax.Array, accumulation: AccumulationOptions | None,
+                      intra: IntraOptions | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One leaf's change of the accumulator for one microbatch: R <- R + change.
+
+      M' = M_m - s_intra Qa Qa^T M_m Qg Qg^T          (with `factors`, docs: intra)
+      change = M' - project * shrinkage * P_bounded(R)  (with `seq_grads`, docs: accumulation)
+
+  The one place where a leaf's PROMA math is put together: `update` calls it for every leaf, and
+  the fused path (`proma_jax.fused`) calls it inside each dense kernel's backward pass.
+
+  Args:
+    r: R (float32); m: M_m (float32). seq_grads: stacked S_i (n, *r.shape), a
+    `DenseSequenceFactors`, or None (no accumulation projection). factors: `DenseFactors` or None
+    (no intra projection). key: the range finder's key. project: boolean scalar (False for
+    microbatches under skip_fraction).
+  Returns:
+    (change, ||shrinkage * P_bounded||, intra fraction removed).
+  """
+  fraction = jnp.zeros((), jnp.float32)
+  if factors is not None:
+    m, fraction = projection.intra_step(
+        m, factors.activations, factors.output_grads, key, rank=intra.rank,
+        shrinkage=intra.shrinkage, power_iters=intra.power_iters)
+  if seq_grads is None:
+    return m, jnp.zeros((), jnp.float32), fraction
+  if isinstance(seq_grads, DenseSequenceFactors):  # matrix-free: S_i = A_i^T G_i is never formed
+    gram, inner_prod = seqgrads.dense_statistics(r, seq_grads)
+    combine = lambda c: seqgrads.dense_combination(c, seq_grads)
+  else:
+    gram, inner_prod = projection.stacked_statistics(r, seq_grads)
+    combine = lambda c: projection.stacked_combination(c, seq_grads)
+  change, removed_norm = projection.local_span_change(
+      r, m, gram, inner_prod, combine, shrinkage=accumulation.shrinkage, ridge=accumulation.ridge,
+      relative_bound=accumulation.relative_bound, solver=accumulation.solver)
+  return jnp.where(project, change, m), removed_norm, fraction
+
+
+def projects_now(microbatch: jax.Array, num_microbatches: int, skip_fraction) -> jax.Array:
+  """Whether microbatch `microbatch` (0-based) of a step is projected: index >= max(skip * M, 1)."""
+  return microbatch.astype(jnp.float32) >= jnp.maximum(skip_fraction * num_microbatches, 1.0)
+
+
+def range_finder_keys(seed, count: jax.Array, num_leaves: int) -> list[jax.Array]:
+  """The intra range finder's key of each leaf (flattened order) at microbatch number `count`."""
+  base_key = jax.random.fold_in(jax.random.PRNGKey(seed), count)
+  return [jax.random.fold_in(base_key, idx) for idx in range(num_leaves)]
 
 
 def _proma(inner: optax.GradientTransformation, num_microbatches: int,
@@ -239,7 +310,7 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
   required = tuple(name for name, needed in (
       ("seq_grads", accumulation is not None and accumulation.projects),
       ("factors", intra is not None)) if needed)
-  accepted_args = {"seq_grads", "factors"} | set(inner_args)
+  accepted_args = {"seq_grads", "factors", "fused"} | set(inner_args)
   skip_fraction = 0.0 if accumulation is None else accumulation.skip_fraction
 
   def init_fn(params):
@@ -262,8 +333,9 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
           f"{list(required) or 'no statistics'}" + (
               f" and forwards {list(inner_args)} to the inner optimizer" if inner_args else
               " (name keywords meant for the inner optimizer in inner_args=...)"))
-    given = {name: extra_args.pop(name, None) for name in ("seq_grads", "factors")}
-    for name, takes in (("seq_grads", accumulation is not None), ("factors", intra is not None)):
+    given = {name: extra_args.pop(name, None) for name in ("seq_grads", "factors", "fused")}
+    for name, takes in (("seq_grads", accumulation is not None), ("factors", intra is not None),
+                        ("fused", accumulation is not None or intra is not None)):
       if given[name] is not None and not takes:
         raise TypeError(f"{name}= was given but this transform does not project with it; it "
                         f"takes {list(required) or 'no statistics'}")
@@ -273,11 +345,15 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
     _check_params(paths, g_leaves, grads_def, params)
     s_leaves = _leaves_like_grads("seq_grads", given["seq_grads"], grads_def, paths)
     f_leaves = _leaves_like_grads("factors", given["factors"], grads_def, paths)
-    for path, g, s, f in zip(paths, g_leaves, s_leaves, f_leaves):
+    fused_leaves = _leaves_like_grads("fused", given["fused"], grads_def, paths)
+    for path, g, s, f, fused in zip(paths, g_leaves, s_leaves, f_leaves, fused_leaves):
       _check_seq_grads(path, g, s)
       _check_factors(path, g, f)
+      _check_fused(path, s, f, fused)
+    none = lambda tree: all(
+        leaf is None for leaf in jax.tree.leaves(tree, is_leaf=lambda x: x is None))
     for name in required:
-      if all(leaf is None for leaf in jax.tree.leaves(given[name], is_leaf=lambda x: x is None)):
+      if none(given[name]) and none(given["fused"]):
         raise ValueError(
             f"this PROMA transform projects with {name}= but update() got "
             f"{'none' if given[name] is None else 'a tree whose leaves are all None'}: without it "
@@ -285,51 +361,29 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
             f"are accumulated unprojected)")
     r_leaves = grads_def.flatten_up_to(state.accumulator)
 
-    # Intra-microbatch projection of M_m, kernel by kernel (float32).
-    m_leaves, intra_fracs = [], []
-    base_key = jax.random.fold_in(jax.random.PRNGKey(0 if intra is None else intra.seed), state.count)
-    for idx, (g, f) in enumerate(zip(g_leaves, f_leaves)):
-      m = g.astype(jnp.float32)
-      frac = jnp.zeros((), jnp.float32)
-      if f is not None:
-        m, frac = projection.intra_step(
-            m, f.activations, f.output_grads, jax.random.fold_in(base_key, idx),
-            rank=intra.rank, shrinkage=intra.shrinkage, power_iters=intra.power_iters)
-      m_leaves.append(m)
+    # Each leaf's change of R (`microbatch_change`). With axis_name (inside shard_map), m and the
+    # statistics are this device's own: the changes are summed over the devices by one psum
+    # below (the local data-parallel mode). A fused leaf's change was computed inside the backward
+    # pass and arrives as its grads leaf.
+    project = projects_now(state.microbatch, num_microbatches, skip_fraction)
+    keys = range_finder_keys(0 if intra is None else intra.seed, state.count, len(g_leaves))
+    changes, intra_fracs, removed_sq, r_sq = [], [], jnp.zeros(()), jnp.zeros(())
+    for r, g, s, f, fused, key in zip(r_leaves, g_leaves, s_leaves, f_leaves, fused_leaves, keys):
+      if fused is not None:
+        change, removed_norm, frac = g.astype(jnp.float32), fused.removed_norm, fused.intra_fraction
+      else:
+        change, removed_norm, frac = microbatch_change(
+            r, g.astype(jnp.float32), s, f, key, project, accumulation, intra)
+      changes.append(change)
       intra_fracs.append(frac)
-
-    # Accumulation projection of R against this microbatch's sequence gradients. With axis_name
-    # (inside shard_map), m and s are this device's own: new_r holds its change M - shrinkage * P
-    # of R, summed over the devices by one psum below (the local data-parallel mode).
-    project = state.microbatch.astype(jnp.float32) >= jnp.maximum(
-        skip_fraction * num_microbatches, 1.0)
-    new_r, removed_sq, r_sq = [], jnp.zeros(()), jnp.zeros(())
-    for r, m, s in zip(r_leaves, m_leaves, s_leaves):
-      if s is None:
-        new_r.append(r + m if axis_name is None else m)
-        continue
-      if isinstance(s, DenseSequenceFactors):  # matrix-free: S_i = A_i^T G_i is never formed
-        gram, inner_prod = seqgrads.dense_statistics(r, s)
-        combine = lambda c, s=s: seqgrads.dense_combination(c, s)
-      else:
-        gram, inner_prod = projection.stacked_statistics(r, s)
-        combine = lambda c, s=s: projection.stacked_combination(c, s)
-      knobs = dict(shrinkage=accumulation.shrinkage, ridge=accumulation.ridge,
-                   relative_bound=accumulation.relative_bound, solver=accumulation.solver)
-      if axis_name is None:
-        projected_r, removed_norm, r_norm = projection.accumulation_step(
-            r, m, gram, inner_prod, combine, **knobs)
-        new_r.append(jnp.where(project, projected_r, r + m))
-      else:
-        change, removed_norm = projection.local_span_change(r, m, gram, inner_prod, combine, **knobs)
-        new_r.append(jnp.where(project, change, m))
-        r_norm = jnp.linalg.norm(r)
-      removed_sq, r_sq = removed_sq + removed_norm**2, r_sq + r_norm**2
+      if s is not None or (fused is not None and accumulation is not None):
+        removed_sq, r_sq = removed_sq + removed_norm**2, r_sq + jnp.sum(jnp.square(r))
 
     if axis_name is not None:  # one all-reduce of a parameter-sized tree per microbatch
-      new_r = [r + change for r, change in zip(r_leaves, jax.lax.psum(new_r, axis_name))]
+      changes = jax.lax.psum(changes, axis_name)
       removed_sq = jax.lax.psum(removed_sq, axis_name)  # reduction: root-sum-square over devices
       intra_fracs = jax.lax.pmean(intra_fracs, axis_name)
+    new_r = [r + change for r, change in zip(r_leaves, changes)]
     # A non-finite M_m or statistic (of a projected microbatch) makes new_r non-finite: one check.
     finite = _all_finite(new_r + intra_fracs)
     new_r = [jnp.where(finite, nr, r) for nr, r in zip(new_r, r_leaves)]
