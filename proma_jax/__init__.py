@@ -5,6 +5,7 @@ from proma_jax.capture import (
     DenseFactors,
     grads_and_dense_factors,
     policy_gradient_and_dense_factors,
+    policy_gradient_and_fused_changes,
     policy_gradient_and_sequence_statistics,
 )
 from proma_jax.seqgrads import (
@@ -15,8 +16,10 @@ from proma_jax.seqgrads import (
 )
 from proma_jax.transforms import (
     AccumulationOptions,
+    FusedLeaf,
     IntraOptions,
     ProMAState,
+    find_proma_state,
     microbatch_accumulation,
     proma_accumulation,
     proma_both,
@@ -27,13 +30,16 @@ from proma_jax.transforms import (
 __all__ = [
     "AccumulationOptions",
     "Dense",
+    "FusedLeaf",
     "DenseFactors",
     "DenseSequenceFactors",
     "IntraOptions",
     "ProMAState",
     "choose_dense_path",
+    "find_proma_state",
     "grads_and_dense_factors",
     "policy_gradient_and_dense_factors",
+    "policy_gradient_and_fused_changes",
     "policy_gradient_and_sequence_gradients",
     "policy_gradient_and_sequence_statistics",
     "microbatch_accumulation",

@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from proma_jax import seqgrads
+from proma_jax import fused as fused_lib, seqgrads, transforms
 from proma_jax.seqgrads import DenseFactors
 
 INPUTS = "dense_inputs"
 OUTPUT_PERTURBATION = "dense_outputs"
+CALLS = "dense_calls"
 
 
 def _is_capturing(module: nnx.Module) -> bool:
@@ -30,13 +31,24 @@ def _is_capturing(module: nnx.Module) -> bool:
   return hasattr(module, "__captures__")
 
 
+class FusedSlotVariable(nnx.Variable):
+  """A `Dense` layer's `fused.FusedSlot` while `policy_gradient_and_fused_changes` runs it."""
+
+
 class Dense(nnx.Linear):
-  """`nnx.Linear` whose inputs and output gradients `grads_and_dense_factors` can capture."""
+  """`nnx.Linear` whose inputs and output gradients `grads_and_dense_factors` can capture, and
+  whose backward pass computes PROMA's change of R_W when `policy_gradient_and_fused_changes`
+  gives it a slot (`proma_slot`, with the rule in `proma_rule`)."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    slot = getattr(self, "proma_slot", None)
+    if slot is not None:
+      x = x.astype(self.dtype or x.dtype)
+      return fused_lib.fused_dense(self.proma_rule, x, self.kernel[...], slot.get_value())
     if not _is_capturing(self):
       return super().__call__(x)
     self.sow(nnx.Intermediate, INPUTS, x, reduce_fn=lambda _, new: new, init_fn=lambda: None)
+    self.sow(nnx.Intermediate, CALLS, jnp.zeros((), jnp.int8))  # a tuple, one entry per call
     return self.perturb(OUTPUT_PERTURBATION, super().__call__(x))
 
 
@@ -148,6 +160,21 @@ def _unpack(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
   return out if has_aux else (out, None)
 
 
+def _weighted_objective(objectives_fn, c_n: jax.Array, has_aux: bool):
+  """(model, batch) -> (sum_i c_i f_i, (f_n, aux)): the scalar whose one backward pass carries every
+  sequence's gradient, row-scaled by c_i (`sequence_cotangents`)."""
+  n_seq = c_n.shape[0]
+
+  def weighted_objective(m, b):
+    f_n, aux = _unpack(objectives_fn(m, b), has_aux)
+    if f_n.shape != (n_seq,):
+      raise ValueError(f"objectives_fn must return one objective per sequence, shape ({n_seq},) "
+                       f"like the advantages, got {f_n.shape}")
+    return jnp.sum(c_n * f_n.astype(jnp.float32)), (f_n, aux)
+
+  return weighted_objective
+
+
 def _tokens_per_sequence(path: str, n_tok: int, n_seq: int) -> int:
   if n_tok % n_seq:
     raise ValueError(f"Dense layer at {path} saw {n_tok} tokens, not a multiple of the {n_seq} "
@@ -191,16 +218,9 @@ def policy_gradient_and_dense_factors(
   """
   n_seq = advantages_n.shape[0]
   c_n, scale = sequence_cotangents(advantages_n)
-
-  def weighted_objective(m, b):
-    f_n, aux = _unpack(objectives_fn(m, b), has_aux)
-    if f_n.shape != (n_seq,):
-      raise ValueError(f"objectives_fn must return one objective per sequence, shape ({n_seq},) "
-                       f"like the advantages, got {f_n.shape}")
-    return jnp.sum(c_n * f_n.astype(jnp.float32)), (f_n, aux)
-
   (_, (f_n, aux)), phi_grads, factors = grads_and_dense_factors(
-      weighted_objective, model, batch, token_mask=token_mask, has_aux=True)
+      _weighted_objective(objectives_fn, c_n, has_aux), model, batch, token_mask=token_mask,
+      has_aux=True)
   loss = -jnp.sum(advantages_n.astype(jnp.float32) * jax.lax.stop_gradient(f_n))
   grads = jax.tree.map(lambda g: (scale * g).astype(g.dtype), phi_grads)
 
@@ -306,3 +326,141 @@ def _vmap_sequence_gradients(seq_objective_fn, model: nnx.Module, batch: Any,
 
   chosen = [leaves[idx] for idx in indices]
   return jax.vmap(jax.grad(objective), in_axes=(None, 0))(chosen, batch)
+
+
+def dense_calls(fn: Callable[[nnx.Module], Any], model: nnx.Module) -> dict[tuple, int]:
+  """How often `fn(model)` calls each `Dense` layer, by module path (traced abstractly: no FLOPs)."""
+  graphdef, state = nnx.split(model)
+
+  def calls():
+    return nnx.capture(fn, nnx.Intermediate)(nnx.merge(graphdef, state))[1]
+
+  sown = _pure(jax.eval_shape(calls))
+  counts = {}
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, Dense):
+      try:
+        counts[tuple(path)] = len(_get(sown, path)[CALLS])
+      except KeyError:
+        counts[tuple(path)] = 0
+  return counts
+
+
+def policy_gradient_and_fused_changes(
+    objectives_fn: Callable[[nnx.Module, Any], Any],
+    model: nnx.Module,
+    batch: Any,
+    advantages_n: jax.Array,
+    proma_state: transforms.ProMAState,
+    *,
+    num_microbatches: int,
+    accumulation: transforms.AccumulationOptions | None = None,
+    intra: transforms.IntraOptions | None = None,
+    token_mask: jax.Array | None = None,
+    has_aux: bool = False,
+    scope: str = "all",
+    dense_path: str = "auto",
+    sequence_model: nnx.Module | None = None,
+) -> tuple[Any, dict, dict, dict]:
+  """The fused path: one forward and backward pass in which every `Dense` kernel computes its
+  change of PROMA's accumulator inside its own backward step (`proma_jax.fused`).
+
+  For the transform built with the same options (`proma_accumulation`, `proma_intra` or
+  `proma_both` with `num_microbatches`, `accumulation`'s and `intra`'s knobs), whose state is
+  `proma_state`:
+
+    out, grads, seq_grads, fused = policy_gradient_and_fused_changes(...)
+    updates, state = tx.update(grads, state, params, fused=fused, seq_grads=seq_grads)
+
+  gives what `tx.update` gives from the unfused statistics, to float rounding; no two layers'
+  per-sequence gradients are ever alive together. The backward pass carries sum_i c_i f_i
+  (`sequence_cotangents`), as in `policy_gradient_and_dense_factors`.
+
+  Args:
+    objectives_fn, model, batch, advantages_n, token_mask, has_aux: as
+      `policy_gradient_and_dense_factors`. Every `Dense` layer the objective reaches must be called
+      exactly once (a second call would add a second change); a layer it does not reach is not
+      fused.
+    proma_state: the transform's current `ProMAState` (R, the microbatch index, the count).
+    scope: "all": every leaf that is not a fused kernel (norm scales, embeddings, a head read as
+      a plain array) gets its stacked S_i by `jax.vmap(jax.grad(f_i))` over the sequences when
+      `accumulation` projects (on `sequence_model`, default `model`; the same parameters with a
+      graph that can be vmapped); "dense": those leaves are accumulated unprojected.
+    dense_path: `FusedRule.dense_path`.
+
+  Returns:
+    `(loss_or_(loss, aux), grads, seq_grads, fused)`, pure dicts like the params: `grads` is the
+    loss gradient at every leaf except the fused kernels, where it is the change of R;
+    `fused` has a `transforms.FusedLeaf` (the metrics) at those kernels and None elsewhere;
+    `seq_grads` the vmap path's S_i (None at fused kernels). Call it under `jax.jit`.
+  """
+  if scope not in SEQUENCE_SCOPES:
+    raise ValueError(f"unknown scope {scope!r}; expected one of {SEQUENCE_SCOPES}")
+  if accumulation is None and intra is None:
+    raise ValueError("the fused path needs accumulation or intra options (a PROMA variant); "
+                     "plain accumulation has nothing to fuse")
+  rule = fused_lib.FusedRule(accumulation, intra, dense_path)
+  c_n, scale = sequence_cotangents(advantages_n)
+  weighted = _weighted_objective(objectives_fn, c_n, has_aux)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  paths_leaves, params_def = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))
+  leaves = [leaf for _, leaf in paths_leaves]
+  index = {tuple(k.key for k in path): i for i, (path, _) in enumerate(paths_leaves)}
+
+  calls = dense_calls(lambda m: weighted(m, batch), model)
+  twice = [path for path, n in calls.items() if n > 1]
+  if twice:
+    raise ValueError(f"Dense layer(s) {twice} are called more than once in one forward pass; the "
+                     "fused path would add one change of R per call. Use the unfused path "
+                     "(seq_grads=/factors=; config proma.fused=False)")
+  fused_paths = {path: index[path + ("kernel",)] for path, n in calls.items() if n == 1}
+  fused_idx = sorted(fused_paths.values())
+  other_idx = [i for i in range(len(leaves)) if i not in set(fused_idx)]
+  r_leaves = params_def.flatten_up_to(proma_state.accumulator)
+  keys = transforms.range_finder_keys(0 if intra is None else intra.seed, proma_state.count,
+                                      len(leaves))
+  project = transforms.projects_now(
+      proma_state.microbatch, num_microbatches,
+      0.0 if accumulation is None else accumulation.skip_fraction)
+  mask = (jnp.ones(jax.tree.leaves(batch)[0].shape[:2], jnp.float32) if token_mask is None
+          else token_mask)
+
+  def run(other_leaves, fused_rs, fused_metrics):
+    full = list(leaves)
+    for i, value in zip(other_idx, other_leaves):
+      full[i] = value
+    state = jax.tree.map(lambda x: x, params)
+    nnx.replace_by_pure_dict(state, params_def.unflatten(full))
+    m = nnx.merge(graphdef, state, rest)
+    for path, module in nnx.iter_modules(m):
+      if tuple(path) in fused_paths:
+        i = fused_idx.index(fused_paths[tuple(path)])
+        idx = fused_paths[tuple(path)]
+        module.proma_rule = rule
+        module.proma_slot = FusedSlotVariable(fused_lib.FusedSlot(
+            fused_rs[i], fused_metrics[i], keys[idx], c_n, scale, mask, project))
+    value, out = weighted(m, batch)
+    return value, out
+
+  other = [leaves[i] for i in other_idx]
+  rs = [r_leaves[i] for i in fused_idx]
+  zeros = [jnp.zeros((2,), jnp.float32) for _ in fused_idx]
+  (other_grads, changes, metrics), (f_n, aux) = jax.grad(run, argnums=(0, 1, 2), has_aux=True)(
+      other, rs, zeros)
+
+  grad_leaves = [None] * len(leaves)
+  for i, g in zip(other_idx, other_grads):
+    grad_leaves[i] = (scale * g).astype(g.dtype)
+  fused_leaves = [None] * len(leaves)
+  for i, change, metric in zip(fused_idx, changes, metrics):
+    grad_leaves[i] = change
+    fused_leaves[i] = transforms.FusedLeaf(metric[0], metric[1])
+  seq_leaves = [None] * len(leaves)
+  if scope == "all" and accumulation is not None and accumulation.projects and other_idx:
+    seq_objective_fn = lambda m, b: _unpack(objectives_fn(m, b), has_aux)[0]
+    for i, s in zip(other_idx, _vmap_sequence_gradients(
+        seq_objective_fn, model if sequence_model is None else sequence_model, batch, other_idx)):
+      seq_leaves[i] = s
+  loss = -jnp.sum(advantages_n.astype(jnp.float32) * jax.lax.stop_gradient(f_n))
+  return (((loss, aux) if has_aux else loss), params_def.unflatten(grad_leaves),
+          params_def.unflatten(seq_leaves), params_def.unflatten(fused_leaves))

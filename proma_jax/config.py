@@ -53,10 +53,13 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
 
   c.grpo = ml_collections.ConfigDict(dict(eps_low=0.2, eps_high=0.2, dual_clip=3.0))
 
+  # fused: every dense kernel's PROMA statistics are computed and used inside that layer's
+  # backward pass (one layer's S_i alive at a time; docs/algorithm.md#fused-statistics); False:
+  # the stacked statistics of every layer are handed to the transform after the backward pass.
   c.proma = ml_collections.ConfigDict(dict(
       shrinkage=1.0, ridge=1e-2, relative_bound=ml_collections.FieldReference(None, float),
       skip_fraction=0.0, solver="exact", scope="all",
-      rank=10, intra_shrinkage=1.0, power_iters=1, range_finder_seed=0))
+      rank=10, intra_shrinkage=1.0, power_iters=1, range_finder_seed=0, fused=True))
 
   # Data parallelism (proma_jax.mesh): `data` devices on a ("data",) mesh, each microbatch's
   # sequences sharded over them, params replicated. mode "exact": the single-device projection,

@@ -40,6 +40,7 @@ Rollouts, log-prob statistics and evaluation run on the mesh with the params as 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
@@ -237,6 +238,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   p = c.proma
   need(p.solver in _SOLVERS, "proma.solver", f"unknown {p.solver!r}; expected one of {_SOLVERS}")
   need(p.scope in _SCOPES, "proma.scope", f"unknown {p.scope!r}; expected one of {_SCOPES}")
+  need(isinstance(p.fused, bool), "proma.fused", f"must be True or False, got {p.fused!r}")
   number("proma.shrinkage", lambda v: v >= 0, ">= 0")
   number("proma.ridge", lambda v: v >= 0, ">= 0")
   number("proma.relative_bound", lambda v: v >= 0, ">= 0", optional=True)
@@ -278,21 +280,33 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
                       optax.inject_hyperparams(optax.adamw)(
                           learning_rate=c.optim.lr, b1=c.optim.b1, b2=c.optim.b2,
                           weight_decay=c.optim.weight_decay))
-  m, p = c.train.num_microbatches, c.proma
+  m = c.train.num_microbatches
   # Local data-parallel mode: the transform runs per device inside shard_map and sums over "data".
   axis = dict(axis_name=mesh_lib.DATA_AXIS) if _local_mode(c) else {}
-  accumulation = dict(shrinkage=p.shrinkage, ridge=p.ridge, relative_bound=p.relative_bound,
-                      skip_fraction=p.skip_fraction, solver=p.solver)
-  intra = dict(rank=p.rank, power_iters=p.power_iters, seed=p.range_finder_seed)
+  accumulation, intra = proma_options(c)
   if c.algorithm == "proma":
-    return proma_jax.proma_accumulation(inner, m, **accumulation, **axis)
+    return proma_jax.proma_accumulation(inner, m, **dataclasses.asdict(accumulation), **axis)
   if c.algorithm == "proma_intra":
-    return proma_jax.proma_intra(inner, m, shrinkage=p.intra_shrinkage, **intra, **axis)
+    return proma_jax.proma_intra(inner, m, **dataclasses.asdict(intra), **axis)
   if c.algorithm == "proma_both":
-    return proma_jax.proma_both(inner, m, intra_shrinkage=p.intra_shrinkage, **intra,
-                                **accumulation, **axis)
+    i = dataclasses.asdict(intra)
+    return proma_jax.proma_both(inner, m, intra_shrinkage=i.pop("shrinkage"), **i,
+                                **dataclasses.asdict(accumulation), **axis)
   # Baselines: the same accumulator, state and metrics with projection off.
   return proma_jax.microbatch_accumulation(inner, m, **axis)
+
+
+def proma_options(c: ml_collections.ConfigDict) -> tuple[proma_jax.AccumulationOptions | None,
+                                                         proma_jax.IntraOptions | None]:
+  """The knobs of `c.algorithm`'s projections (None for a projection it does not make)."""
+  p = c.proma
+  accumulation = proma_jax.AccumulationOptions(
+      shrinkage=p.shrinkage, ridge=p.ridge, relative_bound=p.relative_bound,
+      skip_fraction=p.skip_fraction, solver=p.solver)
+  intra = proma_jax.IntraOptions(rank=p.rank, shrinkage=p.intra_shrinkage,
+                                 power_iters=p.power_iters, seed=p.range_finder_seed)
+  return ({"proma": (accumulation, None), "proma_intra": (None, intra),
+           "proma_both": (accumulation, intra)}.get(c.algorithm, (None, None)))
 
 
 def _local_mode(c: ml_collections.ConfigDict) -> bool:
@@ -413,11 +427,29 @@ def _microbatch_update_fn(c: ml_collections.ConfigDict, policy: policy_lib.Polic
         mb["advantages"], token_mask=mb["valid"], has_aux=True)
     return loss, metrics, grads, factors
 
+  accumulation, intra = proma_options(c)
+
+  def fused_changes(params, opt_state, mb, num_tokens):
+    # Every PROMA variant: each dense kernel's change of R from inside its backward pass
+    # (docs/algorithm.md#fused-statistics); other leaves' S_i (scope "all") by vmap.
+    (loss, metrics), grads, seq_grads, fused = proma_jax.policy_gradient_and_fused_changes(
+        lambda m, b: objectives_and_metrics(m, b, num_tokens), policy_lib.bind(policy, params), mb,
+        mb["advantages"], proma_jax.find_proma_state(opt_state),
+        num_microbatches=c.train.num_microbatches, accumulation=accumulation, intra=intra,
+        token_mask=mb["valid"], has_aux=True, scope=c.proma.scope,
+        sequence_model=policy_lib.bind(vmap_policy, params))
+    extra = dict(fused=fused)
+    if accumulation is not None:
+      extra["seq_grads"] = seq_grads
+    return loss, metrics, grads, extra
+
   def update(params, opt_state, mb, num_tokens):
     extra, metrics = {}, {}
     if algorithm in ("reinforce", "grpo"):
       (loss, metrics), grads = jax.value_and_grad(
           lambda p: loss_on_model(policy_lib.bind(policy, p), mb, num_tokens), has_aux=True)(params)
+    elif c.proma.fused:
+      loss, metrics, grads, extra = fused_changes(params, opt_state, mb, num_tokens)
     elif algorithm == "proma":
       loss, grads, extra["seq_grads"] = sequence_grads(params, mb, num_tokens)
     elif algorithm == "proma_intra":

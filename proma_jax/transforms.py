@@ -401,9 +401,16 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
     last = state.microbatch == num_microbatches - 1
     steps = last & (accepted > 0)
 
+    # R goes to the inner optimizer in the gradient's dtypes; a fused leaf's grads leaf is a
+    # float32 change of R, so there the parameter's dtype is used (when params are given).
+    params_leaves = [None] * len(paths) if params is None else grads_def.flatten_up_to(params)
+    dtypes = grads_def.unflatten([
+        p if fused is not None and p is not None else g
+        for g, p, fused in zip(g_leaves, params_leaves, fused_leaves)])
+
     def finish(_):
       updates, new_inner = inner.update(
-          _cast_like(accumulator, grads), state.inner_state, params, **extra_args)
+          _cast_like(accumulator, dtypes), state.inner_state, params, **extra_args)
       # Both branches must give the same types: the inner state keeps its dtypes.
       return updates, _cast_like(new_inner, state.inner_state)
 
@@ -546,12 +553,12 @@ def proma_both(inner: optax.GradientTransformation, num_microbatches: int, *, ra
                 IntraOptions(rank, intra_shrinkage, power_iters, seed), axis_name, inner_args)
 
 
-def _find_proma_state(opt_state) -> ProMAState | None:
+def find_proma_state(opt_state) -> ProMAState | None:
   if isinstance(opt_state, ProMAState):
     return opt_state
   if isinstance(opt_state, (tuple, list)):
     for sub in opt_state:
-      found = _find_proma_state(sub)
+      found = find_proma_state(sub)
       if found is not None:
         return found
   return None
@@ -566,7 +573,7 @@ def proma_metrics(opt_state) -> dict[str, jax.Array]:
   Jittable. `proma/dropped`: non-finite microbatches dropped.
   `grad/norm`: global norm of the accumulated update direction R handed to the inner optimizer.
   """
-  state = _find_proma_state(opt_state)
+  state = find_proma_state(opt_state)
   if state is None:
     raise ValueError("opt_state holds no ProMAState")
   metrics = {"proma/reduction": state.reduction, "proma/dropped": state.dropped,

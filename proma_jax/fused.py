@@ -1,0 +1,132 @@
+"""PROMA inside the backward pass: a dense kernel's statistics used where the backward makes them.
+
+docs/algorithm.md#fused-statistics. Everything PROMA does to a dense kernel W needs only that
+layer's inputs A, its output gradients G, its slice R_W of the accumulator and a few scalars. So
+`fused_dense`, a `jax.custom_vjp` of y = x W, takes R_W (and those scalars) as a primal input and
+returns through R_W's cotangent the accumulator's change
+
+    change_W = M'_W - project * shrinkage * P_bounded(R_W)      (`transforms.microbatch_change`)
+
+computed in the layer's own backward step. Differentiating with respect to R therefore gives the
+changes of every fused kernel, layer by layer, and each layer's per-sequence gradients S_i live
+only while its backward step runs: peak memory = plain + one layer's S_i, whatever the depth.
+
+The rule is nonlinear in its incoming cotangent (it solves a system built from it): take one
+`jax.grad` through it, never `jax.vmap`, `jax.jvp` or a second derivative. A kernel used twice in
+one forward pass would sum two changes; `capture.policy_gradient_and_fused_changes` refuses it.
+
+This module is pure JAX; `capture.py` wires it into the model's `Dense` layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from proma_jax import seqgrads, transforms
+from proma_jax.seqgrads import DenseFactors, DenseSequenceFactors
+
+
+class FusedRule(NamedTuple):
+  """What the backward step of a fused kernel computes (static, hashable).
+
+  accumulation: `AccumulationOptions` (accumulation projection of R_W) or None.
+  intra:        `IntraOptions` (intra projection of M_W first) or None.
+  dense_path:   how the S_i enter the accumulation statistics, `seqgrads.choose_dense_path`
+                ("auto", "materialise": one layer's stacked S_i, or "matrix_free": never formed).
+  """
+
+  accumulation: transforms.AccumulationOptions | None
+  intra: transforms.IntraOptions | None
+  dense_path: str = "auto"
+
+
+class FusedSlot(NamedTuple):
+  """The per-kernel inputs of `fused_dense` besides x and W.
+
+  accumulator:        R_W (d_in, d_out) float32. Its cotangent is the change of R_W.
+  metrics:            (2,) zeros. Its cotangent is (||shrinkage * P_bounded||, intra fraction).
+  key:                the intra range finder's key for this leaf (`transforms.range_finder_keys`).
+  cotangent_weights:  (n_seq,) c_i of `capture.sequence_cotangents`: the backward pass carries
+                      sum_i c_i f_i, so G_i = dy_i / c_i are the rows of grad f_i.
+  scale:              () the loss gradient is scale * A^T dy (`capture.sequence_cotangents`).
+  token_mask:         (n_seq, T) real tokens; padding rows of A are zeroed.
+  project:            () bool, False for microbatches under skip_fraction.
+  """
+
+  accumulator: jax.Array
+  metrics: jax.Array
+  key: jax.Array
+  cotangent_weights: jax.Array
+  scale: jax.Array
+  token_mask: jax.Array
+  project: jax.Array
+
+
+def _dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """y = x W over the last axis of x, in x's dtype (as `nnx.Linear` with both promoted)."""
+  return jax.lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def fused_dense(rule: FusedRule, x: jax.Array, kernel: jax.Array, slot: FusedSlot) -> jax.Array:
+  """y = x W (x in the compute dtype, W in its storage dtype), whose backward also returns the
+  change of R_W through `slot.accumulator`'s cotangent (module docstring)."""
+  return _dense(x, kernel)
+
+
+def _forward(rule, x, kernel, slot):
+  return _dense(x, kernel), (x, kernel, slot)
+
+
+def _backward(rule, residuals, dy):
+  x, kernel, slot = residuals
+  dx = jax.lax.dot_general(dy, kernel.astype(dy.dtype), (((dy.ndim - 1,), (1,)), ((), ())))
+  lead = tuple(range(x.ndim - 1))
+  dkernel = jax.lax.dot_general(x, dy, ((lead, lead), ((), ()))).astype(kernel.dtype)
+  change, removed_norm, fraction = kernel_change(rule, slot, x, dy, dkernel)
+  no_cotangent = dict.fromkeys(("key", "cotangent_weights", "scale", "token_mask", "project"))
+  dslot = slot._replace(accumulator=change, metrics=jnp.stack([removed_norm, fraction]),
+                        **no_cotangent)
+  return dx.astype(x.dtype), dkernel, dslot
+
+
+fused_dense.defvjp(_forward, _backward)
+
+
+def kernel_change(rule: FusedRule, slot: FusedSlot, x: jax.Array, dy: jax.Array,
+                  dkernel: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The change of R_W from one layer's inputs x (n_seq, ..., d_in) and output cotangents dy.
+
+  A = x with padding rows zeroed, G_i = dy_i / c_i, M_W = scale * dkernel (the loss gradient,
+  rounded like the unfused path's: in W's storage dtype), S_i = A_i^T G_i; then
+  `transforms.microbatch_change`, the same per-leaf function the transform runs on unfused leaves.
+  """
+  n_seq, d_in, d_out = x.shape[0], x.shape[-1], dy.shape[-1]
+  c_n = slot.cotangent_weights
+  if c_n.shape != (n_seq,):
+    raise ValueError(f"a fused Dense layer saw inputs of shape {x.shape} but the microbatch has "
+                     f"{c_n.shape[0]} sequences; the dense layers must see inputs laid out "
+                     "(n_seq, ..., d_in), sequence axis leading")
+  n_tok = x.size // d_in
+  if slot.token_mask.size != n_tok:
+    raise ValueError(f"a fused Dense layer saw {n_tok} tokens but token_mask has shape "
+                     f"{slot.token_mask.shape}")
+  t = n_tok // n_seq
+  a_nxi = x.reshape(n_tok, d_in) * slot.token_mask.reshape(n_tok, 1).astype(x.dtype)
+  g_nxo = (dy.reshape(n_seq, t, d_out) / c_n[:, None, None]).astype(dy.dtype).reshape(n_tok, d_out)
+  m_ixo = (slot.scale * dkernel).astype(dkernel.dtype).astype(jnp.float32)
+  seq_grads = None
+  if rule.accumulation is not None and rule.accumulation.projects:
+    if seqgrads.choose_dense_path(n_seq, t, d_in, d_out, rule.dense_path) == "matrix_free":
+      segment_ids = jnp.repeat(jnp.arange(n_seq, dtype=jnp.int32), t)
+      seq_grads = DenseSequenceFactors(a_nxi, g_nxo, segment_ids, n_seq)
+    else:
+      seq_grads = jnp.einsum("bti,bto->bio", a_nxi.reshape(n_seq, t, d_in),
+                             g_nxo.reshape(n_seq, t, d_out), preferred_element_type=jnp.float32)
+  factors = None if rule.intra is None else DenseFactors(a_nxi, g_nxo)
+  return transforms.microbatch_change(slot.accumulator, m_ixo, seq_grads, factors, slot.key,
+                                      slot.project, rule.accumulation, rule.intra)
