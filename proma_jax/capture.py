@@ -438,7 +438,7 @@ def policy_gradient_and_fused_changes(
         idx = fused_paths[tuple(path)]
         module.proma_rule = rule
         module.proma_slot = FusedSlotVariable(fused_lib.FusedSlot(
-            fused_rs[i], fused_metrics[i], keys[idx], c_n, scale, mask, project))
+            fused_rs[i], fused_metrics[i], keys[idx], c_n, advantages_n, scale, mask, project))
     value, out = weighted(m, batch)
     return value, out
 

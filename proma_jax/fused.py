@@ -52,6 +52,7 @@ class FusedSlot(NamedTuple):
   key:                the intra range finder's key for this leaf (`transforms.range_finder_keys`).
   cotangent_weights:  (n_seq,) c_i of `capture.sequence_cotangents`: the backward pass carries
                       sum_i c_i f_i, so G_i = dy_i / c_i are the rows of grad f_i.
+  advantages:         (n_seq,) A_i: with materialised S_i, M_W = -sum_i A_i S_i in float32.
   scale:              () the loss gradient is scale * A^T dy (`capture.sequence_cotangents`).
   token_mask:         (n_seq, T) real tokens; padding rows of A are zeroed.
   project:            () bool, False for microbatches under skip_fraction.
@@ -61,6 +62,7 @@ class FusedSlot(NamedTuple):
   metrics: jax.Array
   key: jax.Array
   cotangent_weights: jax.Array
+  advantages: jax.Array
   scale: jax.Array
   token_mask: jax.Array
   project: jax.Array
@@ -88,7 +90,8 @@ def _backward(rule, residuals, dy):
   lead = tuple(range(x.ndim - 1))
   dkernel = jax.lax.dot_general(x, dy, ((lead, lead), ((), ()))).astype(kernel.dtype)
   change, removed_norm, fraction = kernel_change(rule, slot, x, dy, dkernel)
-  no_cotangent = dict.fromkeys(("key", "cotangent_weights", "scale", "token_mask", "project"))
+  no_cotangent = dict.fromkeys(
+      ("key", "cotangent_weights", "advantages", "scale", "token_mask", "project"))
   dslot = slot._replace(accumulator=change, metrics=jnp.stack([removed_norm, fraction]),
                         **no_cotangent)
   return dx.astype(x.dtype), dkernel, dslot
@@ -101,8 +104,9 @@ def kernel_change(rule: FusedRule, slot: FusedSlot, x: jax.Array, dy: jax.Array,
                   dkernel: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The change of R_W from one layer's inputs x (n_seq, ..., d_in) and output cotangents dy.
 
-  A = x with padding rows zeroed, G_i = dy_i / c_i, M_W = scale * dkernel (the loss gradient,
-  rounded like the unfused path's: in W's storage dtype), S_i = A_i^T G_i; then
+  A = x with padding rows zeroed, G_i = dy_i / c_i, S_i = A_i^T G_i, and the loss gradient M_W =
+  -sum_i A_i S_i when the S_i are materialised (float32), else scale * dkernel (the backward's own
+  product), each rounded to W's storage dtype as the unfused path's gradient is; then
   `transforms.microbatch_change`, the same per-leaf function the transform runs on unfused leaves.
   """
   n_seq, d_in, d_out = x.shape[0], x.shape[-1], dy.shape[-1]
@@ -127,6 +131,8 @@ def kernel_change(rule: FusedRule, slot: FusedSlot, x: jax.Array, dy: jax.Array,
     else:
       seq_grads = jnp.einsum("bti,bto->bio", a_nxi.reshape(n_seq, t, d_in),
                              g_nxo.reshape(n_seq, t, d_out), preferred_element_type=jnp.float32)
+      m_ixo = (-jnp.tensordot(slot.advantages.astype(jnp.float32), seq_grads, axes=1)
+               ).astype(dkernel.dtype).astype(jnp.float32)
   factors = None if rule.intra is None else DenseFactors(a_nxi, g_nxo)
   return transforms.microbatch_change(slot.accumulator, m_ixo, seq_grads, factors, slot.key,
                                       slot.project, rule.accumulation, rule.intra)
