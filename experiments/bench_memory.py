@@ -64,7 +64,7 @@ TRAIN_VARIANTS = {"plain": "reinforce", "proma_mat": "proma", "intra": "proma_in
                   "both_mat": "proma_both"}
 
 
-def compiled_peak_train(variant, cfg, n_seq, seq_len, num_microbatches):
+def compiled_peak_train(variant, cfg, n_seq, seq_len, num_microbatches, fused=True):
   """The training loop's own jitted microbatch update (`train.make_microbatch_update`, which
   donates params and opt_state) on the reverse task's policy with Qwen3-shaped layers, compiled
   for sequences of `seq_len` tokens. Its plain baseline is `microbatch_accumulation`."""
@@ -77,6 +77,7 @@ def compiled_peak_train(variant, cfg, n_seq, seq_len, num_microbatches):
   c.rollout.update(prompts_per_step=n_seq * num_microbatches // 2, group_size=2)
   c.train.update(num_minibatches=1, num_microbatches=num_microbatches)
   c.proma.scope = "dense"
+  c.proma.fused = fused
   task = tasks.get_task(c.task, **c.task_kwargs.to_dict())
   c.rollout.extra_new_tokens = seq_len - task.prompt_width - task.answer_width
   policy, params = policy_lib.make_policy(c)
@@ -131,6 +132,9 @@ def main():
   parser.add_argument("--logits_chunk", type=int, default=0,
                       help="token positions per log-softmax chunk (0: the whole (B, T, V))")
   parser.add_argument("--attention_impl", default=None, choices=(None, "xla", "cudnn"))
+  parser.add_argument("--unfused", action="store_true",
+                      help="--step train: the PROMA variants with proma.fused=False (statistics "
+                      "handed to the transform after the backward pass)")
   parser.add_argument("--out", default="results/bench_memory.json")
   parser.add_argument("--tables", metavar="JSON", help="print the markdown table of a results file")
   args = parser.parse_args()
@@ -148,6 +152,7 @@ def main():
               microbatches=args.microbatches, step=args.step, preset=args.preset,
               dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
               logits_chunk=args.logits_chunk, attention_impl=args.attention_impl,
+              fused=None if args.step == "bench" else not args.unfused,
               backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
               memory="compiled microbatch step (params, opt_state donated): temp + arguments + "
                      "outputs - aliased bytes",
@@ -162,9 +167,12 @@ def main():
   for depth in args.depths:
     cfg = dataclasses.replace(base_cfg, n_layers=depth)
     for variant in variants:
-      r = dict(depth=depth, variant=variant,
-               **(compiled_peak if args.step == "bench" else compiled_peak_train)(
-                   variant, cfg, args.seqs, args.len, args.microbatches))
+      if args.step == "bench":
+        measured = compiled_peak(variant, cfg, args.seqs, args.len, args.microbatches)
+      else:
+        measured = compiled_peak_train(variant, cfg, args.seqs, args.len, args.microbatches,
+                                       fused=not args.unfused)
+      r = dict(depth=depth, variant=variant, **measured)
       records.append(r)
       print(f"depth {depth} {variant:10s} peak {r['peak_bytes'] / 2**20:8.1f} MiB  temp "
             f"{r['temp_bytes'] / 2**20:8.1f} MiB  compile {r['compile_s']:.0f} s", flush=True)

@@ -361,6 +361,7 @@ def policy_gradient_and_fused_changes(
     scope: str = "all",
     dense_path: str = "auto",
     sequence_model: nnx.Module | None = None,
+    param_shardings: Any = None,
 ) -> tuple[Any, dict, dict, dict]:
   """The fused path: one forward and backward pass in which every `Dense` kernel computes its
   change of PROMA's accumulator inside its own backward step (`proma_jax.fused`).
@@ -387,6 +388,8 @@ def policy_gradient_and_fused_changes(
       `accumulation` projects (on `sequence_model`, default `model`; the same parameters with a
       graph that can be vmapped); "dense": those leaves are accumulated unprojected.
     dense_path: `FusedRule.dense_path`.
+    param_shardings: on an FSDP mesh, NamedShardings like the params: each fused kernel's stacked
+      S_i are constrained to its sharding, sequence axis replicated (`FusedRule.stack_sharding`).
 
   Returns:
     `(loss_or_(loss, aux), grads, seq_grads, fused)`, pure dicts like the params: `grads` is the
@@ -415,6 +418,16 @@ def policy_gradient_and_fused_changes(
                      "(seq_grads=/factors=; config proma.fused=False)")
   fused_paths = {path: index[path + ("kernel",)] for path, n in calls.items() if n == 1}
   fused_idx = sorted(fused_paths.values())
+  sharding_leaves = (None if param_shardings is None
+                     else params_def.flatten_up_to(param_shardings))
+
+  def rule_of(idx):
+    if sharding_leaves is None:
+      return rule
+    sharding = sharding_leaves[idx]
+    return rule._replace(stack_sharding=jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec)))
+
   other_idx = [i for i in range(len(leaves)) if i not in set(fused_idx)]
   r_leaves = params_def.flatten_up_to(proma_state.accumulator)
   keys = transforms.range_finder_keys(0 if intra is None else intra.seed, proma_state.count,
@@ -436,7 +449,7 @@ def policy_gradient_and_fused_changes(
       if tuple(path) in fused_paths:
         i = fused_idx.index(fused_paths[tuple(path)])
         idx = fused_paths[tuple(path)]
-        module.proma_rule = rule
+        module.proma_rule = rule_of(idx)
         module.proma_slot = FusedSlotVariable(fused_lib.FusedSlot(
             fused_rs[i], fused_metrics[i], keys[idx], c_n, advantages_n, scale, mask, project))
     value, out = weighted(m, batch)

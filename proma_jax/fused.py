@@ -30,6 +30,11 @@ from proma_jax import seqgrads, transforms
 from proma_jax.seqgrads import DenseFactors, DenseSequenceFactors
 
 
+# The largest block of per-sequence gradients (n_seq, d_in, B) float32 that the materialising
+# route forms at once: the fused path's only transient that grows with the microbatch's sequences.
+BLOCK_BYTES = 16 * 2**20
+
+
 class FusedRule(NamedTuple):
   """What the backward step of a fused kernel computes (static, hashable).
 
@@ -37,11 +42,16 @@ class FusedRule(NamedTuple):
   intra:        `IntraOptions` (intra projection of M_W first) or None.
   dense_path:   how the S_i enter the accumulation statistics, `seqgrads.choose_dense_path`
                 ("auto", "materialise": one layer's stacked S_i, or "matrix_free": never formed).
+  stack_sharding: on an FSDP mesh, the sharding of this kernel's stacked S_i (n_seq, d_in, d_out):
+                the kernel's own, sequence axis replicated (`mesh.constrain_sequence_gradients`),
+                so each block of S_i meets the block of R_W on the same device and no device
+                gathers whole S_i. None: the compiler's choice.
   """
 
   accumulation: transforms.AccumulationOptions | None
   intra: transforms.IntraOptions | None
   dense_path: str = "auto"
+  stack_sharding: jax.sharding.NamedSharding | None = None
 
 
 class FusedSlot(NamedTuple):
@@ -104,9 +114,11 @@ def kernel_change(rule: FusedRule, slot: FusedSlot, x: jax.Array, dy: jax.Array,
                   dkernel: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The change of R_W from one layer's inputs x (n_seq, ..., d_in) and output cotangents dy.
 
-  A = x with padding rows zeroed, G_i = dy_i / c_i, S_i = A_i^T G_i, and the loss gradient M_W =
-  -sum_i A_i S_i when the S_i are materialised (float32), else scale * dkernel (the backward's own
-  product), each rounded to W's storage dtype as the unfused path's gradient is; then
+  A = x with padding rows zeroed, G_i = dy_i / c_i, S_i = A_i^T G_i. Where materialising S_i takes
+  fewer flops (`seqgrads.choose_dense_path`), the statistics are contracted from S_i formed
+  BLOCK_BYTES at a time (on an FSDP mesh: the whole stack, sharded like W) and the loss gradient
+  is M_W = -sum_i A_i S_i in float32; matrix-free, M_W = scale * dkernel (the backward's own
+  product). M_W is rounded to W's storage dtype as the unfused path's gradient is; then
   `transforms.microbatch_change`, the same per-leaf function the transform runs on unfused leaves.
   """
   n_seq, d_in, d_out = x.shape[0], x.shape[-1], dy.shape[-1]
@@ -125,14 +137,20 @@ def kernel_change(rule: FusedRule, slot: FusedSlot, x: jax.Array, dy: jax.Array,
   m_ixo = (slot.scale * dkernel).astype(dkernel.dtype).astype(jnp.float32)
   seq_grads = None
   if rule.accumulation is not None and rule.accumulation.projects:
+    segment_ids = jnp.repeat(jnp.arange(n_seq, dtype=jnp.int32), t)
     if seqgrads.choose_dense_path(n_seq, t, d_in, d_out, rule.dense_path) == "matrix_free":
-      segment_ids = jnp.repeat(jnp.arange(n_seq, dtype=jnp.int32), t)
       seq_grads = DenseSequenceFactors(a_nxi, g_nxo, segment_ids, n_seq)
-    else:
-      seq_grads = jnp.einsum("bti,bto->bio", a_nxi.reshape(n_seq, t, d_in),
-                             g_nxo.reshape(n_seq, t, d_out), preferred_element_type=jnp.float32)
-      m_ixo = (-jnp.tensordot(slot.advantages.astype(jnp.float32), seq_grads, axes=1)
-               ).astype(dkernel.dtype).astype(jnp.float32)
+    elif rule.stack_sharding is not None:  # FSDP: the whole stack, each block on R_W's device
+      seq_grads = jax.lax.with_sharding_constraint(
+          jnp.einsum("bti,bto->bio", a_nxi.reshape(n_seq, t, d_in),
+                     g_nxo.reshape(n_seq, t, d_out), preferred_element_type=jnp.float32),
+          rule.stack_sharding)
+      m_ixo = -jnp.tensordot(slot.advantages.astype(jnp.float32), seq_grads, axes=1)
+    else:  # the S_i formed a block of columns at a time (`seqgrads.blocked_dense_statistics`)
+      block = seqgrads.blocked_columns(n_seq, d_in, d_out, BLOCK_BYTES)
+      seq_grads = DenseSequenceFactors(a_nxi, g_nxo, segment_ids, n_seq, block)
+      m_ixo = -seqgrads.dense_combination(slot.advantages, seq_grads)
+    m_ixo = m_ixo.astype(dkernel.dtype).astype(jnp.float32)
   factors = None if rule.intra is None else DenseFactors(a_nxi, g_nxo)
   return transforms.microbatch_change(slot.accumulator, m_ixo, seq_grads, factors, slot.key,
                                       slot.project, rule.accumulation, rule.intra)

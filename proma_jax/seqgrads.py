@@ -92,6 +92,12 @@ class DenseSequenceFactors(NamedTuple):
   segment_ids:   (n_tok,) int, each token's sequence index; ids outside [0, num_sequences) mark
                  padding tokens, which contribute nothing (as do zero rows of A or G).
   num_sequences: n_seq, a static Python int (pytree auxiliary data, so it survives `jax.jit`).
+  block_columns: 0: the Gram is computed matrix-free (n_tok^2 (d_in + d_out) / 2 multiply-adds).
+                 B > 0: the tokens are n_seq contiguous runs of equal length (segment ids
+                 0,..,0,1,..,1,...), and the Gram and <R, S_i> are contracted from the S_i formed
+                 B output columns at a time (`blocked_dense_statistics`): the flops of
+                 materialising S_i with only an (n_seq, d_in, B) block alive. Static, like
+                 num_sequences.
 
   Pass it as the `seq_grads` leaf of a 2-D kernel instead of the stacked (n_seq, d_in, d_out) array.
   """
@@ -100,14 +106,16 @@ class DenseSequenceFactors(NamedTuple):
   output_grads: jax.Array
   segment_ids: jax.Array
   num_sequences: int
+  block_columns: int = 0
 
 
 jax.tree_util.register_pytree_with_keys(
     DenseSequenceFactors,
     lambda f: (((jax.tree_util.GetAttrKey("activations"), f.activations),
                  (jax.tree_util.GetAttrKey("output_grads"), f.output_grads),
-                 (jax.tree_util.GetAttrKey("segment_ids"), f.segment_ids)), int(f.num_sequences)),
-    lambda num_sequences, children: DenseSequenceFactors(*children, num_sequences),
+                 (jax.tree_util.GetAttrKey("segment_ids"), f.segment_ids)),
+                (int(f.num_sequences), int(f.block_columns))),
+    lambda aux, children: DenseSequenceFactors(*children, *aux),
 )
 
 
@@ -157,9 +165,49 @@ def dense_sequence_inner(r_ixo: jax.Array, factors: DenseSequenceFactors) -> jax
   return per_token_n @ _one_hot_nxs(factors)
 
 
+def blocked_dense_statistics(r_ixo: jax.Array,
+                             factors: DenseSequenceFactors) -> tuple[jax.Array, jax.Array]:
+  """(<S_i, S_j>, <R, S_i>) from S_i = A_i^T G_i formed B = `factors.block_columns` columns at a time.
+
+  With the tokens in n contiguous runs of T (sequence i = rows i T .. (i + 1) T - 1) and the output
+  columns cut into blocks b of B (B divides d_out):
+      S_i[:, b] = A_i^T G_i[:, b],   K += sum_b <S_i[:, b], S_j[:, b]>,   inner_i += <R[:, b], S_i[:, b]>
+  by a loop over the blocks that slices G and R in place (no rearranged copy of R exists, so
+  nothing of it can be scheduled ahead of the backward pass): n T |W| + n^2 |W| + n |W|
+  multiply-adds (materialising's) and one (n, d_in, B) float32 block alive instead of the
+  (n, d_in, d_out) stack.
+  """
+  n, block = factors.num_sequences, factors.block_columns
+  d_in, d_out = r_ixo.shape
+  if d_out % block:
+    raise ValueError(f"block_columns={block} must divide the kernel's {d_out} output columns")
+  a_nxtxi = factors.activations.reshape(n, -1, d_in)
+  g_nxtxo = factors.output_grads.reshape(n, a_nxtxi.shape[1], d_out)
+
+  def add_block(b, carry):
+    gram_nxn, inner_n = carry
+    g_nxtxk = jax.lax.dynamic_slice_in_dim(g_nxtxo, b * block, block, axis=2)
+    r_ixk = jax.lax.dynamic_slice_in_dim(r_ixo, b * block, block, axis=1).astype(jnp.float32)
+    s_nxixk = jnp.einsum("nti,ntk->nik", a_nxtxi, g_nxtxk, preferred_element_type=jnp.float32)
+    return (gram_nxn + jnp.tensordot(s_nxixk, s_nxixk, axes=((1, 2), (1, 2))),
+            inner_n + jnp.tensordot(s_nxixk, r_ixk, axes=((1, 2), (0, 1))))
+
+  zeros = (jnp.zeros((n, n), jnp.float32), jnp.zeros((n,), jnp.float32))
+  return jax.lax.fori_loop(0, d_out // block, add_block, zeros)
+
+
+def blocked_columns(num_sequences: int, d_in: int, d_out: int, max_bytes: int) -> int:
+  """The largest divisor B of d_out whose float32 block (num_sequences, d_in, B) fits max_bytes (>= 1)."""
+  fit = max(1, max_bytes // (4 * num_sequences * d_in))
+  return max(b for b in range(1, min(fit, d_out) + 1) if d_out % b == 0)
+
+
 def dense_statistics(r_ixo: jax.Array,
                      factors: DenseSequenceFactors) -> tuple[jax.Array, jax.Array]:
-  """(<S_i, S_j>, <R, S_i>) of a dense kernel without forming S_i; as `projection.stacked_statistics`."""
+  """(<S_i, S_j>, <R, S_i>) of a dense kernel without forming the stacked S_i; as
+  `projection.stacked_statistics`. Matrix-free, or blocked when `factors.block_columns` > 0."""
+  if factors.block_columns:
+    return blocked_dense_statistics(r_ixo, factors)
   return dense_sequence_gram(factors), dense_sequence_inner(r_ixo, factors)
 
 

@@ -437,7 +437,8 @@ def _microbatch_update_fn(c: ml_collections.ConfigDict, policy: policy_lib.Polic
         mb["advantages"], proma_jax.find_proma_state(opt_state),
         num_microbatches=c.train.num_microbatches, accumulation=accumulation, intra=intra,
         token_mask=mb["valid"], has_aux=True, scope=c.proma.scope,
-        sequence_model=policy_lib.bind(vmap_policy, params))
+        sequence_model=policy_lib.bind(vmap_policy, params),
+        param_shardings=None if placement is None else placement[0])
     extra = dict(fused=fused)
     if accumulation is not None:
       extra["seq_grads"] = seq_grads

@@ -187,6 +187,10 @@ def _check_dense_sequence_factors(path, g, f: DenseSequenceFactors) -> None:
   if int(f.num_sequences) != f.num_sequences or f.num_sequences < 1:
     raise ValueError(f"seq_grads{_path_str(path)}.num_sequences must be an integer >= 1, got "
                      f"{f.num_sequences!r}")
+  if f.block_columns and (int(f.block_columns) != f.block_columns or f.block_columns < 0
+                          or n % f.num_sequences):
+    raise ValueError(f"seq_grads{_path_str(path)}.block_columns={f.block_columns!r} needs an "
+                     f"integer >= 0 and the {n} tokens in {f.num_sequences} runs of equal length")
 
 
 def _check_seq_grads(path, g, s) -> None:

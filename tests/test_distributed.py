@@ -314,13 +314,14 @@ def _random_minibatch(trainer, rng):
           "advantages": rng.normal(size=n).astype(np.float32)}
 
 
-def _optimizer_step(algorithm, minibatch=None, rng=None, **mesh):
+def _optimizer_step(algorithm, minibatch=None, rng=None, fused=True, **mesh):
   """(trainer, minibatch, (params, metrics) after one optimizer step of 2 microbatches of 8 rows
   from random initial params, the transform's metrics included)."""
   import jax
 
   from proma_jax import policy as policy_lib, train
   c = _tiny(algorithm, "unused", **mesh)
+  c.proma.fused = fused
   c.train.update(num_minibatches=1)  # microbatches of 8 rows: one sequence per device on 2 x 4
   policy, params = policy_lib.make_policy(c)
   trainer = train.Trainer(c, policy, params)
@@ -376,6 +377,17 @@ def case_mesh_optimizer_steps():
   assert all(np.isfinite(v).all() for v in jax.tree.leaves(local))
   assert local[1]["proma/intra_reduction"] > 0, local[1]
   print("proma_intra local mode steps")
+  # The fused path (the default) against the unfused one: on the FSDP mesh (the S_i of each
+  # kernel constrained like it inside its backward step) and in local mode (each device's own
+  # statistics, inside shard_map).
+  for algorithm, mesh in (("proma_both", MESHES["fsdp"]),
+                          ("proma_both", dict(data=NUM_DEVICES, mode="local"))):
+    _, minibatch, fused = _optimizer_step(algorithm, rng=rng, **mesh)
+    _, _, unfused = _optimizer_step(algorithm, minibatch, fused=False, **mesh)
+    assert unfused[1]["proma/reduction"] > 0 and unfused[1]["proma/intra_reduction"] > 0
+    chex.assert_trees_all_close(fused[0], unfused[0], rtol=0, atol=1e-5)
+    chex.assert_trees_all_close(fused[1], unfused[1], rtol=1e-4, atol=1e-7)
+    print(f"{algorithm} fused == unfused on {mesh}")
   _pretrained_loads_onto_its_shards()
 
 
