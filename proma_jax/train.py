@@ -728,7 +728,10 @@ def _trainer_for(c: ml_collections.ConfigDict) -> tuple[Trainer, dict]:
 # process reaches the others, none of what a step computes. A field listed here covers its subfields.
 RESUMABLE_FIELDS = ("steps", "checkpoint.every", "checkpoint.max_to_keep", "eval.every",
                     "sft.checkpoint_dir", "distributed.coordinator", "distributed.process_id",
-                    "logging", "mesh.data", "mesh.fsdp", "mesh.fsdp_min_size")
+                    "logging", "mesh.data", "mesh.fsdp", "mesh.fsdp_min_size",
+                    # fused or not, the same result to float rounding (tests/test_fused.py); runs
+                    # started before the field existed resume with it
+                    "proma.fused")
 # ...but in local data-parallel mode the number of devices changes what a step computes.
 _LOCAL_MODE_FIELDS = ("mesh.data",)
 

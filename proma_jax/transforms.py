@@ -502,6 +502,10 @@ def proma_accumulation(inner: optax.GradientTransformation, num_microbatches: in
     kernel, a `DenseSequenceFactors` (the S_i in factored form; statistics computed matrix-free),
     or None (leaf accumulated unprojected). Non-finite microbatches are dropped and counted in
     `state.dropped`; if every microbatch of a step is dropped, the inner optimizer does not step.
+    The fused path (`policy_gradient_and_fused_changes`, docs/algorithm.md#fused-statistics)
+    passes `fused=` instead for the dense kernels: a tree like grads with a `FusedLeaf` where the
+    grads leaf is already the change of R computed in the backward pass (`microbatch_change`);
+    this holds for `proma_intra` and `proma_both` too.
 
   Scheduling: `optax.inject_hyperparams(proma_accumulation)(inner, M, shrinkage=0.5)` makes
   shrinkage, ridge, relative_bound and skip_fraction state that can be changed or scheduled under

@@ -120,3 +120,49 @@ def test_fused_equals_unfused_in_bfloat16():
     reference = small("proma_both", intra_shrinkage=0.0)
     reference.model.dtype = "bfloat16"
     assert_fused_equals_unfused(c, reference if algorithm == "proma" else None)
+
+
+def test_blocked_statistics_equal_stacked():
+  """The Gram and <R, S_i> from S_i formed a block of columns at a time equal a float64 NumPy
+  computation from the whole stack, for every block width that divides d_out."""
+  import jax.numpy as jnp
+
+  from proma_jax import seqgrads
+  rng = np.random.default_rng(1)
+  n, t, d_in, d_out = 3, 5, 4, 6
+  a, g = rng.normal(size=(n * t, d_in)), rng.normal(size=(n * t, d_out))
+  r = rng.normal(size=(d_in, d_out))
+  s = np.einsum("bti,bto->bio", a.reshape(n, t, d_in), g.reshape(n, t, d_out))
+  expected = (np.einsum("iab,jab->ij", s, s), np.einsum("iab,ab->i", s, r))
+  ids = jnp.repeat(jnp.arange(n, dtype=jnp.int32), t)
+  for block in (1, 2, 3, 6):
+    factors = seqgrads.DenseSequenceFactors(jnp.asarray(a, jnp.float32),
+                                            jnp.asarray(g, jnp.float32), ids, n, block)
+    got = jax.jit(seqgrads.dense_statistics)(jnp.asarray(r, jnp.float32), factors)
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-4)
+  assert seqgrads.blocked_columns(8, 1024, 3072, 16 * 2**20) == 512
+  assert seqgrads.blocked_columns(8, 3072, 1024, 16 * 2**20) == 128
+
+
+def test_a_dense_layer_called_twice_is_refused():
+  """A Dense called twice in one forward pass would add two changes of R: a clear error."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import proma_jax
+
+  class Twice(nnx.Module):
+    def __init__(self):
+      self.layer = proma_jax.Dense(4, 4, use_bias=False, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return self.layer(jnp.tanh(self.layer(x)))
+
+  model = Twice()
+  tx = proma_jax.proma_accumulation(__import__("optax").sgd(0.1), 2)
+  state = tx.init(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  batch = jnp.ones((2, 3, 4))
+  with pytest.raises(ValueError, match="called more than once"):
+    proma_jax.policy_gradient_and_fused_changes(
+        lambda m, b: jnp.sum(m(b), axis=(1, 2)), model, batch, jnp.array([1.0, -1.0]), state,
+        num_microbatches=2, accumulation=proma_jax.AccumulationOptions())
