@@ -1,4 +1,4 @@
-"""FSDP: per-device memory and collectives of the microbatch step against the fsdp shard count (issue 14).
+"""FSDP: per-device memory and collectives of the microbatch step against the fsdp shard count.
 
 Compile only: for each model preset (random-weight shapes, cut to `--depths` layers), fsdp shard
 count F (a ("data", "fsdp") mesh of shape (1, F), `mesh.fsdp_mesh(1, F)`) and variant of

@@ -1,4 +1,4 @@
-"""Where an RL step's time goes at the paper's batch shape, and the scanned optimizer step (issue 13).
+"""Where an RL step's time goes at the paper's batch shape, and the scanned optimizer step.
 
 One RL step of `proma_jax.train.Trainer` at 64 prompts x 8 samples = 512 sequences, 2 minibatches
 of 256 = 32 microbatches of 8 (the paper: minibatches of 512 in 64 microbatches of 8), on the

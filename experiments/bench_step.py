@@ -1,4 +1,4 @@
-"""Step-time and memory benchmark of PROMA against plain accumulation (issue 5).
+"""Step-time and memory benchmark of PROMA against plain accumulation.
 
 One optimizer step = M microbatch calls of one jitted function per variant (loss, gradients,
 statistics, transform update and apply_updates, all inside the jit). Variants:

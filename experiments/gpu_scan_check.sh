@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On one GPU (the `device` tool), inside 9 minutes: the scanned optimizer step (issue 13) against
+# On one GPU (the `device` tool), inside 9 minutes: the scanned optimizer step against
 # one compiled call per microbatch, on the GPU, at two scales, each pair in one process or back to
 # back on the same warm machine:
 #   1. the sweep's CPU-scale decoder at the paper's batch shape (512 sequences = 2 x 32 x 8),

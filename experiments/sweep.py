@@ -1,7 +1,7 @@
 """The paper's comparison at CPU scale: tasks x batch shapes x arms x learning rates x seeds.
 
   python experiments/sweep.py --plan paper --out runs/paper --summaries results/paper/runs \\
-      --commit_every 900                                # issue 13's grid, resumable, in the background
+      --commit_every 900                                # the paper-shape grid, resumable, in the background
   python experiments/sweep.py --out runs/sweep --shapes base --arms reinforce,grpo,proma \\
       --lrs 1e-4,3e-4 --seeds 0,1 --steps 60            # one grid from the flags
   python experiments/report_paper.py results/paper/runs --out results/paper
