@@ -418,6 +418,7 @@ def policy_gradient_and_fused_changes(
                      "(seq_grads=/factors=; config proma.fused=False)")
   fused_paths = {path: index[path + ("kernel",)] for path, n in calls.items() if n == 1}
   fused_idx = sorted(fused_paths.values())
+  position = {idx: pos for pos, idx in enumerate(fused_idx)}  # leaf index -> slot position
   sharding_leaves = (None if param_shardings is None
                      else params_def.flatten_up_to(param_shardings))
 
@@ -428,16 +429,13 @@ def policy_gradient_and_fused_changes(
     return rule._replace(stack_sharding=jax.sharding.NamedSharding(
         sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec)))
 
-  other_idx = [i for i in range(len(leaves)) if i not in set(fused_idx)]
+  other_idx = [i for i in range(len(leaves)) if i not in position]
   r_leaves = params_def.flatten_up_to(proma_state.accumulator)
   keys = transforms.range_finder_keys(0 if intra is None else intra.seed, proma_state.count,
                                       len(leaves))
   project = transforms.projects_now(
       proma_state.microbatch, num_microbatches,
       0.0 if accumulation is None else accumulation.skip_fraction)
-  mask = (jnp.ones(jax.tree.leaves(batch)[0].shape[:2], jnp.float32) if token_mask is None
-          else token_mask)
-
   def run(other_leaves, fused_rs, fused_metrics):
     full = list(leaves)
     for i, value in zip(other_idx, other_leaves):
@@ -446,14 +444,14 @@ def policy_gradient_and_fused_changes(
     nnx.replace_by_pure_dict(state, params_def.unflatten(full))
     m = nnx.merge(graphdef, state, rest)
     for path, module in nnx.iter_modules(m):
-      if tuple(path) in fused_paths:
-        i = fused_idx.index(fused_paths[tuple(path)])
-        idx = fused_paths[tuple(path)]
+      idx = fused_paths.get(tuple(path))
+      if idx is not None:
+        pos = position[idx]
         module.proma_rule = rule_of(idx)
         module.proma_slot = FusedSlotVariable(fused_lib.FusedSlot(
-            fused_rs[i], fused_metrics[i], keys[idx], c_n, advantages_n, scale, mask, project))
-    value, out = weighted(m, batch)
-    return value, out
+            fused_rs[pos], fused_metrics[pos], keys[idx], c_n, advantages_n, scale, token_mask,
+            project))
+    return weighted(m, batch)
 
   other = [leaves[i] for i in other_idx]
   rs = [r_leaves[i] for i in fused_idx]

@@ -64,7 +64,7 @@ class FusedSlot(NamedTuple):
                       sum_i c_i f_i, so G_i = dy_i / c_i are the rows of grad f_i.
   advantages:         (n_seq,) A_i: with materialised S_i, M_W = -sum_i A_i S_i in float32.
   scale:              () the loss gradient is scale * A^T dy (`capture.sequence_cotangents`).
-  token_mask:         (n_seq, T) real tokens; padding rows of A are zeroed.
+  token_mask:         (n_seq, T) real tokens, padding rows of A zeroed; or None (every row real).
   project:            () bool, False for microbatches under skip_fraction.
   """
 
@@ -128,11 +128,13 @@ def kernel_change(rule: FusedRule, slot: FusedSlot, x: jax.Array, dy: jax.Array,
                      f"{c_n.shape[0]} sequences; the dense layers must see inputs laid out "
                      "(n_seq, ..., d_in), sequence axis leading")
   n_tok = x.size // d_in
-  if slot.token_mask.size != n_tok:
-    raise ValueError(f"a fused Dense layer saw {n_tok} tokens but token_mask has shape "
-                     f"{slot.token_mask.shape}")
   t = n_tok // n_seq
-  a_nxi = x.reshape(n_tok, d_in) * slot.token_mask.reshape(n_tok, 1).astype(x.dtype)
+  a_nxi = x.reshape(n_tok, d_in)
+  if slot.token_mask is not None:
+    if slot.token_mask.size != n_tok:
+      raise ValueError(f"a fused Dense layer saw {n_tok} tokens but token_mask has shape "
+                       f"{slot.token_mask.shape}")
+    a_nxi = a_nxi * slot.token_mask.reshape(n_tok, 1).astype(x.dtype)
   g_nxo = (dy.reshape(n_seq, t, d_out) / c_n[:, None, None]).astype(dy.dtype).reshape(n_tok, d_out)
   m_ixo = (slot.scale * dkernel).astype(dkernel.dtype).astype(jnp.float32)
   seq_grads = None

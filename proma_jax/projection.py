@@ -145,38 +145,26 @@ def removed_component(r: jax.Array, m: jax.Array, raw_gram_nxn: jax.Array, raw_i
   return combine(coeffs_n).reshape(r.shape), shrinkage * factor * p_norm
 
 
-def accumulation_step(r: jax.Array, m: jax.Array, raw_gram_nxn: jax.Array, raw_inner_n: jax.Array,
-                      combine, *, shrinkage: float, ridge: float, relative_bound: float | None,
-                      solver: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One step of accumulation-PROMA for one leaf: R <- R - shrinkage * P + M.
+def accumulation_change(r: jax.Array, m: jax.Array, raw_gram_nxn: jax.Array,
+                        raw_inner_n: jax.Array, combine, *, shrinkage: float, ridge: float,
+                        relative_bound: float | None,
+                        solver: str) -> tuple[jax.Array, jax.Array]:
+  """One leaf's change of R in accumulation-PROMA: R <- R + (M - shrinkage * P_bounded(R)).
 
-  docs/algorithm.md#accumulation-proma.
+  docs/algorithm.md#accumulation-proma. Arguments as `removed_component`; returns
+  (M - shrinkage * P_bounded, ||shrinkage * P_bounded||).
 
-  Arguments as `removed_component`. Returns (new R, ||shrinkage * P_bounded||, ||R||), the last two
-  for the reduction metric.
+  In local data-parallel mode each device d calls it with its own M^(d) and statistics: P^(d)
+  projects the (replicated) R onto the span of device d's own sequence gradients only, the bound
+  is taken against ||M^(d)||, and R <- R + sum_d (M^(d) - shrinkage P^(d)(R)). That approximates
+  the projection onto the span of all the microbatch's sequences: it equals it when the devices'
+  spans are mutually orthogonal, and with correlated spans it removes the shared directions once
+  per device.
   """
   removed, removed_norm = removed_component(
       r, m, raw_gram_nxn, raw_inner_n, combine, shrinkage=shrinkage, ridge=ridge,
       relative_bound=relative_bound, solver=solver)
-  return r - removed + m, removed_norm, jnp.linalg.norm(r)
-
-
-def local_span_change(r: jax.Array, m_d: jax.Array, raw_gram_nxn: jax.Array,
-                      raw_inner_n: jax.Array, combine, *, shrinkage: float, ridge: float,
-                      relative_bound: float | None,
-                      solver: str) -> tuple[jax.Array, jax.Array]:
-  """Device d's change of R in local data-parallel mode: M^(d) - shrinkage * P^(d)(R).
-
-  P^(d) projects the (replicated) R onto the span of device d's own sequence gradients only; the
-  bound is taken against ||M^(d)||. Summed over devices, R <- R + sum_d (M^(d) - shrinkage P^(d)(R)).
-  This is an approximation of the projection onto the span of all the microbatch's sequences
-  (`accumulation_step`): it equals it when the devices' spans are mutually orthogonal, and with
-  correlated spans it removes the shared directions once per device. Returns (change, ||removed||).
-  """
-  removed, removed_norm = removed_component(
-      r, m_d, raw_gram_nxn, raw_inner_n, combine, shrinkage=shrinkage, ridge=ridge,
-      relative_bound=relative_bound, solver=solver)
-  return m_d - removed, removed_norm
+  return m - removed, removed_norm
 
 
 def _transposed_product(z_nxk: jax.Array, x_nxd: jax.Array) -> jax.Array:

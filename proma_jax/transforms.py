@@ -21,7 +21,7 @@ over a mesh axis and params replicated; the math is unchanged and the compiler i
 collectives, so the result is the one device would compute. Local: pass `axis_name` and call
 `update` inside `jax.shard_map` over that axis, each device with its own shard's grads and
 statistics. Each device then projects with its own sequences only (accumulation: R against its own
-span, `projection.local_span_change`; intra: its own M^(d) with its own factors, the paper's
+span, `projection.accumulation_change`; intra: its own M^(d) with its own factors, the paper's
 data-parallel variant) and the changes of R are summed by one psum of a parameter-sized tree per
 microbatch. The state stays replicated.
 """
@@ -283,7 +283,7 @@ def microbatch_change(r: jax.Array, m: jax.Array, seq_grads, factors: DenseFacto
   else:
     gram, inner_prod = projection.stacked_statistics(r, seq_grads)
     combine = lambda c: projection.stacked_combination(c, seq_grads)
-  change, removed_norm = projection.local_span_change(
+  change, removed_norm = projection.accumulation_change(
       r, m, gram, inner_prod, combine, shrinkage=accumulation.shrinkage, ridge=accumulation.ridge,
       relative_bound=accumulation.relative_bound, solver=accumulation.solver)
   return jnp.where(project, change, m), removed_norm, fraction

@@ -6,6 +6,7 @@ import sys
 import chex
 import jax
 import numpy as np
+import optax
 import pytest
 
 from proma_jax import policy as policy_lib, train
@@ -159,7 +160,7 @@ def test_a_dense_layer_called_twice_is_refused():
       return self.layer(jnp.tanh(self.layer(x)))
 
   model = Twice()
-  tx = proma_jax.proma_accumulation(__import__("optax").sgd(0.1), 2)
+  tx = proma_jax.proma_accumulation(optax.sgd(0.1), 2)
   state = tx.init(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   batch = jnp.ones((2, 3, 4))
   with pytest.raises(ValueError, match="called more than once"):

@@ -158,10 +158,10 @@ def test_zero_shrinkage_equals_plain_accumulation_every_step():
 
 def _project_once(r, s, ridge=1e-7):
   gram, inner = projection.stacked_statistics(r, s)
-  new_r, _, _ = projection.accumulation_step(
+  change, _ = projection.accumulation_change(
       r, jnp.zeros_like(r), gram, inner, lambda c: projection.stacked_combination(c, s),
       shrinkage=1.0, ridge=ridge, relative_bound=None, solver="exact")
-  return new_r
+  return r + change
 
 
 def test_orthonormal_projection_is_orthogonal_and_idempotent():
@@ -223,10 +223,10 @@ def test_relative_bound_caps_projection_norm():
 
   def removed(r, s, m, relative_bound):
     gram, inner = projection.stacked_statistics(r, s)
-    new_r, removed_norm, _ = projection.accumulation_step(
+    change, removed_norm = projection.accumulation_change(
         r, m, gram, inner, lambda c: projection.stacked_combination(c, s), shrinkage=1.0,
         ridge=1e-2, relative_bound=relative_bound, solver="exact")
-    return r + m - new_r, removed_norm
+    return m - change, removed_norm
 
   p_free, _ = jax.jit(lambda r, s, m: removed(r, s, m, None))(r, s, m)
   p_capped, norm = jax.jit(lambda r, s, m: removed(r, s, m, bound))(r, s, m)
