@@ -114,7 +114,7 @@ def kernel_change(rule: FusedRule, slot: FusedSlot, x: jax.Array, dy: jax.Array,
                   dkernel: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The change of R_W from one layer's inputs x (n_seq, ..., d_in) and output cotangents dy.
 
-  A = x with padding rows zeroed, G_i = dy_i / c_i, S_i = A_i^T G_i. Where materialising S_i takes
+  A = x, G_i = dy_i / c_i with padding rows zeroed, S_i = A_i^T G_i. Where materialising S_i takes
   fewer flops (`seqgrads.choose_dense_path`), the statistics are contracted from S_i formed
   BLOCK_BYTES at a time (on an FSDP mesh: the whole stack, sharded like W) and the loss gradient
   is M_W = -sum_i A_i S_i in float32; matrix-free, M_W = scale * dkernel (the backward's own
@@ -130,12 +130,19 @@ def kernel_change(rule: FusedRule, slot: FusedSlot, x: jax.Array, dy: jax.Array,
   n_tok = x.size // d_in
   t = n_tok // n_seq
   a_nxi = x.reshape(n_tok, d_in)
+  g_nxo = (dy.reshape(n_seq, t, d_out) / c_n[:, None, None]).astype(dy.dtype).reshape(n_tok, d_out)
+  # Padding tokens are zeroed in G (made by the backward pass), not in A: a masked copy of A
+  # depends on the forward pass only, and XLA:CPU was measured to make those copies early and keep
+  # every layer's alive (+12 MiB per Qwen3-0.6B-shaped layer). Intra's range finder still needs A's
+  # padding rows zeroed, so it gets its own masked A.
+  masked_a_nxi = a_nxi
   if slot.token_mask is not None:
     if slot.token_mask.size != n_tok:
       raise ValueError(f"a fused Dense layer saw {n_tok} tokens but token_mask has shape "
                        f"{slot.token_mask.shape}")
-    a_nxi = a_nxi * slot.token_mask.reshape(n_tok, 1).astype(x.dtype)
-  g_nxo = (dy.reshape(n_seq, t, d_out) / c_n[:, None, None]).astype(dy.dtype).reshape(n_tok, d_out)
+    mask_nx1 = slot.token_mask.reshape(n_tok, 1)
+    g_nxo = g_nxo * mask_nx1.astype(g_nxo.dtype)
+    masked_a_nxi = a_nxi * mask_nx1.astype(x.dtype)
   m_ixo = (slot.scale * dkernel).astype(dkernel.dtype).astype(jnp.float32)
   seq_grads = None
   if rule.accumulation is not None and rule.accumulation.projects:
@@ -153,6 +160,6 @@ def kernel_change(rule: FusedRule, slot: FusedSlot, x: jax.Array, dy: jax.Array,
       seq_grads = DenseSequenceFactors(a_nxi, g_nxo, segment_ids, n_seq, block)
       m_ixo = -seqgrads.dense_combination(slot.advantages, seq_grads)
     m_ixo = m_ixo.astype(dkernel.dtype).astype(jnp.float32)
-  factors = None if rule.intra is None else DenseFactors(a_nxi, g_nxo)
+  factors = None if rule.intra is None else DenseFactors(masked_a_nxi, g_nxo)
   return transforms.microbatch_change(slot.accumulator, m_ixo, seq_grads, factors, slot.key,
                                       slot.project, rule.accumulation, rule.intra)
