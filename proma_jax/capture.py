@@ -417,6 +417,10 @@ def policy_gradient_and_fused_changes(
                      "fused path would add one change of R per call. Use the unfused path "
                      "(seq_grads=/factors=; config proma.fused=False)")
   fused_paths = {path: index[path + ("kernel",)] for path, n in calls.items() if n == 1}
+  if not fused_paths:
+    raise ValueError("the fused path found no proma_jax.Dense layer that the objective calls, so "
+                     "there is nothing to fuse; build the model's dense layers with "
+                     "proma_jax.Dense, or use the unfused path (config proma.fused=False)")
   fused_idx = sorted(fused_paths.values())
   position = {idx: pos for pos, idx in enumerate(fused_idx)}  # leaf index -> slot position
   sharding_leaves = (None if param_shardings is None

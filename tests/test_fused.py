@@ -167,3 +167,26 @@ def test_a_dense_layer_called_twice_is_refused():
     proma_jax.policy_gradient_and_fused_changes(
         lambda m, b: jnp.sum(m(b), axis=(1, 2)), model, batch, jnp.array([1.0, -1.0]), state,
         num_microbatches=2, accumulation=proma_jax.AccumulationOptions())
+
+
+def test_a_model_without_dense_layers_is_refused():
+  """Nothing to fuse (no proma_jax.Dense is called): a clear error, not a silent plain step."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import proma_jax
+
+  class Plain(nnx.Module):
+    def __init__(self):
+      self.layer = nnx.Linear(4, 4, use_bias=False, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return self.layer(x)
+
+  model = Plain()
+  tx = proma_jax.proma_intra(optax.sgd(0.1), 2)
+  state = tx.init(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  with pytest.raises(ValueError, match="no proma_jax.Dense"):
+    proma_jax.policy_gradient_and_fused_changes(
+        lambda m, b: jnp.sum(m(b), axis=(1, 2)), model, jnp.ones((2, 3, 4)),
+        jnp.array([1.0, -1.0]), state, num_microbatches=2, intra=proma_jax.IntraOptions())
