@@ -1,4 +1,5 @@
-"""One RL step of an algorithm, and the sampler's speed, on random-weight Qwen3-0.6B shapes.
+"""One RL step of an algorithm, its microbatch update alone, and the sampler's speed, on
+random-weight Qwen3 shapes.
 
 Runs the training loop's own code (`train.Trainer.step`: chunked sampling with the KV cache and
 `lax.while_loop`, log-prob passes, microbatch updates through the PROMA transforms) on a decoder
@@ -11,9 +12,17 @@ hash of the response text mod 2, so advantages (and gradients) are not zero. Pri
 (`device.memory_stats()`), which covers the whole process: run one algorithm per process.
 
   python3 experiments/gpu_check.py --mode sample --out $OUT/check.jsonl
+  python3 experiments/gpu_check.py --mode update --algorithm proma --fused 1 --out $OUT/check.jsonl
   python3 experiments/gpu_check.py --mode step --algorithm proma --layers 8 --out $OUT/check.jsonl
   .venv/bin/python experiments/gpu_check.py --mode step --algorithm proma --layers 1 \\
       --vocab_size 512 --prompt_tokens 40 --new_tokens 16 --prompts 2 --group 4  # CPU smoke test
+
+--mode update compiles and runs the training loop's own microbatch update
+(`Trainer.microbatch_update`: loss, gradients, PROMA statistics, transform, apply; params and
+optimizer state donated) on random microbatches of `--seqs` sequences of `--prompt_tokens` +
+`--new_tokens` tokens, `--repeats` times after the first (compiling) call: the update's time per
+microbatch, its compile time and the process's device peak, `--fused` 1 or 0 (`proma.fused`).
+reinforce is plain accumulation's update.
 """
 
 from __future__ import annotations
@@ -56,6 +65,11 @@ def _config(args) -> "ml_collections.ConfigDict":
   c.train.scan_microbatches = bool(args.scan)
   c.optim.lr, c.eval.num_examples = 1e-6, 8
   c.proma.relative_bound = 0.5 if args.algorithm.startswith("proma") else None
+  c.proma.fused = bool(args.fused)
+  if args.mode == "update":  # one minibatch of one microbatch of --seqs sequences
+    c.rollout.group_size = 2
+    c.rollout.prompts_per_step = args.seqs * args.microbatches // 2
+    c.train.num_minibatches, c.train.scan_microbatches = 1, False
   return c
 
 
@@ -63,7 +77,7 @@ def _policy(args, c):
   depth = {"n_layers": args.layers} if args.layers else {}
   if args.vocab_size:
     depth["vocab_size"] = args.vocab_size
-  cfg = presets.preset("qwen3-0.6b", dtype=args.dtype, param_dtype=args.dtype, remat=True,
+  cfg = presets.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, remat=True,
                        logits_chunk=args.logits_chunk, **depth)
   tokenizer = from_hf_dir(FIXTURE_TOKENIZER)
   # A long instruction brings the prompt to about --prompt_tokens tokens.
@@ -123,9 +137,44 @@ def check_step(args, c, policy, params) -> dict:
               **{k: metrics[k] for k in keep if k in metrics})
 
 
+def check_update(args, c, policy, params) -> dict:
+  trainer = train.Trainer(c, policy, params)
+  state = trainer.fresh_params()
+  opt_state = trainer.init_opt_state(state, c.optim.lr)
+  rng = np.random.default_rng(0)
+  n, width, length = args.seqs, args.prompt_tokens, args.new_tokens
+  valid = np.ones((n, width + length), np.float32)
+  for row, pad in enumerate(rng.integers(0, width // 4, n)):
+    valid[row, :pad] = 0.0
+  microbatch = trainer.shard({
+      "tokens": rng.integers(1, policy.model_config.vocab_size, (n, width + length)).astype(np.int32),
+      "valid": valid, "mask": np.ones((n, length), np.float32),
+      "old_logp": rng.normal(-2.0, 0.5, (n, length)).astype(np.float32),
+      "advantages": rng.normal(size=n).astype(np.float32)})
+  num_tokens = np.float32(n * length * args.microbatches)
+  t0 = time.perf_counter()
+  state, opt_state, metrics = jax.block_until_ready(
+      trainer.microbatch_update(state, opt_state, microbatch, num_tokens))
+  first_s = time.perf_counter() - t0
+  seconds = []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    state, opt_state, metrics = jax.block_until_ready(
+        trainer.microbatch_update(state, opt_state, microbatch, num_tokens))
+    seconds.append(time.perf_counter() - t0)
+  return dict(mode="update", algorithm=args.algorithm, fused=bool(args.fused), preset=args.preset,
+              seqs=n, tokens=width + length, first_call_s=first_s,
+              seconds_per_microbatch=float(np.median(seconds)), repeats=args.repeats,
+              finite=bool(np.isfinite(float(metrics["loss"]))))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--mode", choices=("sample", "step"), default="step")
+  parser.add_argument("--mode", choices=("sample", "step", "update"), default="step")
+  parser.add_argument("--preset", choices=sorted(presets.PRESETS), default="qwen3-0.6b")
+  parser.add_argument("--fused", type=int, default=1, choices=(0, 1), help="proma.fused")
+  parser.add_argument("--seqs", type=int, default=8, help="--mode update: sequences per microbatch")
+  parser.add_argument("--repeats", type=int, default=3, help="--mode update: timed calls")
   parser.add_argument("--algorithm", choices=train.ALGORITHMS, default="proma")
   parser.add_argument("--layers", type=int, default=0, help="0: the preset's 28")
   parser.add_argument("--vocab_size", type=int, default=0, help="0: the preset's 151936")
@@ -144,7 +193,8 @@ def main():
   args = parser.parse_args()
   c = _config(args)
   policy, params = _policy(args, c)
-  record = (check_sampler if args.mode == "sample" else check_step)(args, c, policy, params)
+  check = {"sample": check_sampler, "step": check_step, "update": check_update}[args.mode]
+  record = check(args, c, policy, params)
   record.update(layers=policy.model_config.n_layers, dtype=args.dtype,
                 device=str(jax.devices()[0].device_kind), peak_gib=_peak_gib(),
                 jax=jax.__version__, host=platform.node())
