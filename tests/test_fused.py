@@ -108,6 +108,14 @@ def test_fused_equals_unfused_for_each_knob(algorithm, knobs):
   assert_fused_equals_unfused(small(algorithm, **knobs))
 
 
+def test_fused_equals_unfused_with_remat_and_an_untied_chunked_head():
+  """The LLM settings: rematerialised blocks, and an untied head read as a plain array under
+  logits_chunk, which is no fused Dense and gets its S_i from the vmap path (scope "all")."""
+  c = small("proma_both")
+  c.model.update(remat=True, logits_chunk=8, tie_embeddings=False)
+  assert_fused_equals_unfused(c)
+
+
 def test_fused_equals_unfused_in_bfloat16():
   """bf16 compute (float32 params): the layer inputs and output gradients are bf16 on both paths.
 
