@@ -92,11 +92,14 @@ def small(algorithm, **proma):
   return c
 
 
-@pytest.mark.parametrize("algorithm", ["proma", "proma_intra", "proma_both"])
+# Each case compiles two training steps (30-100 s on 2 cores): one stays in the fast tier.
+@pytest.mark.parametrize("algorithm", ["proma", pytest.param("proma_intra", marks=pytest.mark.slow),
+                                       pytest.param("proma_both", marks=pytest.mark.slow)])
 def test_fused_equals_unfused(algorithm):
   assert_fused_equals_unfused(small(algorithm))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm,knobs", [
     ("proma", dict(shrinkage=0.5, ridge=0.1, relative_bound=0.5, skip_fraction=0.5)),
     ("proma", dict(solver="gram_schmidt", relative_bound=0.05)),
@@ -108,6 +111,7 @@ def test_fused_equals_unfused_for_each_knob(algorithm, knobs):
   assert_fused_equals_unfused(small(algorithm, **knobs))
 
 
+@pytest.mark.slow
 def test_fused_equals_unfused_with_remat_and_an_untied_chunked_head():
   """The LLM settings: rematerialised blocks, and an untied head read as a plain array under
   logits_chunk, which is no fused Dense and gets its S_i from the vmap path (scope "all")."""
@@ -116,6 +120,7 @@ def test_fused_equals_unfused_with_remat_and_an_untied_chunked_head():
   assert_fused_equals_unfused(c)
 
 
+@pytest.mark.slow
 def test_fused_equals_unfused_in_bfloat16():
   """bf16 compute (float32 params): the layer inputs and output gradients are bf16 on both paths.
 
