@@ -68,10 +68,12 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
   tree[path[-1]] = value
 
 
-def _flatten_tokens(x: jax.Array, width: int) -> jax.Array:
-  # In the compute dtype: the statistics cast to float32 inside their own products
-  # (seqgrads, projection), so no float32 copy of every layer's inputs stays live.
-  return x.reshape(-1, width)
+def _flatten_tokens(x: jax.Array, kernel_shape: tuple[int, ...], axis: int) -> jax.Array:
+  """(n_tok, d) of a layer's inputs (axis -2 of the kernel) or output gradients (axis -1); a
+  stacked kernel (L, d_in, d_out) of scanned layers (`models.stacked`) gives (L, n_tok, d).
+  In the compute dtype: the statistics cast to float32 inside their own products (seqgrads,
+  projection), so no float32 copy of every layer's inputs stays live."""
+  return x.reshape(*kernel_shape[:-2], -1, kernel_shape[axis])
 
 
 def grads_and_dense_factors(
@@ -122,11 +124,10 @@ def grads_and_dense_factors(
   for path, module in nnx.iter_modules(model):
     if not isinstance(module, Dense):
       continue
-    kernel = module.kernel.get_value()
-    d_in, d_out = kernel.shape
+    shape = module.kernel.get_value().shape
     try:
-      a = _flatten_tokens(_get(inputs, path)[INPUTS], d_in)
-      g = _flatten_tokens(_get(output_grads, path)[OUTPUT_PERTURBATION], d_out)
+      a = _flatten_tokens(_get(inputs, path)[INPUTS], shape, -2)
+      g = _flatten_tokens(_get(output_grads, path)[OUTPUT_PERTURBATION], shape, -1)
     except KeyError:
       continue  # the layer was not called by this loss
     if mask is not None:
@@ -227,7 +228,7 @@ def policy_gradient_and_dense_factors(
   def advantage_free(path, f):
     if f is None:
       return None
-    t = _tokens_per_sequence(jax.tree_util.keystr(path), f.output_grads.shape[0], n_seq)
+    t = _tokens_per_sequence(jax.tree_util.keystr(path), f.output_grads.shape[-2], n_seq)
     g = f.output_grads / jnp.repeat(c_n, t)[:, None]
     return DenseFactors(f.activations, g.astype(f.output_grads.dtype))
 
@@ -285,15 +286,15 @@ def policy_gradient_and_sequence_statistics(
     if f is None:
       seq_leaves.append(None)
       continue
-    t = _tokens_per_sequence(jax.tree_util.keystr(path), f.activations.shape[0], n_seq)
-    d_in, d_out = g.shape
+    t = _tokens_per_sequence(jax.tree_util.keystr(path), f.activations.shape[-2], n_seq)
+    lead, (d_in, d_out) = g.shape[:-2], g.shape[-2:]  # lead: (L,) for scanned layers
     if seqgrads.choose_dense_path(n_seq, t, d_in, d_out, dense_path) == "matrix_free":
       segment_ids = jnp.repeat(jnp.arange(n_seq, dtype=jnp.int32), t)
       seq_leaves.append(seqgrads.DenseSequenceFactors(f.activations, f.output_grads, segment_ids,
                                                       n_seq))
-    else:
-      s_nxixo = jnp.einsum("bti,bto->bio", f.activations.reshape(n_seq, t, d_in),
-                           f.output_grads.reshape(n_seq, t, d_out),
+    else:  # (n_seq, d_in, d_out), or (n_seq, L, d_in, d_out) for scanned layers
+      s_nxixo = jnp.einsum("...bti,...bto->b...io", f.activations.reshape(*lead, n_seq, t, d_in),
+                           f.output_grads.reshape(*lead, n_seq, t, d_out),
                            preferred_element_type=jnp.float32)
       seq_leaves.append(s_nxixo)
       grad_leaves[idx] = (-jnp.tensordot(advantages_n.astype(jnp.float32), s_nxixo, axes=1)
@@ -426,12 +427,27 @@ def policy_gradient_and_fused_changes(
   sharding_leaves = (None if param_shardings is None
                      else params_def.flatten_up_to(param_shardings))
 
+  stacked_leaf = {idx: leaves[idx].ndim == 3 for idx in fused_paths.values()}  # (L, d_in, d_out)
+
   def rule_of(idx):
     if sharding_leaves is None:
       return rule
     sharding = sharding_leaves[idx]
+    spec = tuple(sharding.spec) + (None,) * (leaves[idx].ndim - len(sharding.spec))
+    layer_spec = spec[1:] if stacked_leaf[idx] else spec  # one layer's kernel inside the scan
     return rule._replace(stack_sharding=jax.sharding.NamedSharding(
-        sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec)))
+        sharding.mesh, jax.sharding.PartitionSpec(None, *layer_spec)))
+
+  def slot_of(idx, r, metrics):
+    common = (c_n, advantages_n, scale, token_mask, project)
+    if not stacked_leaf[idx]:
+      return fused_lib.FusedSlot(r, metrics, keys[idx], *common)
+    # Scanned layers: every field gets the layer axis, so that `models.stacked.scan` hands each
+    # layer its slice (the shared fields are broadcast; they are a few numbers per sequence).
+    n_layers = r.shape[0]
+    common = [None if x is None else jnp.broadcast_to(x, (n_layers, *jnp.shape(x)))
+              for x in common]
+    return fused_lib.FusedSlot(r, metrics, transforms.layer_keys(keys[idx], n_layers), *common)
 
   other_idx = [i for i in range(len(leaves)) if i not in position]
   r_leaves = params_def.flatten_up_to(proma_state.accumulator)
@@ -452,14 +468,12 @@ def policy_gradient_and_fused_changes(
       if idx is not None:
         pos = position[idx]
         module.proma_rule = rule_of(idx)
-        module.proma_slot = FusedSlotVariable(fused_lib.FusedSlot(
-            fused_rs[pos], fused_metrics[pos], keys[idx], c_n, advantages_n, scale, token_mask,
-            project))
+        module.proma_slot = FusedSlotVariable(slot_of(idx, fused_rs[pos], fused_metrics[pos]))
     return weighted(m, batch)
 
   other = [leaves[i] for i in other_idx]
   rs = [r_leaves[i] for i in fused_idx]
-  zeros = [jnp.zeros((2,), jnp.float32) for _ in fused_idx]
+  zeros = [jnp.zeros(leaves[i].shape[:-2] + (2,), jnp.float32) for i in fused_idx]
   (other_grads, changes, metrics), (f_n, aux) = jax.grad(run, argnums=(0, 1, 2), has_aux=True)(
       other, rs, zeros)
 
@@ -469,7 +483,7 @@ def policy_gradient_and_fused_changes(
   fused_leaves = [None] * len(leaves)
   for i, change, metric in zip(fused_idx, changes, metrics):
     grad_leaves[i] = change
-    fused_leaves[i] = transforms.FusedLeaf(metric[0], metric[1])
+    fused_leaves[i] = transforms.FusedLeaf(metric[..., 0], metric[..., 1])
   seq_leaves = [None] * len(leaves)
   if scope == "all" and accumulation is not None and accumulation.projects and other_idx:
     seq_objective_fn = lambda m, b: _unpack(objectives_fn(m, b), has_aux)[0]

@@ -20,7 +20,8 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
   # a pretrained one: a Hugging Face directory, a .gguf file, or package:<module>/<file>
   # (`proma_jax.models.resolve_checkpoint`). A checkpoint brings its own architecture and
   # tokenizer, and skips the supervised warm start; of the fields below only dtype, param_dtype,
-  # remat, logits_chunk, attention_impl and max_len apply to it. max_len: the longest prompt +
+  # remat, logits_chunk, attention_impl, scan_layers and max_len apply to it. scan_layers: the
+  # layers' parameters stacked and run by one lax.scan (compiled once, whatever the depth). max_len: the longest prompt +
   # response allowed (None: the checkpoint's max_position_embeddings; the tiny decoder's is the
   # task's longest prompt + max_new_tokens).
   c.model = ml_collections.ConfigDict(dict(
@@ -28,6 +29,7 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
       d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=192,
       tie_embeddings=True, dtype="float32", param_dtype="float32", seed=0,
       remat=False, logits_chunk=0, attention_impl=ml_collections.FieldReference(None, str),
+      scan_layers=True,
       max_len=ml_collections.FieldReference(None, int)))
 
   # Sampling. max_new_tokens: response tokens (EOS included); None for the character tasks means

@@ -200,10 +200,15 @@ def fsdp_mesh(data: int, fsdp: int) -> Mesh:
   return Mesh(np.array(jax.devices()[:n]).reshape(data, fsdp), (DATA_AXIS, FSDP_AXIS))
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE,
+              layer_axis: bool = False) -> P:
   """The default placement of one leaf: a leaf of 2 or more dimensions and at least `min_size`
   elements is sharded over "fsdp" along its largest dimension that `fsdp` divides (the first of
-  equal ones); every other leaf is replicated (P())."""
+  equal ones); every other leaf is replicated (P()). With `layer_axis` (a leaf of scanned layers,
+  `models.stacked`), the leading layer axis is never sharded and each layer's slice is placed as
+  that layer's own leaf would be: the scan then reads one layer's shards per step."""
+  if layer_axis:
+    return P(None, *fsdp_spec(shape[1:], fsdp, min_size))
   if len(shape) < 2 or math.prod(shape) < min_size or fsdp == 1:
     return P()
   order = sorted(range(len(shape)), key=lambda d: (-shape[d], d))
@@ -214,11 +219,13 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE) 
 
 
 def param_specs(tree: Any, fsdp: int, rules: Sequence[tuple[str, Any]] = (),
-                min_size: int = FSDP_MIN_SIZE) -> Any:
+                min_size: int = FSDP_MIN_SIZE,
+                layer_axis: Callable[[str], bool] | None = None) -> Any:
   """A PartitionSpec per leaf of `tree` (arrays or ShapeDtypeStructs): the first of `rules`
   (regex, spec) whose regex `re.search`es the leaf's path (`jax.tree_util.keystr`, e.g.
   "['layers_0']['mlp']['up']['kernel']") gives its spec (a PartitionSpec, or a tuple of axis
-  names / None); else `fsdp_spec`. Raises ValueError naming the leaf when a spec does not fit it
+  names / None); else `fsdp_spec`, with the leading layer axis of the leaves whose path
+  `layer_axis` accepts left unsharded (e.g. `models.stacked.is_stacked_name`). Raises ValueError naming the leaf when a spec does not fit it
   (more entries than dimensions, or a dimension the mesh axis size does not divide)."""
   compiled = [(re.compile(pattern), spec if isinstance(spec, P) else P(*spec))
               for pattern, spec in rules]
@@ -228,7 +235,8 @@ def param_specs(tree: Any, fsdp: int, rules: Sequence[tuple[str, Any]] = (),
     shape = tuple(leaf.shape)
     spec = next((spec for pattern, spec in compiled if pattern.search(name)), None)
     if spec is None:
-      return fsdp_spec(shape, fsdp, min_size)
+      return fsdp_spec(shape, fsdp, min_size,
+                       layer_axis=layer_axis is not None and len(shape) > 0 and layer_axis(name))
     if len(spec) > len(shape):
       raise ValueError(f"sharding rule for {name}: {spec} has more entries than the leaf's "
                        f"{len(shape)} dimensions {shape}")

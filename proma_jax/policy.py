@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from proma_jax import mesh as mesh_lib, sampling, tasks
-from proma_jax.models import loading
+from proma_jax.models import loading, stacked
 from proma_jax.models.decoder import (
     ModelConfig,
     attention_implementation,
@@ -35,7 +35,8 @@ from proma_jax.models.decoder import (
 
 # ModelConfig options a run may set on a pretrained checkpoint (and max_len when not None); the
 # architecture comes from the checkpoint.
-PRETRAINED_OPTIONS = ("dtype", "param_dtype", "remat", "logits_chunk", "attention_impl")
+PRETRAINED_OPTIONS = ("dtype", "param_dtype", "remat", "logits_chunk", "attention_impl",
+                      "scan_layers")
 
 
 class Policy(NamedTuple):
@@ -72,8 +73,9 @@ def _fsdp_shardings(config: ml_collections.ConfigDict):
   if config.mesh.fsdp <= 1:
     return None
   mesh = mesh_lib.fsdp_mesh(config.mesh.data, config.mesh.fsdp)
-  return lambda path, shape: jax.sharding.NamedSharding(
-      mesh, mesh_lib.fsdp_spec(tuple(shape), config.mesh.fsdp, config.mesh.fsdp_min_size))
+  return lambda path, shape: jax.sharding.NamedSharding(mesh, mesh_lib.fsdp_spec(
+      tuple(shape), config.mesh.fsdp, config.mesh.fsdp_min_size,
+      layer_axis=stacked.is_stacked_path(path)))
 
 
 def make_policy(config: ml_collections.ConfigDict) -> tuple[Policy, dict]:
@@ -112,7 +114,8 @@ def make_policy(config: ml_collections.ConfigDict) -> tuple[Policy, dict]:
 
 # ModelConfig fields left out of the warm-start key: fixed for the demo's decoder, or options that
 # change memory and speed but not the function the model computes.
-_NOT_IN_FINGERPRINT = ("rope_theta", "norm_eps", "attention_impl", "remat", "logits_chunk")
+_NOT_IN_FINGERPRINT = ("rope_theta", "norm_eps", "attention_impl", "remat", "logits_chunk",
+                       "scan_layers")
 
 
 def model_fingerprint(policy: Policy) -> str:

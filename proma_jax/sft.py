@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from proma_jax import policy as policy_lib
 from proma_jax import tasks
+from proma_jax.models import stacked
 from proma_jax.checkpoint import Checkpointer
 
 
@@ -96,7 +97,7 @@ def load_or_train(config: ml_collections.ConfigDict) -> tuple[policy_lib.Policy,
     return policy, params, {"checkpoint": config.model.checkpoint}
   directory = warm_start_dir(config, policy)
   checkpointer = Checkpointer(directory, max_to_keep=1)
-  restored = checkpointer.restore({"params": params})
+  restored = stacked.restore_either_layout(checkpointer, {"params": params})
   if restored is not None:
     _, state, meta = restored
     checkpointer.close()

@@ -65,7 +65,7 @@ import proma_jax
 from proma_jax import losses
 from proma_jax.config import ALGORITHMS
 from proma_jax import mesh as mesh_lib
-from proma_jax.models import decoder as model_lib
+from proma_jax.models import decoder as model_lib, stacked as stacked_lib
 from proma_jax import policy as policy_lib
 from proma_jax import sft, tasks
 from proma_jax import writers
@@ -148,6 +148,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
        f"must be True or False, got {mo.tie_embeddings!r}")
   integer("model.seed", 0)
   need(isinstance(mo.remat, bool), "model.remat", f"must be True or False, got {mo.remat!r}")
+  need(isinstance(mo.scan_layers, bool), "model.scan_layers",
+       f"must be True or False, got {mo.scan_layers!r}")
   integer("model.logits_chunk", 0)
   if mo.max_len is not None:
     integer("model.max_len", 1)
@@ -283,6 +285,8 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
   m = c.train.num_microbatches
   # Local data-parallel mode: the transform runs per device inside shard_map and sums over "data".
   axis = dict(axis_name=mesh_lib.DATA_AXIS) if _local_mode(c) else {}
+  # Scanned layers: each layer of a stacked leaf is projected as its own leaf.
+  axis["stacked"] = stacked_lib.stacked_paths
   accumulation, intra = proma_options(c)
   if c.algorithm == "proma":
     return proma_jax.proma_accumulation(inner, m, **dataclasses.asdict(accumulation), **axis)
@@ -569,7 +573,8 @@ class Trainer:
     return mesh_lib.place(tree, self.mesh, self._specs(tree))  # fsdp 1: every spec is P()
 
   def _specs(self, tree):
-    return mesh_lib.param_specs(tree, self.c.mesh.fsdp, min_size=self.c.mesh.fsdp_min_size)
+    return mesh_lib.param_specs(tree, self.c.mesh.fsdp, min_size=self.c.mesh.fsdp_min_size,
+                                layer_axis=stacked_lib.is_stacked_name)
 
   def shard(self, microbatch: dict, axis: int = 0) -> dict:
     """A microbatch's sequences (along `axis`) sharded over the mesh, this process feeding its
@@ -731,7 +736,9 @@ RESUMABLE_FIELDS = ("steps", "checkpoint.every", "checkpoint.max_to_keep", "eval
                     "logging", "mesh.data", "mesh.fsdp", "mesh.fsdp_min_size",
                     # fused or not, the same result to float rounding (tests/test_fused.py); runs
                     # started before the field existed resume with it
-                    "proma.fused")
+                    "proma.fused",
+                    # the same parameters in another layout; checkpoints restore in either
+                    "model.scan_layers")
 # ...but in local data-parallel mode the number of devices changes what a step computes.
 _LOCAL_MODE_FIELDS = ("mesh.data",)
 
@@ -910,7 +917,9 @@ def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
   params = trainer.fresh_params()
   opt_state, start = trainer.init_opt_state(params, c.optim.lr), 0
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.max_to_keep)
-  restored = checkpointer.restore({"params": params, "opt_state": opt_state})
+  # A run saved with the other layer layout (model.scan_layers) restores too.
+  restored = stacked_lib.restore_either_layout(checkpointer,
+                                               {"params": params, "opt_state": opt_state})
   if restored is not None:
     start, state, _ = restored
     params, opt_state = trainer.place((state["params"], state["opt_state"]))

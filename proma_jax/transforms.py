@@ -300,10 +300,84 @@ def range_finder_keys(seed, count: jax.Array, num_leaves: int) -> list[jax.Array
   return [jax.random.fold_in(base_key, idx) for idx in range(num_leaves)]
 
 
+def layer_keys(key: jax.Array, num_layers: int) -> jax.Array:
+  """The range finder's keys (num_layers, ...) of the layers of a stacked leaf with key `key`."""
+  return jax.vmap(lambda layer: jax.random.fold_in(key, layer))(jnp.arange(num_layers))
+
+
+def layerwise_change(r: jax.Array, m: jax.Array, seq_grads, factors: DenseFactors | None,
+                     keys: jax.Array, project: jax.Array, accumulation: AccumulationOptions | None,
+                     intra: IntraOptions | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`microbatch_change` of a leaf whose leading axis stacks L layers (`models.stacked`): each
+  layer is its own leaf, with its own Gram and range finder (`keys`, (L, ...) from `layer_keys`),
+  so layer l's statistics never mix with layer k's.
+
+  r, m: (L, ...). seq_grads: stacked S_i (n, L, ...), a `DenseSequenceFactors` with activations
+  (L, n_tok, d_in), output_grads (L, n_tok, d_out) and segment_ids (n_tok,), or None.
+  factors: `DenseFactors` of (L, n_tok, d) arrays, or None. Returns (change (L, ...),
+  removed norms (L,), intra fractions (L,)).
+  """
+  if isinstance(seq_grads, DenseSequenceFactors):
+    s_axes = DenseSequenceFactors(0, 0, None, seq_grads.num_sequences, seq_grads.block_columns)
+  else:
+    s_axes = None if seq_grads is None else 1
+  one_layer = lambda r, m, s, f, key: microbatch_change(r, m, s, f, key, project, accumulation,
+                                                        intra)
+  return jax.vmap(one_layer, in_axes=(0, 0, s_axes, None if factors is None else 0, 0))(
+      r, m, seq_grads, factors, keys)
+
+
+def resolve_stacked(stacked, tree) -> list[bool]:
+  """The `stacked=` option of the PROMA transforms as one bool per leaf of `tree`: None (no leaf
+  stacked), a tree like `tree` of bools, or a function of `tree` giving one."""
+  leaves, treedef = jax.tree.flatten(tree)
+  if stacked is None:
+    return [False] * len(leaves)
+  if callable(stacked):
+    stacked = stacked(tree)
+  try:
+    flags = treedef.flatten_up_to(stacked)
+  except (ValueError, TypeError) as err:
+    raise ValueError(f"stacked= must be a tree of bools with the structure of the params: {err}"
+                     ) from None
+  for flag, leaf in zip(flags, leaves):
+    if flag and jnp.ndim(leaf) < 1:
+      raise ValueError("stacked= marks a scalar leaf as stacked; a stacked leaf has the layer axis "
+                       "leading")
+  return [bool(flag) for flag in flags]
+
+
+def _layer_view(path, x, what: str):
+  """The shape a checker sees for one layer of a stacked leaf's statistic."""
+  if x is None:
+    return None
+  if isinstance(x, DenseSequenceFactors):
+    return x._replace(activations=_layer_view(path, x.activations, what),
+                      output_grads=_layer_view(path, x.output_grads, what))
+  if isinstance(x, DenseFactors):
+    return DenseFactors(_layer_view(path, x.activations, what),
+                        _layer_view(path, x.output_grads, what))
+  if not hasattr(x, "shape") or len(x.shape) < 1:
+    raise ValueError(f"{what}{_path_str(path)} of a stacked leaf must have the layer axis, got "
+                     f"{getattr(x, 'shape', type(x))}")
+  return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+
+
+def _seq_layer_view(path, g, s):
+  if s is None or isinstance(s, DenseSequenceFactors):
+    return _layer_view(path, s, "seq_grads")
+  if not hasattr(s, "shape") or s.shape[1:] != g.shape:
+    raise ValueError(f"seq_grads{_path_str(path)} must have shape (n_seq, *{g.shape}) for the "
+                     f"stacked leaf grads{_path_str(path)} of shape {g.shape} (layer axis "
+                     f"first); got {getattr(s, 'shape', type(s))}")
+  return jax.ShapeDtypeStruct(s.shape[:1] + s.shape[2:], s.dtype)
+
+
 def _proma(inner: optax.GradientTransformation, num_microbatches: int,
            accumulation: AccumulationOptions | None, intra: IntraOptions | None,
            axis_name: str | None = None,
-           inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
+           inner_args: tuple[str, ...] = (),
+           stacked=None) -> optax.GradientTransformationExtraArgs:
   if not isinstance(num_microbatches, jax.core.Tracer) and (
       int(num_microbatches) != num_microbatches or num_microbatches < 1):
     raise ValueError(f"num_microbatches must be an integer >= 1, got {num_microbatches}")
@@ -318,11 +392,15 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
   skip_fraction = 0.0 if accumulation is None else accumulation.skip_fraction
 
   def init_fn(params):
+    stacked_leaves = resolve_stacked(stacked, params)
     # Every leaf is its own buffer, so the state can be donated to a jitted step.
     zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
     scalar = lambda dtype=jnp.float32: jnp.zeros((), dtype)
-    intra_tree = (lambda: None) if intra is None else (
-        lambda: jax.tree.map(lambda _: scalar(), params))
+    # One intra fraction per kernel: per layer for a stacked leaf.
+    leaves, treedef = jax.tree.flatten(params)
+    intra_tree = (lambda: None) if intra is None else (lambda: treedef.unflatten([
+        jnp.zeros((jnp.shape(p)[0],) if st else (), jnp.float32)
+        for p, st in zip(leaves, stacked_leaves)]))
     return ProMAState(
         microbatch=scalar(jnp.int32), accumulator=zeros(), inner_state=inner.init(params),
         count=scalar(jnp.int32), dropped=scalar(jnp.int32), reduction_sum=scalar(),
@@ -350,9 +428,15 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
     s_leaves = _leaves_like_grads("seq_grads", given["seq_grads"], grads_def, paths)
     f_leaves = _leaves_like_grads("factors", given["factors"], grads_def, paths)
     fused_leaves = _leaves_like_grads("fused", given["fused"], grads_def, paths)
-    for path, g, s, f, fused in zip(paths, g_leaves, s_leaves, f_leaves, fused_leaves):
-      _check_seq_grads(path, g, s)
-      _check_factors(path, g, f)
+    st_leaves = resolve_stacked(stacked, grads)
+    for path, g, s, f, fused, st in zip(paths, g_leaves, s_leaves, f_leaves, fused_leaves,
+                                        st_leaves):
+      if st:  # each layer is checked as a leaf of its own
+        _check_seq_grads(path, _layer_view(path, g, "grads"), _seq_layer_view(path, g, s))
+        _check_factors(path, _layer_view(path, g, "grads"), _layer_view(path, f, "factors"))
+      else:
+        _check_seq_grads(path, g, s)
+        _check_factors(path, g, f)
       _check_fused(path, s, f, fused)
     none = lambda tree: all(
         leaf is None for leaf in jax.tree.leaves(tree, is_leaf=lambda x: x is None))
@@ -372,16 +456,22 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
     project = projects_now(state.microbatch, num_microbatches, skip_fraction)
     keys = range_finder_keys(0 if intra is None else intra.seed, state.count, len(g_leaves))
     changes, intra_fracs, removed_sq, r_sq = [], [], jnp.zeros(()), jnp.zeros(())
-    for r, g, s, f, fused, key in zip(r_leaves, g_leaves, s_leaves, f_leaves, fused_leaves, keys):
-      if fused is not None:
+    for r, g, s, f, fused, key, st in zip(r_leaves, g_leaves, s_leaves, f_leaves, fused_leaves,
+                                          keys, st_leaves):
+      if fused is not None:  # per layer (L,) metrics for a stacked leaf
         change, removed_norm, frac = g.astype(jnp.float32), fused.removed_norm, fused.intra_fraction
+      elif st:
+        change, removed_norm, frac = layerwise_change(
+            r, g.astype(jnp.float32), s, f, layer_keys(key, r.shape[0]), project, accumulation,
+            intra)
       else:
         change, removed_norm, frac = microbatch_change(
             r, g.astype(jnp.float32), s, f, key, project, accumulation, intra)
       changes.append(change)
       intra_fracs.append(frac)
       if s is not None or (fused is not None and accumulation is not None):
-        removed_sq, r_sq = removed_sq + removed_norm**2, r_sq + jnp.sum(jnp.square(r))
+        removed_sq = removed_sq + jnp.sum(jnp.square(removed_norm))
+        r_sq = r_sq + jnp.sum(jnp.square(r))
 
     if axis_name is not None:  # one all-reduce of a parameter-sized tree per microbatch
       changes = jax.lax.psum(changes, axis_name)
@@ -456,7 +546,8 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
 
 def microbatch_accumulation(inner: optax.GradientTransformation, num_microbatches: int, *,
                             axis_name: str | None = None,
-                            inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
+                            inner_args: tuple[str, ...] = (),
+                            stacked=None) -> optax.GradientTransformationExtraArgs:
   """Plain gradient accumulation with the PROMA transforms' state, metrics and dtype handling.
 
       R <- sum_m M_m;   inner.update(R) after M calls
@@ -464,7 +555,7 @@ def microbatch_accumulation(inner: optax.GradientTransformation, num_microbatche
   The baseline the PROMA variants are compared against (same code path with projection off).
   `update(grads, state, params=None)` takes no statistics.
   """
-  return _proma(inner, num_microbatches, None, None, axis_name, inner_args)
+  return _proma(inner, num_microbatches, None, None, axis_name, inner_args, stacked)
 
 
 def proma_accumulation(inner: optax.GradientTransformation, num_microbatches: int, *,
@@ -472,7 +563,8 @@ def proma_accumulation(inner: optax.GradientTransformation, num_microbatches: in
                        relative_bound: float | None = None, skip_fraction: float = 0.0,
                        solver: str = "exact",
                        axis_name: str | None = None,
-                       inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
+                       inner_args: tuple[str, ...] = (),
+                       stacked=None) -> optax.GradientTransformationExtraArgs:
   """Accumulation-based PROMA (docs/algorithm.md, "Accumulation PROMA"), layer-wise on every leaf with sequence gradients.
 
       R <- M_1;  for m = 2..M:  R <- R - shrinkage * P_m(R) + M_m;  inner.update(R)
@@ -496,6 +588,13 @@ def proma_accumulation(inner: optax.GradientTransformation, num_microbatches: in
       shrinkage * P^(d)(R)) with P^(d) the projection onto device d's own sequences (an
       approximation; one psum per microbatch). `proma/reduction` is then the root-sum-square of the
       devices' removed norms over ||R||.
+    stacked: leaves whose leading axis stacks the layers of a scanned model (`models.stacked`):
+      None, a tree like params of bools, or a function of params giving one (e.g.
+      `models.stacked.stacked_paths`). Each layer of a stacked leaf is projected as a leaf of its
+      own (`layerwise_change`): its statistics then carry the layer axis too (seq_grads
+      (n_seq, L, ...); factors' and `DenseSequenceFactors`' activations and output_grads
+      (L, n_tok, d)), and its intra metric is one number per layer. The same option exists on
+      every PROMA transform.
   Update:
     `update(grads, state, params=None, *, seq_grads)`: grads is M_m (any pytree); seq_grads has the
     structure of grads, each leaf of shape (n_seq, *leaf.shape) (the S_i), or, for a 2-D dense
@@ -513,13 +612,14 @@ def proma_accumulation(inner: optax.GradientTransformation, num_microbatches: in
   """
   return _proma(inner, num_microbatches,
                 AccumulationOptions(shrinkage, ridge, relative_bound, skip_fraction, solver), None,
-                axis_name, inner_args)
+                axis_name, inner_args, stacked)
 
 
 def proma_intra(inner: optax.GradientTransformation, num_microbatches: int, *, rank: int = 10,
                 shrinkage: float = 1.0, power_iters: int = 1, seed: int = 0,
                 axis_name: str | None = None,
-                inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
+                inner_args: tuple[str, ...] = (),
+                stacked=None) -> optax.GradientTransformationExtraArgs:
   """Intra-microbatch PROMA (docs/algorithm.md, "Intra-microbatch PROMA") on every dense kernel.
 
       M_m <- M_m - shrinkage * Qa Qa^T M_m Qg Qg^T;   R <- R + M_m;   inner.update(R) after M calls
@@ -539,7 +639,7 @@ def proma_intra(inner: optax.GradientTransformation, num_microbatches: int, *, r
     must be in static_args (they fix shapes and loop counts).
   """
   return _proma(inner, num_microbatches, None, IntraOptions(rank, shrinkage, power_iters, seed),
-                axis_name, inner_args)
+                axis_name, inner_args, stacked)
 
 
 def proma_both(inner: optax.GradientTransformation, num_microbatches: int, *, rank: int = 10,
@@ -547,7 +647,8 @@ def proma_both(inner: optax.GradientTransformation, num_microbatches: int, *, ra
                shrinkage: float = 1.0, ridge: float = 1e-2, relative_bound: float | None = None,
                skip_fraction: float = 0.0, solver: str = "exact",
                axis_name: str | None = None,
-               inner_args: tuple[str, ...] = ()) -> optax.GradientTransformationExtraArgs:
+               inner_args: tuple[str, ...] = (),
+               stacked=None) -> optax.GradientTransformationExtraArgs:
   """Both variants: intra-project M_m (`proma_intra`), then project R as `proma_accumulation` and add M_m.
 
       M'_m = M_m - intra_shrinkage * Qa Qa^T M_m Qg Qg^T;   R <- R - shrinkage * P_m(R) + M'_m
@@ -558,7 +659,8 @@ def proma_both(inner: optax.GradientTransformation, num_microbatches: int, *, ra
   """
   return _proma(inner, num_microbatches,
                 AccumulationOptions(shrinkage, ridge, relative_bound, skip_fraction, solver),
-                IntraOptions(rank, intra_shrinkage, power_iters, seed), axis_name, inner_args)
+                IntraOptions(rank, intra_shrinkage, power_iters, seed), axis_name, inner_args,
+                stacked)
 
 
 def find_proma_state(opt_state) -> ProMAState | None:
@@ -591,9 +693,14 @@ def proma_metrics(opt_state) -> dict[str, jax.Array]:
     return metrics
   # Every leaf is listed (0 for leaves never projected) so that the keys do not depend on values
   # and the function can be jitted; the mean is over the leaves that had something removed.
-  per_leaf = {
-      f"proma/intra_reduction/{jax.tree_util.keystr(path, simple=True, separator='/')}": value
-      for path, value in jax.tree_util.tree_flatten_with_path(state.intra_reduction)[0]}
+  # A stacked leaf (`stacked=`) has one value per layer: `<leaf path>/<layer>`.
+  per_leaf = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(state.intra_reduction)[0]:
+    name = f"proma/intra_reduction/{jax.tree_util.keystr(path, simple=True, separator='/')}"
+    if jnp.ndim(value):
+      per_leaf.update({f"{name}/{layer}": value[layer] for layer in range(value.shape[0])})
+    else:
+      per_leaf[name] = value
   values = jnp.stack(list(per_leaf.values()) or [jnp.zeros((), jnp.float32)])
   positive = values > 0
   metrics["proma/intra_reduction"] = (

@@ -100,6 +100,15 @@ def test_fused_equals_unfused(algorithm):
 
 
 @pytest.mark.slow
+def test_fused_equals_unfused_on_unscanned_layers():
+  """The cases above run the default scanned layers (models/stacked.py); the fused slots work on
+  a list of separate layers too."""
+  c = small("proma_both")
+  c.model.scan_layers = False
+  assert_fused_equals_unfused(c)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm,knobs", [
     ("proma", dict(shrinkage=0.5, ridge=0.1, relative_bound=0.5, skip_fraction=0.5)),
     ("proma", dict(solver="gram_schmidt", relative_bound=0.05)),

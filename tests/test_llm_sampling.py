@@ -284,7 +284,7 @@ def test_vmappable_swaps_cudnn_for_xla_attention_only():
       model_config=None, graphdef=None)
   merged = policy_lib.bind(xla_policy, cudnn_params)
   assert merged.cfg.attention_impl == "xla"
-  assert merged.layers[0].self_attn.cfg.attention_impl == "xla"
+  assert merged.layers.self_attn.cfg.attention_impl == "xla"  # scanned: one stacked Block
   chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(merged)), params)
   # Random tokens in the sampling tests' (B, T), so the reference forward is compiled once.
   prompt_width = policy_lib.encode(policy, _five_examples())[0].shape[1]

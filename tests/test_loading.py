@@ -5,6 +5,7 @@ the real SmolLM2-135M GGUF file is checked against slices of transformers' own d
 (tests/fixtures/smollm2_gguf_weights.npz, written by make_gguf_weight_fixture.py).
 """
 
+import dataclasses
 import json
 import pathlib
 
@@ -17,6 +18,7 @@ import safetensors.numpy
 from flax import nnx
 from gguf import quants
 
+from proma_jax.models import stacked
 from proma_jax.models.decoder import rope_frequencies
 from proma_jax.models.gguf import unpermute_rows
 from proma_jax.models.hf import CheckpointError, config_from_hf
@@ -104,7 +106,8 @@ def expected_params(config: dict, tensors: dict[str, np.ndarray]) -> dict:
 
 
 def params_of(model) -> dict:
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  """The model's parameters with the layers unstacked (pretrained models load scanned)."""
+  return stacked.unstack_layers(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def param_as_hf(params: dict, name: str) -> np.ndarray:
@@ -345,7 +348,7 @@ def test_tiny_gguf_loads_dequantized_and_unpermuted(tmp_path, config):
            "model.layers.1.mlp.down_proj.weight": _Q.BF16}
   stored = write_gguf(tmp_path / "tiny.gguf", config, hf, types)
   model = load_model(tmp_path / "tiny.gguf")
-  assert model.cfg == config_from_hf(config, "config.json")
+  assert model.cfg == dataclasses.replace(config_from_hf(config, "config.json"), scan_layers=True)
   expected = dict(hf)
   for name in types:  # the quantized values, q/k rows back in HF order
     expected[name] = stored[name]

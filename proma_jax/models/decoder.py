@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from proma_jax.capture import Dense
+from proma_jax.models import stacked
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ATTENTION_IMPLS = (None, "xla", "cudnn")
@@ -68,6 +69,10 @@ class ModelConfig:
   # `token_logprobs` computes log-softmax and entropy over the vocabulary in chunks of this many
   # token positions (0: all positions at once), so that no (B, T, V) array is ever formed.
   logits_chunk: int = 0
+  # Stack the layers' parameters on a leading axis and run them by one `lax.scan`
+  # (`models.stacked`): the block is compiled once, so compile time does not grow with depth.
+  # The parameter dicts differ in layout only (`stacked.stack_layers` / `unstack_layers`).
+  scan_layers: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -83,6 +88,8 @@ class ModelConfig:
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name} must be one of {sorted(_DTYPES)}, "
                          f"got {getattr(self, name)!r}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"ModelConfig.scan_layers must be True or False, got {self.scan_layers!r}")
     if not (isinstance(self.logits_chunk, int) and self.logits_chunk >= 0):
       raise ValueError(f"ModelConfig.logits_chunk must be an integer >= 0, got {self.logits_chunk!r}")
     if self.attention_impl not in _ATTENTION_IMPLS:
@@ -109,7 +116,8 @@ class ModelConfig:
 class KVCache(NamedTuple):
   """Keys and values of every layer, passed in and returned by the forward (a plain pytree).
 
-  k, v:      tuples of L arrays (B, S, K, H); slot s holds the key/value of the token written at s.
+  k, v:      tuples of L arrays (B, S, K, H), or with `scan_layers` one (L, B, S, K, H) array each;
+             slot s holds the key/value of the token written at s.
   valid_BxS: bool, True where slot s holds a real (non-padding) token.
   """
 
@@ -122,7 +130,10 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCach
   """An empty cache of `max_len` slots (no valid key), in `dtype` (default: the compute dtype)."""
   dtype = cfg.compute_dtype if dtype is None else dtype
   shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+  if cfg.scan_layers:
+    zeros = jnp.zeros((cfg.n_layers, *shape), dtype)
+  else:
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
   return KVCache(k=zeros, v=zeros, valid_BxS=jnp.zeros((batch, max_len), bool))
 
 
@@ -289,7 +300,10 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
                                   param_dtype=cfg.storage_dtype, embedding_init=_INIT, rngs=rngs)
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    if cfg.scan_layers:  # one Block, every parameter (L, ...): `models.stacked`
+      self.layers = stacked.make_stacked(lambda: Block(cfg, rngs), cfg.n_layers)
+    else:
+      self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
     self.norm = RMSNorm(cfg.d_model, cfg)
     self.lm_head = None if cfg.tie_embeddings else _dense(cfg, cfg.d_model, cfg.vocab_size, rngs)
 
@@ -328,20 +342,29 @@ class Transformer(nnx.Module):
     _, t = tokens_BxT.shape
     valid_BxT = valid_BxT.astype(bool)
     if cache is None:
-      key_valid_BxS, query_slot_T, kv_caches = valid_BxT, jnp.arange(t), [None] * len(self.layers)
+      key_valid_BxS, query_slot_T, kv_caches = valid_BxT, jnp.arange(t), [None] * self.cfg.n_layers
     else:
       if cache_index is None:
         raise ValueError("cache_index is required with a cache")
       cache_index = jnp.asarray(cache_index, jnp.int32)
       key_valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, valid_BxT, (0, cache_index))
       query_slot_T = cache_index + jnp.arange(t)
-      kv_caches = list(zip(cache.k, cache.v))
+      kv_caches = None if self.cfg.scan_layers else list(zip(cache.k, cache.v))
     key_slot_S = jnp.arange(key_valid_BxS.shape[1])
     causal_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
     self_TxS = key_slot_S[None, :] == query_slot_T[:, None]
     mask_BxTxS = (causal_TxS[None] & key_valid_BxS[:, None, :]) | self_TxS[None]
 
     x_BxTxD = self.embed_tokens(tokens_BxT)
+    if self.cfg.scan_layers:
+      def step(block, x_BxTxD, kv):
+        return block(x_BxTxD, positions_BxT, mask_BxTxS, kv, cache_index)
+
+      kv = None if cache is None else (cache.k, cache.v)
+      x_BxTxD, new_kv = stacked.scan(self.layers, step, x_BxTxD, kv,
+                                     remat=self.cfg.remat and cache is None)
+      new_cache = None if cache is None else KVCache(*new_kv, valid_BxS=key_valid_BxS)
+      return self.norm(x_BxTxD), new_cache
     new_kv = []
     call_block = _remat_block if self.cfg.remat and cache is None else _call_block
     for layer, kv in zip(self.layers, kv_caches):

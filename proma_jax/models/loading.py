@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from proma_jax.models import gguf as gguf_checkpoint
-from proma_jax.models import hf
+from proma_jax.models import hf, stacked
 from proma_jax.models.decoder import ModelConfig, Transformer
 from proma_jax.models.hf import Checkpoint, CheckpointError
 
@@ -113,6 +113,7 @@ def _config(ckpt: Checkpoint, overrides: dict[str, Any]) -> ModelConfig:
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise TypeError(f"unknown ModelConfig field(s) {unknown} to override")
+  overrides = dict({"scan_layers": True}, **overrides)  # scanned layers unless told otherwise
   cfg = dataclasses.replace(hf.config_from_hf(ckpt.config, ckpt.config_source), **overrides)
   if ckpt.rope_factors is not None:
     gguf_checkpoint.check_rope_factors(ckpt.rope_factors, cfg, ckpt.tensors_source)
@@ -170,10 +171,27 @@ def _put(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def _stack_loaded(loaded: dict, shardings=None) -> dict:
+  """`loaded` ({path: array} with paths ("layers", 3, ...)) with the layers stacked
+  (`models.stacked`), one kind of leaf at a time so that at most one leaf's layers exist twice;
+  each stacked leaf placed on `shardings(stacked path, stacked shape)`."""
+  kinds = sorted({path[2:] for path in loaded if path[0] == stacked.LAYERS}, key=str)
+  n_layers = 1 + max(path[1] for path in loaded if path[0] == stacked.LAYERS)
+  out = {path: leaf for path, leaf in loaded.items() if path[0] != stacked.LAYERS}
+  for kind in kinds:
+    layers = [loaded.pop((stacked.LAYERS, i, *kind)) for i in range(n_layers)]
+    path = (stacked.LAYERS, *kind)
+    sharding = None if shardings is None else shardings(path, (n_layers, *layers[0].shape))
+    out[path] = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*layers)
+    del layers
+  return out
+
+
 def _load(ckpt: Checkpoint, cfg: ModelConfig, shardings=None) -> Transformer:
   """The decoder of `cfg` with every parameter read from `ckpt` (see the module docstring);
-  `shardings(path, shape)` gives the sharding of the parameter at the pure-dict `path`."""
-  graphdef, abstract_state = _abstract_model(cfg)
+  `shardings(path, shape)` gives the sharding of the parameter at the pure-dict `path`. The
+  tensors are read layer by layer; with `cfg.scan_layers` they are then stacked."""
+  graphdef, abstract_state = _abstract_model(dataclasses.replace(cfg, scan_layers=False))
   state = jax.tree.map(lambda x: x, abstract_state)  # a fresh tree to fill; the cache stays abstract
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
   paths = {_hf_name(path): path for path in flat}
@@ -192,6 +210,10 @@ def _load(ckpt: Checkpoint, cfg: ModelConfig, shardings=None) -> Transformer:
     if not np.array_equal(_read(ckpt, _LM_HEAD, embedding.shape), embedding):
       raise CheckpointError(f"{ckpt.origins[_LM_HEAD]}: tensor {_LM_HEAD} differs from "
                             f"{_EMBEDDING}, but the config ties them (tie_word_embeddings)")
+  if cfg.scan_layers:
+    loaded = _stack_loaded(loaded, shardings)
+    graphdef, abstract_state = _abstract_model(cfg)
+    state = jax.tree.map(lambda x: x, abstract_state)
   nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(loaded))
   return nnx.merge(graphdef, state)
 
@@ -205,8 +227,9 @@ def load_model(path: str | pathlib.Path, *, param_dtype: str = "float32", dtype:
   jax.sharding.Sharding of the parameter at `path` (a tuple of pure-dict keys, e.g. ("layers",
   3, "mlp", "up_proj", "kernel")): each tensor is then placed straight onto its sharding, one
   tensor at a time, e.g. FSDP-sharded over a mesh (`mesh.param_specs`).
-  config_overrides: other `ModelConfig` fields, e.g. max_len, remat, attention_impl, or the
-  rope_scaling of a Llama 3.1+ GGUF file. Raises `CheckpointError` (a ValueError) naming the
+  config_overrides: other `ModelConfig` fields, e.g. max_len, remat, attention_impl,
+  scan_layers (default True: the layers stacked, `models.stacked`), or the rope_scaling of a
+  Llama 3.1+ GGUF file. Raises `CheckpointError` (a ValueError) naming the
   tensor and the file on an unsupported architecture or a missing, unexpected, misshapen or
   non-finite tensor.
   """

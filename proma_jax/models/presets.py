@@ -30,14 +30,15 @@ PRESETS: dict[str, dict] = {
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-  """The `ModelConfig` of preset `name`, with `overrides` (e.g. n_layers=2, dtype="bfloat16")."""
+  """The `ModelConfig` of preset `name`, with `overrides` (e.g. n_layers=2, dtype="bfloat16").
+  Its layers are scanned (`scan_layers=True`) unless an override says otherwise."""
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise TypeError(f"unknown ModelConfig field(s) {unknown} for preset {name!r}")
-  kwargs = dict(PRESETS[name], **overrides)
+  kwargs = dict(PRESETS[name], scan_layers=True, **overrides)  # scanned unless told otherwise
   missing = sorted(f for f in ("vocab_size", "max_len") if f not in kwargs)
   if missing:
     raise TypeError(f"preset {name!r} needs {missing} (e.g. from the task's tokenizer and lengths)")
