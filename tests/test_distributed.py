@@ -277,17 +277,18 @@ def _pretrained_loads_onto_its_shards():
   from flax import nnx
 
   from proma_jax import mesh as mesh_lib, policy as policy_lib
-  from proma_jax.models import loading
+  from proma_jax.models import loading, stacked
   checkpoint = os.path.join(TESTS, "fixtures", "hf", "tiny_qwen3")
   c = ml_collections.ConfigDict({"mesh": {"data": 2, "fsdp": 2, "fsdp_min_size": 0}})
   sharded = nnx.to_pure_dict(nnx.state(loading.load_model(
       checkpoint, shardings=policy_lib._fsdp_shardings(c))))
   whole = nnx.to_pure_dict(nnx.state(loading.load_model(checkpoint)))
-  specs = mesh_lib.param_specs(whole, 2, min_size=0)
-  kernel = sharded["layers"][0]["mlp"]["up_proj"]["kernel"]
-  assert kernel.sharding.spec == specs["layers"][0]["mlp"]["up_proj"]["kernel"] != mesh_lib.P()
+  specs = mesh_lib.param_specs(whole, 2, min_size=0, layer_axis=stacked.is_stacked_name)
+  kernel = sharded["layers"]["mlp"]["up_proj"]["kernel"]  # scanned layers: (L, d_in, d_out)
+  assert kernel.sharding.spec == specs["layers"]["mlp"]["up_proj"]["kernel"] != mesh_lib.P()
+  assert kernel.sharding.spec[0] is None  # never the layer axis
   for shard in kernel.addressable_shards:  # a block per device, never the whole kernel
-    assert shard.data.shape[1] == kernel.shape[1] // 2, shard.data.shape
+    assert shard.data.shape[2] == kernel.shape[2] // 2, shard.data.shape
   for got, spec in zip(jax.tree.leaves(sharded), jax.tree.leaves(
       specs, is_leaf=lambda x: isinstance(x, mesh_lib.P))):
     assert got.sharding.spec == spec, (got.sharding, spec)

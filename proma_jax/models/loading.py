@@ -8,7 +8,9 @@ tensor `model.<p joined by ".">.weight` (`lm_head.weight` for the untied head): 
 embedding` <- `model.embed_tokens.weight`, `layers/3/self_attn/q_proj/kernel` <-
 `model.layers.3.self_attn.q_proj.weight` transposed (HF stores (d_out, d_in), flax (d_in, d_out)),
 `layers/3/input_layernorm/scale` <- `model.layers.3.input_layernorm.weight`, `norm/scale` <-
-`model.norm.weight`.
+`model.norm.weight`. That is the layout of separate layers; the decoder loads with its layers
+scanned by default (`scan_layers=True`), and then each kind of leaf is stacked over the layers
+after it is read (`layers/self_attn/q_proj/kernel` (L, d_in, d_out), `models.stacked`).
 
 Every parameter is assigned exactly once; the checkpoint must hold exactly these tensors. One
 exception: a tied checkpoint (`tie_word_embeddings`) may also store `lm_head.weight` if it equals
@@ -226,7 +228,8 @@ def load_model(path: str | pathlib.Path, *, param_dtype: str = "float32", dtype:
   shardings: None (every parameter on the default device) or a function (path, shape) ->
   jax.sharding.Sharding of the parameter at `path` (a tuple of pure-dict keys, e.g. ("layers",
   3, "mlp", "up_proj", "kernel")): each tensor is then placed straight onto its sharding, one
-  tensor at a time, e.g. FSDP-sharded over a mesh (`mesh.param_specs`).
+  tensor at a time, e.g. FSDP-sharded over a mesh (`mesh.param_specs`). With scanned layers it is
+  asked again for each stacked leaf (("layers", "mlp", "up_proj", "kernel"), (L, ...) shape).
   config_overrides: other `ModelConfig` fields, e.g. max_len, remat, attention_impl,
   scan_layers (default True: the layers stacked, `models.stacked`), or the rope_scaling of a
   Llama 3.1+ GGUF file. Raises `CheckpointError` (a ValueError) naming the
