@@ -75,7 +75,7 @@ def compiled_peak_train(variant, cfg, n_seq, seq_len, num_microbatches, fused=Tr
   c = reverse.get_config(TRAIN_VARIANTS[variant])
   c.model.update(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                  n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim,
-                 scan_layers=scan_layers)
+                 scan_layers=scan_layers, remat=cfg.remat)
   c.rollout.update(prompts_per_step=n_seq * num_microbatches // 2, group_size=2)
   c.train.update(num_minibatches=1, num_microbatches=num_microbatches)
   c.proma.scope = "dense"

@@ -32,19 +32,21 @@ def _is_capturing(module: nnx.Module) -> bool:
 
 
 class FusedSlotVariable(nnx.Variable):
-  """A `Dense` layer's `fused.FusedSlot` while `policy_gradient_and_fused_changes` runs it."""
+  """A `Dense` layer's `fused.FusedSlot` while `policy_gradient_and_fused_changes` runs it, with
+  its `fused.FusedRule` as the metadata `rule` (static: it survives `nnx.split`, so scanned layers
+  hand it to every layer)."""
 
 
 class Dense(nnx.Linear):
   """`nnx.Linear` whose inputs and output gradients `grads_and_dense_factors` can capture, and
   whose backward pass computes PROMA's change of R_W when `policy_gradient_and_fused_changes`
-  gives it a slot (`proma_slot`, with the rule in `proma_rule`)."""
+  gives it a slot (`proma_slot`, a `FusedSlotVariable`)."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
     slot = getattr(self, "proma_slot", None)
     if slot is not None:
       x = x.astype(self.dtype or x.dtype)
-      return fused_lib.fused_dense(self.proma_rule, x, self.kernel[...], slot.get_value())
+      return fused_lib.fused_dense(slot.rule, x, self.kernel[...], slot.get_value())
     if not _is_capturing(self):
       return super().__call__(x)
     self.sow(nnx.Intermediate, INPUTS, x, reduce_fn=lambda _, new: new, init_fn=lambda: None)
@@ -467,8 +469,8 @@ def policy_gradient_and_fused_changes(
       idx = fused_paths.get(tuple(path))
       if idx is not None:
         pos = position[idx]
-        module.proma_rule = rule_of(idx)
-        module.proma_slot = FusedSlotVariable(slot_of(idx, fused_rs[pos], fused_metrics[pos]))
+        module.proma_slot = FusedSlotVariable(slot_of(idx, fused_rs[pos], fused_metrics[pos]),
+                                              rule=rule_of(idx))
     return weighted(m, batch)
 
   other = [leaves[i] for i in other_idx]

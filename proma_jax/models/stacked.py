@@ -11,7 +11,7 @@ checkpoint files, the Hugging Face and GGUF loaders and older runs' checkpoints 
 (flax#5571), so the captures of the block's modules (sown intermediates, perturbations) are carried
 in and out of the scan explicitly, each with the layer axis leading. Every other `nnx.Variable`
 of the stacked module (a `capture.FusedSlotVariable`, for instance) must have the layer axis
-leading too: it is sliced like the parameters.
+leading too: it is sliced like the parameters (its metadata, static, reaches every layer).
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ from flax.nnx import pytreelib
 
 LAYERS = "layers"
 _CAPTURES = "__captures__"
-# Module attributes that are set for one call and are not part of the model (static, per module):
-# they are taken off the stacked module for the split and put back on each layer's copy.
-_TRANSIENT_STATIC = ("proma_rule",)
 
 
 def is_stacked(params: dict) -> bool:
@@ -90,19 +87,13 @@ def stacked_paths(params: dict) -> Any:
 
 
 def _take_captures(module: nnx.Module) -> dict:
-  """{path: (captures tuple, {static attr: value})} of `module`'s submodules, taken off them."""
+  """{path: captures tuple} of `module`'s submodules under `nnx.capture`, taken off them."""
   taken = {}
   for path, m in nnx.iter_modules(module):
     captures = getattr(m, _CAPTURES, None)
-    statics = {name: getattr(m, name) for name in _TRANSIENT_STATIC
-               if getattr(m, name, None) is not None}
-    if captures is None and not statics:
-      continue
     if captures is not None:
       delattr(m, _CAPTURES)
-    for name in statics:
-      setattr(m, name, None)
-    taken[tuple(path)] = (captures, statics)
+      taken[tuple(path)] = captures
   return taken
 
 
@@ -111,47 +102,43 @@ def _modules(module: nnx.Module) -> dict:
 
 
 def scan(stack: nnx.Module, fn: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], carry: Any,
-         xs: Any = None, *, remat: bool = False) -> tuple[Any, Any]:
+         xs: Any = None, *, policy: Callable | None = None) -> tuple[Any, Any]:
   """`lax.scan` of `fn(layer, carry, x) -> (carry, y)` over the layers of a stacked module.
 
   `layer` is a copy of `stack` holding layer l's slice of every Variable; `xs` and the returned
-  `ys` have the layer axis leading. With `remat`, each layer's forward is recomputed in the
-  backward pass (`jax.checkpoint` of the body): between the passes only the carry of every layer
-  and what `fn` returns stay alive. Captures (`nnx.capture`) made inside `fn` are returned into
-  the stacked module's own captures, stacked over the layers.
+  `ys` have the layer axis leading. With a `policy` (`jax.checkpoint_policies`), the body is
+  `jax.checkpoint`ed with it: what the policy does not save of a layer's forward is recomputed in
+  its backward step (`nothing_saveable`: only the carry of every layer and what `fn` returns stay
+  alive between the passes). Without one every residual is stored, stacked over the layers.
+  Captures (`nnx.capture`) made inside `fn` are returned into the stacked module's own captures,
+  stacked over the layers.
   """
   taken = _take_captures(stack)
   try:
     graphdef, state = nnx.split(stack)
     # The captures' initial values (perturbations given to nnx.capture's `init`) enter stacked.
     capture_init = {path: tuple(dict(var.get_value()) for var in captures)
-                    for path, (captures, _) in taken.items() if captures is not None}
+                    for path, captures in taken.items()}
 
     def body(carry, inputs):
       layer_state, x, init = inputs
       layer = nnx.merge(graphdef, layer_state)
       modules = _modules(layer)
-      for path, (captures, statics) in taken.items():
-        for name, value in statics.items():
-          setattr(modules[path], name, value)
-        if captures is not None:
-          setattr(modules[path], _CAPTURES, pytreelib.data(tuple(
-              type(var)(dict(values)) for var, values in zip(captures, init[path]))))
+      for path, captures in taken.items():
+        setattr(modules[path], _CAPTURES, pytreelib.data(tuple(
+            type(var)(dict(values)) for var, values in zip(captures, init[path]))))
       carry, y = fn(layer, carry, x)
       captured = {path: tuple(dict(var.get_value()) for var in getattr(modules[path], _CAPTURES))
                   for path in init}
       return carry, (y, captured)
 
-    if remat:
-      body = jax.checkpoint(body)
+    if policy is not None:
+      body = jax.checkpoint(body, policy=policy)
     carry, (ys, captured) = jax.lax.scan(body, carry, (state, xs, capture_init))
   finally:
     modules = _modules(stack)
-    for path, (captures, statics) in taken.items():
-      for name, value in statics.items():
-        setattr(modules[path], name, value)
-      if captures is not None:
-        setattr(modules[path], _CAPTURES, pytreelib.data(captures))
+    for path, captures in taken.items():
+      setattr(modules[path], _CAPTURES, pytreelib.data(captures))
   for path, values in captured.items():
     for var, stacked_values in zip(getattr(modules[path], _CAPTURES), values):
       for name, value in stacked_values.items():
