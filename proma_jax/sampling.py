@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from proma_jax.models.decoder import init_cache, positions_from_valid
+from proma_jax.models.decoder import init_cache, positions_from_valid, separate_layers
 
 
 class Rollout(NamedTuple):
@@ -70,7 +70,7 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_BxP: jax.Array,
     rollout = sample(graphdef, params, prompt_BxP, valid_BxP, key, max_new_tokens=32,
                      eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=1.0)
   """
-  model = nnx.merge(graphdef, params)
+  model = separate_layers(nnx.merge(graphdef, params))  # decoding is faster unscanned
   b, p = prompt_BxP.shape
   t_total = p + max_new_tokens
   if t_total > model.cfg.max_len:

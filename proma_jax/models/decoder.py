@@ -219,11 +219,13 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(h, cfg) if cfg.qk_norm else None
     self.cfg = cfg
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, cache_index):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, cache_index, layer=None):
     """softmax(q k^T / sqrt(H) + mask) v over the keys of `kv_cache` (after writing the T new ones).
 
     kv_cache: None (keys are the T inputs) or a layer's `(k_BxSxKxH, v_BxSxKxH)`, to which the new
-    keys/values are written at slots [cache_index, cache_index + T). Returns (out_BxTxD, new kv).
+    keys/values are written at slots [cache_index, cache_index + T). With `layer` (scanned layers),
+    the cache of every layer `(k_LxBxSxKxH, v_LxBxSxKxH)`: the new keys are written into layer
+    `layer`'s slots only, in place, and that layer's keys are read. Returns (out_BxTxD, new kv).
     The product is `jax.nn.dot_product_attention` (`cfg.attention_impl`): cuDNN's fused kernel on
     GPUs where it applies, XLA's softmax(q k^T) v elsewhere.
     """
@@ -239,18 +241,27 @@ class Attention(nnx.Module):
     k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
     if kv_cache is None:
       k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
-    else:
+    elif layer is None:
       k_cache_BxSxKxH, v_cache_BxSxKxH = kv_cache
       start = (0, cache_index, 0, 0)
       k_BxSxKxH = jax.lax.dynamic_update_slice(
           k_cache_BxSxKxH, k_BxTxKxH.astype(k_cache_BxSxKxH.dtype), start)
       v_BxSxKxH = jax.lax.dynamic_update_slice(
           v_cache_BxSxKxH, v_BxTxKxH.astype(v_cache_BxSxKxH.dtype), start)
+      kv_cache = (k_BxSxKxH, v_BxSxKxH)
+    else:  # one stacked cache for every layer: write T slots of this layer, read this layer
+      k_cache, v_cache = kv_cache
+      start = (layer, 0, cache_index, 0, 0)
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH[None].astype(k_cache.dtype), start)
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH[None].astype(v_cache.dtype), start)
+      k_BxSxKxH = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)
+      v_BxSxKxH = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
+      kv_cache = (k_cache, v_cache)
     dtype = cfg.compute_dtype
     out_BxTxNxH = jax.nn.dot_product_attention(
         q_BxTxNxH.astype(dtype), k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype),
         mask=mask_BxTxS[:, None], scale=h ** -0.5, implementation=attention_implementation(cfg))
-    return self.o_proj(out_BxTxNxH.reshape(b, t, n * h)), (k_BxSxKxH, v_BxSxKxH)
+    return self.o_proj(out_BxTxNxH.reshape(b, t, n * h)), kv_cache
 
 
 class MLP(nnx.Module):
@@ -274,9 +285,9 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, cache_index):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, cache_index, layer=None):
     attn_BxTxD, kv_cache = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT,
-                                          mask_BxTxS, kv_cache, cache_index)
+                                          mask_BxTxS, kv_cache, cache_index, layer)
     h_BxTxD = x_BxTxD + attn_BxTxD
     return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD)), kv_cache
 
@@ -366,14 +377,8 @@ class Transformer(nnx.Module):
 
     x_BxTxD = self.embed_tokens(tokens_BxT)
     if self.cfg.scan_layers:
-      def step(block, x_BxTxD, kv):
-        return block(x_BxTxD, positions_BxT, mask_BxTxS, kv, cache_index)
-
-      kv = None if cache is None else (cache.k, cache.v)
-      policy = None if cache is not None else _SCAN_POLICY[self.cfg.remat]  # no backward: none
-      x_BxTxD, new_kv = stacked.scan(self.layers, step, x_BxTxD, kv, policy=policy)
-      new_cache = None if cache is None else KVCache(*new_kv, valid_BxS=key_valid_BxS)
-      return self.norm(x_BxTxD), new_cache
+      return self._scanned_hidden_states(x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index,
+                                         key_valid_BxS)
     new_kv = []
     call_block = _remat_block if self.cfg.remat and cache is None else _call_block
     for layer, kv in zip(self.layers, kv_caches):
@@ -382,6 +387,27 @@ class Transformer(nnx.Module):
     new_cache = None if cache is None else KVCache(
         k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv), valid_BxS=key_valid_BxS)
     return self.norm(x_BxTxD), new_cache
+
+  def _scanned_hidden_states(self, x_BxTxD, positions_BxT, mask_BxTxS, cache, cache_index,
+                             key_valid_BxS):
+    """`hidden_states`' layers by one `lax.scan` over the stacked block (`models.stacked`)."""
+    if cache is None:
+      def step(block, x_BxTxD, _):
+        return block(x_BxTxD, positions_BxT, mask_BxTxS, None, None)[0], None
+
+      x_BxTxD, _ = stacked.scan(self.layers, step, x_BxTxD,
+                                policy=_SCAN_POLICY[self.cfg.remat])
+      return self.norm(x_BxTxD), None
+
+    # The cache rides in the carry and each layer writes its T new slots in place: as scanned
+    # outputs the whole cache would be copied at every decoding step.
+    def cached_step(block, carry, layer):
+      x_BxTxD, kv = carry
+      return block(x_BxTxD, positions_BxT, mask_BxTxS, kv, cache_index, layer), None
+
+    (x_BxTxD, (k, v)), _ = stacked.scan(self.layers, cached_step, (x_BxTxD, (cache.k, cache.v)),
+                                        jnp.arange(self.cfg.n_layers))
+    return self.norm(x_BxTxD), KVCache(k=k, v=v, valid_BxS=key_valid_BxS)
 
   def head_kernel(self) -> jax.Array:
     """The output projection (D, V) in the compute dtype: the tied embedding's transpose or
@@ -394,6 +420,22 @@ class Transformer(nnx.Module):
 def make_model(cfg: ModelConfig, seed: int) -> Transformer:
   """A freshly initialised decoder: N(0, 0.02^2) kernels and embeddings, unit norm scales."""
   return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def separate_layers(model: Transformer) -> Transformer:
+  """`model` with its layers as a list of blocks (`scan_layers=False`), the same parameters
+  unstacked (`stacked.unstack_layers`); `model` itself when its layers are not scanned.
+
+  Inside jit this costs a copy of the layers' parameters. The sampler pays it once per call: a
+  decoding step through scanned layers slices every layer's weights out of the stacked arrays at
+  every token, measured 0.78x the tokens/s of separate layers on the CPU (experiments/README.md,
+  "Scanned layers")."""
+  if not model.cfg.scan_layers:
+    return model
+  cfg = dataclasses.replace(model.cfg, scan_layers=False)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, stacked.unstack_layers(nnx.to_pure_dict(nnx.state(model))))
+  return nnx.merge(graphdef, state)
 
 
 def forward_logits(model: Transformer, tokens_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:

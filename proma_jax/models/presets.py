@@ -38,7 +38,7 @@ def preset(name: str, **overrides) -> ModelConfig:
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise TypeError(f"unknown ModelConfig field(s) {unknown} for preset {name!r}")
-  kwargs = dict(PRESETS[name], scan_layers=True, **overrides)  # scanned unless told otherwise
+  kwargs = dict(PRESETS[name], **dict({"scan_layers": True}, **overrides))  # scanned by default
   missing = sorted(f for f in ("vocab_size", "max_len") if f not in kwargs)
   if missing:
     raise TypeError(f"preset {name!r} needs {missing} (e.g. from the task's tokenizer and lengths)")

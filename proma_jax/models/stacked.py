@@ -102,7 +102,8 @@ def _modules(module: nnx.Module) -> dict:
 
 
 def scan(stack: nnx.Module, fn: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], carry: Any,
-         xs: Any = None, *, policy: Callable | None = None) -> tuple[Any, Any]:
+         xs: Any = None, *, policy: Callable | None = None,
+         unroll: int | bool = 1) -> tuple[Any, Any]:
   """`lax.scan` of `fn(layer, carry, x) -> (carry, y)` over the layers of a stacked module.
 
   `layer` is a copy of `stack` holding layer l's slice of every Variable; `xs` and the returned
@@ -111,7 +112,7 @@ def scan(stack: nnx.Module, fn: Callable[[nnx.Module, Any, Any], tuple[Any, Any]
   its backward step (`nothing_saveable`: only the carry of every layer and what `fn` returns stay
   alive between the passes). Without one every residual is stored, stacked over the layers.
   Captures (`nnx.capture`) made inside `fn` are returned into the stacked module's own captures,
-  stacked over the layers.
+  stacked over the layers. `unroll`: as `jax.lax.scan`'s.
   """
   taken = _take_captures(stack)
   try:
@@ -134,7 +135,7 @@ def scan(stack: nnx.Module, fn: Callable[[nnx.Module, Any, Any], tuple[Any, Any]
 
     if policy is not None:
       body = jax.checkpoint(body, policy=policy)
-    carry, (ys, captured) = jax.lax.scan(body, carry, (state, xs, capture_init))
+    carry, (ys, captured) = jax.lax.scan(body, carry, (state, xs, capture_init), unroll=unroll)
   finally:
     modules = _modules(stack)
     for path, captures in taken.items():
