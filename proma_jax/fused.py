@@ -107,7 +107,11 @@ def _backward(rule, residuals, dy):
   return dx.astype(x.dtype), dkernel, dslot
 
 
-fused_dense.defvjp(_forward, _backward)
+# optimize_remat: under jax.checkpoint (remat, and the scanned layers' body, which is always
+# checkpointed) the forward is re-run in the backward step instead of saving its residuals. Without
+# it the scan stored each layer's residuals (x, the kernel and the slot with R) stacked: +35 MiB per
+# Qwen3-0.6B-shaped layer for proma_intra (experiments/README.md, "Scanned layers").
+fused_dense.defvjp(_forward, _backward, optimize_remat=True)
 
 
 def kernel_change(rule: FusedRule, slot: FusedSlot, x: jax.Array, dy: jax.Array,
