@@ -8,6 +8,7 @@ the real SmolLM2-135M GGUF file is checked against slices of transformers' own d
 import dataclasses
 import json
 import pathlib
+import re
 
 import gguf
 import jax.numpy as jnp
@@ -423,3 +424,61 @@ def test_smollm2_gguf_matches_transformers_dequantization(smollm2):
     np.testing.assert_allclose(w, value, atol=1e-6, rtol=0, err_msg=key)
   q_cols = reference["model.layers.0.self_attn.q_proj.weight:cols"]
   assert np.abs(llama_cpp_permute(q_cols, cfg.n_heads) - q_cols).max() > 0.1
+
+
+def _truncate(path: pathlib.Path, keep: int) -> None:
+  path.write_bytes(path.read_bytes()[:keep])
+
+
+def _data_offsets_past_the_end(path: pathlib.Path) -> None:
+  """Rewrite the header so that the last tensor's data ends past the end of the file."""
+  raw = path.read_bytes()
+  n = int.from_bytes(raw[:8], "little")
+  header = json.loads(raw[8:8 + n])
+  name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+  start, end = header[name]["data_offsets"]
+  header[name]["data_offsets"] = [start + 64, end + 64]
+  new = json.dumps(header).encode()
+  new += b" " * (-len(new) % 8)
+  path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: _truncate(d / "model.safetensors", 100),
+     r"model\.safetensors: not a readable safetensors file, truncated or corrupt\?"),
+    (lambda d: _truncate(d / "model.safetensors", 4),
+     r"model\.safetensors: not a readable safetensors file"),
+    (lambda d: _data_offsets_past_the_end(d / "model.safetensors"),
+     r"model\.safetensors: (not a readable safetensors file|tensor \S+ is unreadable)"),
+    (lambda d: (d / "config.json").write_text("{not json"),
+     r"config\.json: unreadable config \(JSONDecodeError"),
+    (lambda d: (d / "config.json").write_text("[1, 2]"),
+     r"config\.json: the config must be a JSON object, got a list"),
+    (lambda d: (d / "config.json").write_text(json.dumps(dict(QWEN3, num_hidden_layers="two"))),
+     r"config\.json: config key 'num_hidden_layers' must be an integer, got 'two'"),
+])
+def test_damaged_files_raise_checkpoint_errors_naming_the_file(tmp_path, damage, message):
+  """A truncated or garbled safetensors file and a malformed config.json raise CheckpointError
+  naming the file, never a raw SafetensorError, JSONDecodeError or ValueError from int()."""
+  directory = write_hf(tmp_path, QWEN3, hf_tensors(QWEN3))
+  damage(directory)
+  with pytest.raises(CheckpointError, match=message):
+    load_model(directory)
+
+
+def test_shard_index_cannot_point_outside_the_checkpoint(tmp_path):
+  """An index entry that resolves outside the directory is refused before any file is opened."""
+  directory = write_hf(tmp_path / "ckpt", LLAMA, hf_tensors(LLAMA), shards=2)
+  (tmp_path / "secret").write_text("not a checkpoint")
+  index_path = directory / "model.safetensors.index.json"
+  index = json.loads(index_path.read_text())
+  name = sorted(index["weight_map"])[0]
+  for target in ("../secret", "/etc/passwd"):
+    index["weight_map"][name] = target
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"index\.json: weight_map entry '{re.escape(name)}'"
+                                              rf" -> '{re.escape(target)}' points outside"):
+      load_model(directory)
+  index_path.write_text("{broken")
+  with pytest.raises(CheckpointError, match=r"index\.json: unreadable shard index"):
+    load_model(directory)

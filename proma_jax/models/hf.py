@@ -130,15 +130,22 @@ def config_from_hf(config: dict, source: str) -> ModelConfig:
   if config.get("hidden_act", "silu") != "silu":
     raise CheckpointError(f"{source}: hidden_act={config['hidden_act']!r} is not supported "
                           "(only 'silu')")
-  n_heads = int(get("num_attention_heads"))
-  head_dim = config.get("head_dim") or defaults["head_dim"] or get("hidden_size") // n_heads
-  max_len = int(get("max_position_embeddings"))
+  def integer(key):
+    value = get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise CheckpointError(f"{source}: config key {key!r} must be an integer, got {value!r}")
+    return value
+
+  n_heads = integer("num_attention_heads")
+  head_dim = (integer("head_dim") if config.get("head_dim") or defaults["head_dim"]
+              else integer("hidden_size") // n_heads)
+  max_len = integer("max_position_embeddings")
   theta, scaling = _rope(config, source, max_len)
   fields = dict(
-      vocab_size=int(get("vocab_size")), d_model=int(get("hidden_size")),
-      n_layers=int(get("num_hidden_layers")), n_heads=n_heads,
-      n_kv_heads=int(config.get("num_key_value_heads") or n_heads), head_dim=int(head_dim),
-      mlp_dim=int(get("intermediate_size")), max_len=max_len,
+      vocab_size=integer("vocab_size"), d_model=integer("hidden_size"),
+      n_layers=integer("num_hidden_layers"), n_heads=n_heads,
+      n_kv_heads=integer("num_key_value_heads") if config.get("num_key_value_heads") else n_heads,
+      head_dim=int(head_dim), mlp_dim=integer("intermediate_size"), max_len=max_len,
       tie_embeddings=bool(get("tie_word_embeddings")), rope_theta=theta,
       norm_eps=float(get("rms_norm_eps")), qk_norm=family == "qwen3", rope_scaling=scaling)
   try:
@@ -147,20 +154,68 @@ def config_from_hf(config: dict, source: str) -> ModelConfig:
     raise CheckpointError(f"{source}: {e}") from e
 
 
+def _read_json(path: pathlib.Path, what: str) -> dict:
+  """The JSON object in `path`; CheckpointError naming the file when it is not one."""
+  try:
+    value = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise CheckpointError(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from None
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{path}: the {what} must be a JSON object, got a "
+                          f"{type(value).__name__}")
+  return value
+
+
+def _safe_open(path: pathlib.Path):
+  """`safetensors.safe_open(path)`; CheckpointError naming the file when its header is unreadable
+  (a truncated file, a garbled header, offsets past the end of the file)."""
+  try:
+    return safetensors.safe_open(path, framework="numpy")
+  except (safetensors.SafetensorError, OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt? "
+                          f"({type(e).__name__}: {e})") from None
+
+
+def _shard_path(directory: pathlib.Path, index: pathlib.Path, name: str, file) -> pathlib.Path:
+  """The shard that the index names for tensor `name`, refused unless it is a file name inside
+  `directory` (an index must not make the loader open files elsewhere)."""
+  if not isinstance(file, str) or not file:
+    raise CheckpointError(f"{index}: weight_map entry {name!r} -> {file!r} is not a file name")
+  path = (directory / file).resolve()
+  if not path.is_relative_to(directory.resolve()):
+    raise CheckpointError(f"{index}: weight_map entry {name!r} -> {file!r} points outside the "
+                          f"checkpoint directory {directory}; refused")
+  return path
+
+
 def _weight_map(directory: pathlib.Path) -> tuple[pathlib.Path, dict[str, str]]:
   """(the file that lists the tensors, tensor name -> safetensors file name): the shard index's
   `weight_map`, or every tensor of the single `model.safetensors`."""
   index = directory / _INDEX_FILE
   if index.is_file():
-    weight_map = json.loads(index.read_text()).get("weight_map")
+    weight_map = _read_json(index, "shard index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
       raise CheckpointError(f"{index}: no 'weight_map' (tensor name -> shard file)")
+    for name, file in weight_map.items():
+      _shard_path(directory, index, name, file)
     return index, weight_map
   single = directory / _SINGLE_FILE
   if not single.is_file():
     raise CheckpointError(f"{directory}: neither {_SINGLE_FILE} nor {_INDEX_FILE} found")
-  with safetensors.safe_open(single, framework="numpy") as f:
+  with _safe_open(single) as f:
     return single, {name: _SINGLE_FILE for name in f.keys()}
+
+
+def _reader(directory: pathlib.Path, handles: dict, weight_map: dict[str, str]):
+  """name -> the tensor as a NumPy array; CheckpointError naming the file and the tensor when its
+  bytes cannot be read (e.g. the data ends before the header says)."""
+  def read(name: str):
+    try:
+      return handles[weight_map[name]].get_tensor(name)
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+      raise CheckpointError(f"{directory / weight_map[name]}: tensor {name} is unreadable, "
+                            f"truncated or corrupt? ({type(e).__name__}: {e})") from None
+  return read
 
 
 @contextlib.contextmanager
@@ -170,14 +225,14 @@ def open_checkpoint(directory: str | pathlib.Path) -> Iterator[Checkpoint]:
   config_file = directory / "config.json"
   if not config_file.is_file():
     raise CheckpointError(f"{directory}: no config.json")
+  config = _read_json(config_file, "config")
   listing, weight_map = _weight_map(directory)
   with contextlib.ExitStack() as stack:
     handles = {}
     for file in sorted(set(weight_map.values())):
       if not (directory / file).is_file():
         raise CheckpointError(f"{listing}: shard {file} does not exist")
-      handles[file] = stack.enter_context(
-          safetensors.safe_open(directory / file, framework="numpy"))
+      handles[file] = stack.enter_context(_safe_open(directory / file))
     for file, handle in handles.items():
       listed = {name for name, f in weight_map.items() if f == file}
       absent = sorted(listed - set(handle.keys()))
@@ -185,8 +240,8 @@ def open_checkpoint(directory: str | pathlib.Path) -> Iterator[Checkpoint]:
         raise CheckpointError(f"{directory / file}: tensor {absent[0]} listed in the index is "
                               f"not in the file ({len(absent)} missing)")
     yield Checkpoint(
-        config=json.loads(config_file.read_text()), config_source=str(config_file),
+        config=config, config_source=str(config_file),
         tensors_source=str(listing),
         origins={name: str(directory / file) for name, file in weight_map.items()},
-        read=lambda name: handles[weight_map[name]].get_tensor(name),
+        read=_reader(directory, handles, weight_map),
         load_tokenizer=lambda: tokenizer.from_hf_dir(directory))
