@@ -5,6 +5,10 @@ import ml_collections
 ALGORITHMS = ("reinforce", "grpo", "proma", "proma_intra", "proma_both")
 
 
+class ConfigError(ValueError):
+  """An invalid config field; the message starts with `config.<field>:` (`train.validate_config`)."""
+
+
 def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
   """The full set of fields; every one can be overridden on the command line (--config.x.y=...)."""
   if algorithm not in ALGORITHMS:

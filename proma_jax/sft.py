@@ -23,7 +23,7 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from proma_jax import policy as policy_lib
+from proma_jax import cli, policy as policy_lib
 from proma_jax import tasks
 from proma_jax.models import stacked
 from proma_jax.checkpoint import Checkpointer
@@ -117,9 +117,10 @@ def main():
   config = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
   flags.mark_flags_as_required(["config"])
   def _main(argv):
-    del argv
+    cli.refuse_positional_arguments(argv)
     logging.set_verbosity(logging.WARNING)
-    load_or_train(config.value)
+    with cli.expected_errors_as_messages():
+      load_or_train(config.value)
 
   app.run(_main)
 

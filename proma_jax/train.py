@@ -63,7 +63,8 @@ from ml_collections import config_flags
 
 import proma_jax
 from proma_jax import losses
-from proma_jax.config import ALGORITHMS
+from proma_jax import cli
+from proma_jax.config import ALGORITHMS, ConfigError
 from proma_jax import mesh as mesh_lib
 from proma_jax.models import decoder as model_lib, stacked as stacked_lib
 from proma_jax import policy as policy_lib
@@ -102,7 +103,8 @@ def _non_finite_fields(node, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first invalid field of an RL config (`config.<field>: ...`).
+  """Raises ConfigError (a ValueError) naming the first invalid field of an RL config
+  (`config.<field>: ...`).
 
   Every numeric field is checked against its valid range (integers where the field counts or
   seeds something), and no float anywhere in the config, task_kwargs included, may be NaN or
@@ -111,7 +113,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
 
   def need(ok: bool, field: str, message: str):
     if not ok:
-      raise ValueError(f"config.{field}: {message}")
+      raise ConfigError(f"config.{field}: {message}")
 
   def get(field: str):
     node = c
@@ -991,14 +993,13 @@ def main():
       f"may change on resume ({', '.join(RESUMABLE_FIELDS)}); run.json then takes the new config.")
   flags.mark_flags_as_required(["config", "workdir"])
   def _main(argv):
-    del argv
+    cli.refuse_positional_arguments(argv)
     logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines off the console
-    try:
+    with cli.expected_errors_as_messages(ConfigChangedError, WorkdirLockedError):
       run(config.value, workdir.value, allow_config_change=allow_config_change.value)
-    except (ConfigChangedError, WorkdirLockedError) as e:
-      sys.exit(f"error: {e}")
 
   app.run(_main)
+
 
 
 if __name__ == "__main__":
