@@ -58,8 +58,8 @@ CURVE_PANELS = (
 def load_run(run_dir: str | os.PathLike) -> Run:
   """{"dir", "meta", "records"} of one run; records sorted by step, the last record of a step wins.
 
-  A line of metrics.jsonl that is not valid JSON (e.g. cut short by a kill), or not a JSON object
-  with an integer "step", is skipped with a warning. Raises ValueError if run.json is missing or is
+  A line of metrics.jsonl that is not UTF-8 or not valid JSON (e.g. cut short by a kill), or not a
+  JSON object with an integer "step", is skipped with a warning. Raises ValueError if run.json is missing or is
   not a JSON object (`main` skips such a directory with a warning).
   """
   run_dir = os.fspath(run_dir)
@@ -76,8 +76,13 @@ def load_run(run_dir: str | os.PathLike) -> Run:
   by_step: dict[int, dict[str, Any]] = {}
   metrics_path = os.path.join(run_dir, "metrics.jsonl")
   if os.path.exists(metrics_path):
-    with open(metrics_path) as f:
-      for line_number, line in enumerate(f, start=1):
+    with open(metrics_path, "rb") as f:  # decoded line by line: one bad byte costs one line
+      for line_number, raw in enumerate(f, start=1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          log.warning("%s:%d is not UTF-8 (%s); skipping it.", metrics_path, line_number, e)
+          continue
         if not line.strip():
           continue
         try:
@@ -98,8 +103,18 @@ def load_run(run_dir: str | os.PathLike) -> Run:
 
 
 def metric_series(run: Run, key: str) -> tuple[list[int], list[float]]:
-  """(steps, values) of the records of `run` that hold `key`, in step order."""
-  pairs = [(r["step"], float(r[key])) for r in run["records"] if r.get(key) is not None]
+  """(steps, values) of the records of `run` that hold `key`, in step order. A value that is not a
+  number (a string, a list, a bool) is skipped with a warning naming the run and the step."""
+  pairs = []
+  for r in run["records"]:
+    value = r.get(key)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      log.warning("%s: step %d has a non-numeric %r value %r; skipping it.", run["dir"],
+                  r["step"], key, value)
+      continue
+    pairs.append((r["step"], float(value)))
   return [s for s, _ in pairs], [v for _, v in pairs]
 
 

@@ -165,3 +165,24 @@ def test_cli_skips_directories_without_run_json(run_dirs, tmp_path, capsys, capl
     report.main([str(stray), "--out", str(out)])
   assert exit_info.value.code == 2
   assert "run.json" in capsys.readouterr().err
+
+
+def test_non_utf8_lines_and_non_numeric_values_are_skipped_with_a_warning(tmp_path, caplog):
+  """One bad byte costs its line, not the run; a non-numeric metric value costs that value."""
+  run_dir = tmp_path / "r"
+  write_run(run_dir, {"algorithm": "grpo", "task": "arith", "lr": 1e-4, "seed": 0}, [
+      {"step": 0, "val/accuracy": 0.25},
+      step_record(1, 0.1, 0.02, 1.5, 0.02),
+      dict(step_record(2, 0.2, 0.04, 1.4, 0.05), **{"kl/step": "abc"}),
+  ])
+  with open(run_dir / "metrics.jsonl", "ab") as f:
+    f.write(b'{"step": 3, "reward/mean": 0.9, "note": "\xff"}\n')
+    f.write((json.dumps(step_record(4, 0.4, 0.08, 1.2, 0.1)) + "\n").encode())
+  with caplog.at_level("WARNING", logger="proma_jax.report"):
+    run = report.load_run(run_dir)
+    summary = report.summarize_run(run)
+  assert [r["step"] for r in run["records"]] == [0, 1, 2, 4]
+  assert any("metrics.jsonl:4 is not UTF-8" in m for m in caplog.messages), caplog.messages
+  assert any("step 2 has a non-numeric 'kl/step' value 'abc'" in m for m in caplog.messages)
+  assert summary["kl_step_mean"] == pytest.approx((0.02 + 0.08) / 2)
+  assert summary["reward_last"] == pytest.approx(0.4)
