@@ -68,7 +68,7 @@ def _run(command: list[str], cwd: pathlib.Path, returncode: int = 0) -> subproce
   env = {**os.environ, "JAX_PLATFORMS": "cpu", 
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-  result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+  result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=1800, env=env)
   assert (result.returncode == 0) == (returncode == 0), (
       f"{shlex.join(command)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
   return result

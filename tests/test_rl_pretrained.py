@@ -202,7 +202,7 @@ def test_cli_qwen3_gsm8k_killed_and_resumed_equals_uninterrupted(tmp_path):
   env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   ref = subprocess.run(cli(reference, train_path, test_path), cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=1800)
   assert ref.returncode == 0, ref.stdout + ref.stderr
   expected = read_records(reference)
   assert [r["step"] for r in expected] == [0, 1, 2, 3]
@@ -218,19 +218,19 @@ def test_cli_qwen3_gsm8k_killed_and_resumed_equals_uninterrupted(tmp_path):
 
   proc = subprocess.Popen(cli(killed, train_path, test_path), cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 300
+  deadline = time.time() + 1800  # no tight limit: a busy machine must not fail the test
   try:
     while not (killed / "checkpoints" / "1").is_dir():
       assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
       time.sleep(0.02)
   finally:
     proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=600)
   assert proc.returncode == -signal.SIGKILL, out
   assert 1 in [r["step"] for r in read_records(killed)]
 
   resumed = subprocess.run(cli(killed, train_path, test_path), cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=1800)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
   match = re.search(rf"resuming {re.escape(str(killed))} from step (\d+)", resumed.stdout)
   assert match and 1 <= int(match.group(1)) < 3, resumed.stdout

@@ -102,7 +102,7 @@ def test_second_run_on_a_locked_workdir_fails_at_once_naming_the_holder(tmp_path
     assert not lock_is_free(workdir)
   finally:
     holder.stdin.close()
-    holder.wait(timeout=60)
+    holder.wait(timeout=600)
   assert lock_is_free(workdir)  # released by the holder's exit
 
 
@@ -215,7 +215,7 @@ def test_signals_then_resume_leave_the_uninterrupted_metrics_file(warm_dir, tmp_
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   start = lambda: subprocess.Popen(cli(killed, warm, 10_000), cwd=REPO, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 300
+  deadline = time.time() + 1800  # no tight limit: a busy machine must not fail the test
 
   def wait_for_steps(proc, n):
     while not (os.path.exists(killed / "metrics.jsonl") and len(logged_steps(killed)) >= n):
@@ -227,7 +227,7 @@ def test_signals_then_resume_leave_the_uninterrupted_metrics_file(warm_dir, tmp_
     wait_for_steps(proc, 3)
   finally:
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=1800)
   assert proc.returncode == 128 + signal.SIGTERM, out
   terminated = max(logged_steps(killed))
   assert terminated >= 2 and checkpoint_steps(killed)[-1] == terminated
@@ -238,14 +238,14 @@ def test_signals_then_resume_leave_the_uninterrupted_metrics_file(warm_dir, tmp_
       assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
       time.sleep(0.1)
     second = subprocess.run(cli(killed, warm, 5, "--allow_config_change"), cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=1800)
     assert second.returncode == 1, second.stdout + second.stderr
     assert f"in use by another run (pid {proc.pid} " in second.stderr
     assert proc.poll() is None  # the first run goes on
     wait_for_steps(proc, terminated + 3)
   finally:
     proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=600)
   assert f"resuming {killed} from step {terminated}" in out
   assert proc.returncode == -signal.SIGKILL
   last_checkpoint = checkpoint_steps(killed)[-1]
@@ -254,10 +254,10 @@ def test_signals_then_resume_leave_the_uninterrupted_metrics_file(warm_dir, tmp_
     f.write(b'{"step": %d, "loss": 0.0' % (steps - 2))
 
   ref = subprocess.run(cli(reference, warm, steps), cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=1800)
   assert ref.returncode == 0, ref.stdout + ref.stderr
   resumed = subprocess.run(cli(killed, warm, steps), cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=1800)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
   assert f"resuming {killed} from step {last_checkpoint}" in resumed.stdout
 
@@ -269,7 +269,7 @@ def test_signals_then_resume_leave_the_uninterrupted_metrics_file(warm_dir, tmp_
 
   run_json = read_bytes(killed / "run.json")
   refused = subprocess.run(cli(killed, warm, steps + 2, "--config.optim.lr=1e-3"), cwd=REPO,
-                           env=env, capture_output=True, text=True, timeout=120)
+                           env=env, capture_output=True, text=True, timeout=1800)
   assert refused.returncode == 1
   assert "config.optim.lr: 0.0003 -> 0.001" in refused.stderr, refused.stderr
   assert read_bytes(killed / "run.json") == run_json
