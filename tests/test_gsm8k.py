@@ -91,6 +91,27 @@ def test_extract_final_answer_strict_needs_a_marker(text, loose):
   assert extract_final_answer(text, strict=False) == loose
 
 
+@pytest.mark.parametrize("text, strict, loose", [
+    ("#### 1e3", None, None),            # scientific notation is not a number
+    ("the mass is 1e400", None, None),
+    ("#### 1/2", None, None),            # nor is a fraction, on either side of the slash
+    ("so 3/4 of 12 is 9", None, "9"),    # the fallback skips it and finds the last whole number
+    ("#### 12abc", None, None),          # glued to a word
+    ("x 12abc 5", None, "5"),
+    ("#### 1.2.3", None, None),          # two decimal points
+    ("The answer is: 7/8", None, None),
+    ("#### 12 apples", "12", "12"),      # whole tokens still count
+    ("#### 18.", "18", "18"),
+    ("The answer is 50%.", "50", "50"),
+])
+def test_a_final_answer_is_a_whole_number_token(text, strict, loose):
+  """Malformed answers earn nothing: "1e3", "1/2" and "12abc" are not read as 1 or 12."""
+  assert extract_final_answer(text) == strict
+  assert extract_final_answer(text, strict=False) == loose
+  assert number_reward(text, True, "1") == 0.0 and number_reward(text, True, "12") == float(
+      strict == "12")
+
+
 def test_number_reward_and_format():
   """Reward 1 iff the extracted answer equals the normalized gold; `terminated` is not needed."""
   assert number_reward("#### 18", True, "18") == 1.0

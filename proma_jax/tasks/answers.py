@@ -12,6 +12,11 @@ marker answers with the last number anywhere in its text (a model told to reply 
 number"). Numbers compare in a canonical form (`normalize_number`): "$18.00", "18." and "18" are
 the same answer, "3.50" and "3.5" too, ".5" and "0.5" too. A percent sign is not part of a number:
 `normalize_number("50%")` is None, and the extractors read "50%" as "50".
+
+A final answer is a whole number token: one glued to a letter, a digit, `_`, `/` or a further
+`.digits` is not a number, so a malformed answer earns nothing. Scientific notation ("#### 1e3", "1e400"),
+fractions ("#### 1/2") and glued words ("#### 12abc") give no answer after their marker (not "1"
+or "12"), and the fallback of `strict=False` skips them.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from proma_jax.tasks.base import SampleFn, Task
 # An optional sign and/or dollar sign, then digits (with `,` thousands separators or none) and an
 # optional fraction, which may be empty ("18.", the end of a sentence), or a bare fraction (".5").
 _NUMBER = re.compile(
-    r"(?<![\w.])(?:[-+\u2212]\$?|\$[-+\u2212]?)?"
+    r"(?<![\w./])(?:[-+\u2212]\$?|\$[-+\u2212]?)?"
     r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)")
 _ANSWER_IS = re.compile(r"answer\s+is|answer\s*:", re.IGNORECASE)
 _BOXED = "\\boxed{"
@@ -50,11 +55,20 @@ def normalize_number(text: str) -> str | None:
   return digits.rstrip("0").rstrip(".") if "." in digits else digits
 
 
+# What may not follow a number for it to be a whole token (see the module docstring).
+_GLUED = re.compile(r"[\w/]|\.\d")
+
+
+def _whole(match: re.Match, text: str) -> bool:
+  return _GLUED.match(text, match.end()) is None
+
+
 def _number_after(text: str) -> str | None:
-  """The normalized first number on the first non-blank line of `text`, or None."""
+  """The normalized first number on the first non-blank line of `text`, or None (also when that
+  first number is not a whole token: "12abc", "1e3", "1/2")."""
   line = text.lstrip().split("\n", 1)[0]
   match = _NUMBER.search(line)
-  return normalize_number(match.group()) if match else None
+  return normalize_number(match.group()) if match and _whole(match, line) else None
 
 
 def _last_boxed(text: str) -> str | None:
@@ -91,7 +105,7 @@ def extract_final_answer(text: str, strict: bool = True) -> str | None:
       return number
   if strict:
     return None
-  numbers = _NUMBER.findall(text)
+  numbers = [m.group() for m in _NUMBER.finditer(text) if _whole(m, text)]
   return normalize_number(numbers[-1]) if numbers else None
 
 
