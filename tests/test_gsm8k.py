@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import sys
 import types
 
@@ -350,6 +351,40 @@ def test_word_arith_template_and_reward():
     tasks.get_task("word_arith", template="What is {x}?")
   with pytest.raises(ValueError, match=r"task_kwargs\.ops"):
     tasks.get_task("word_arith", ops="/")
+
+
+@pytest.mark.parametrize("task", ["word_arith", "arith"])
+@pytest.mark.parametrize("field, digits", [
+    ("train_digits", (1, 19)),  # 10**19 overflows int64 (and products overflow long before)
+    ("train_digits", (3, 1)),
+    ("val_digits", (0, 2)),
+    ("val_digits", (1.5, 2)),
+    ("val_digits", (1, 2, 3)),
+])
+def test_digit_ranges_are_checked_naming_the_field(task, field, digits):
+  with pytest.raises(ValueError, match=rf"config\.task_kwargs\.{field}: must be \(low, high\)"):
+    tasks.get_task(task, **{field: digits})
+
+
+def test_nine_digit_products_are_exact():
+  """The largest operands allowed: every answer is the exact integer (no int64 wrap-around)."""
+  task = tasks.get_task("word_arith", ops="*", train_digits=(9, 9))
+  for ex in task.train_examples(64, seed=0):
+    a, b = re.fullmatch(r"What is (\d+) \* (\d+)\? .*", ex.prompt).groups()
+    assert ex.answer == str(int(a) * int(b)), ex
+
+
+def test_word_arith_template_and_instruction_from_the_command_line():
+  """configs/smollm2_arith.py exposes template and instruction as task_kwargs."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      "smollm2_arith", pathlib.Path(__file__).parents[1] / "configs" / "smollm2_arith.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("grpo")
+  c.task_kwargs.template, c.task_kwargs.instruction = "How much is {a} {op} {b}?", "Be brief."
+  ex = tasks.get_task(c.task, **c.task_kwargs.to_dict()).train_examples(1, seed=0)[0]
+  assert ex.prompt.startswith("How much is ") and ex.prompt.endswith("? Be brief.")
 
 
 def test_registry_names():

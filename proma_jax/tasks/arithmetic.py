@@ -16,11 +16,21 @@ from proma_jax.tasks.base import Example, Task
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 
-def _operand_range(digits: tuple[int, int]) -> tuple[int, int]:
-  """Smallest and largest integer with between digits[0] and digits[1] decimal digits."""
-  low_digits, high_digits = digits
-  if not 1 <= low_digits <= high_digits:
-    raise ValueError(f"digit range must satisfy 1 <= low <= high, got {digits}")
+# Operands are drawn as int64 and multiplied: 9 digits keep a product below 2^63.
+MAX_DIGITS = 9
+
+
+def _operand_range(digits, field: str = "digits") -> tuple[int, int]:
+  """Smallest and largest integer with between digits[0] and digits[1] decimal digits; ValueError
+  naming `config.task_kwargs.<field>` unless 1 <= digits[0] <= digits[1] <= MAX_DIGITS."""
+  try:
+    low_digits, high_digits = (int(d) if int(d) == d else None for d in digits)
+  except (TypeError, ValueError):
+    low_digits = high_digits = None
+  if low_digits is None or high_digits is None or not 1 <= low_digits <= high_digits <= MAX_DIGITS:
+    raise ValueError(f"config.task_kwargs.{field}: must be (low, high) numbers of digits with "
+                     f"1 <= low <= high <= {MAX_DIGITS} (operands and products stay within "
+                     f"int64), got {digits!r}")
   low = 0 if low_digits == 1 else 10 ** (low_digits - 1)
   return low, 10 ** high_digits - 1
 
@@ -52,7 +62,8 @@ def arithmetic_task(
   """
   if not ops or any(op not in OPERATIONS for op in ops) or len(set(ops)) != len(ops):
     raise ValueError(f"ops must be distinct characters of {''.join(OPERATIONS)!r}, got {ops!r}")
-  ranges = {"train": _operand_range(tuple(train_digits)), "val": _operand_range(tuple(val_digits))}
+  ranges = {"train": _operand_range(train_digits, "train_digits"),
+            "val": _operand_range(val_digits, "val_digits")}
 
   def sample(split: str, n: int, rng: np.random.Generator) -> list[Example]:
     return [Example(f"{a}{op}{b}=", str(OPERATIONS[op](a, b)))

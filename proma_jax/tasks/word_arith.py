@@ -42,7 +42,8 @@ def word_arith_task(
   except (KeyError, IndexError, ValueError) as error:
     raise ValueError(f"config.task_kwargs.template: {template!r} must use only the fields {{a}}, "
                      f"{{op}} and {{b}} ({type(error).__name__}: {error})") from None
-  ranges = {"train": _operand_range(tuple(train_digits)), "val": _operand_range(tuple(val_digits))}
+  ranges = {"train": _operand_range(train_digits, "train_digits"),
+            "val": _operand_range(val_digits, "val_digits")}
 
   def question(a: int, op: str, b: int) -> str:
     text = template.format(a=a, op=op, b=b)
