@@ -398,6 +398,17 @@ def test_gguf_errors_name_the_gguf_tensor(tmp_path):
     load_model(tmp_path / "gemma.gguf")
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.05])
+def test_truncated_gguf_says_truncated_and_names_the_file(tmp_path, keep):
+  """A GGUF file cut short (an interrupted download) gives CheckpointError naming the file, not a
+  bare NumPy reshape or dtype error."""
+  path = tmp_path / "cut.gguf"
+  write_gguf(path, GGUF_QWEN3, hf_tensors(GGUF_QWEN3, seed=7), {})
+  _truncate(path, int(path.stat().st_size * keep))
+  with pytest.raises(CheckpointError, match=r"cut\.gguf.*truncated or corrupt\?"):
+    load_model(path)
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_matches_transformers_dequantization(smollm2):
   """Every weight slice in the fixture (transformers' GGUF loader: dequantized, q/k rows

@@ -132,7 +132,11 @@ def check_rope_factors(rope_factors: np.ndarray, cfg: ModelConfig, source: str) 
 def open_checkpoint(path: str | pathlib.Path) -> Checkpoint:
   """The GGUF file at `path` as a `Checkpoint`: HF names, float32 tensors, Llama q/k unpermuted."""
   path = pathlib.Path(path)
-  reader = gguf.GGUFReader(path)
+  try:
+    reader = gguf.GGUFReader(path)
+  except (ValueError, IndexError, KeyError, OSError) as e:  # gguf-py's errors on a cut file
+    raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt? "
+                          f"({type(e).__name__}: {e})") from None
   tensors = {t.name: t for t in reader.tensors}
   shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in tensors.items()}
   meta = tokenizer.read_gguf_metadata(reader)
@@ -143,7 +147,11 @@ def open_checkpoint(path: str | pathlib.Path) -> Checkpoint:
 
   def read(name: str) -> np.ndarray:
     tensor = by_hf_name[name]
-    w = quants.dequantize(tensor.data, tensor.tensor_type)
+    try:
+      w = quants.dequantize(tensor.data, tensor.tensor_type)
+    except (ValueError, IndexError) as e:
+      raise CheckpointError(f"{path} (GGUF tensor {tensor.name}): unreadable data, truncated or "
+                            f"corrupt? ({type(e).__name__}: {e})") from None
     qk = re.fullmatch(r"model\.layers\.\d+\.self_attn\.([qk])_proj\.weight", name)
     if not qk or config["model_type"] != "llama":
       return w
