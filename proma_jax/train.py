@@ -70,7 +70,7 @@ from proma_jax.models import decoder as model_lib, stacked as stacked_lib
 from proma_jax import policy as policy_lib
 from proma_jax import sft, tasks
 from proma_jax import writers
-from proma_jax.models.loading import checkpoint_config
+from proma_jax.models.loading import checkpoint_config, checkpoint_fingerprint
 from proma_jax.checkpoint import Checkpointer
 
 _SOLVERS = ("exact", "gram_schmidt")
@@ -768,6 +768,26 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[An
   return changes
 
 
+def check_checkpoint_fingerprint(workdir: str, previous: dict, fingerprint: dict | None,
+                                 allow_config_change: bool) -> dict[str, tuple[Any, Any]]:
+  """{"model.checkpoint (files)": (old, new)} when the files at `model.checkpoint` differ from
+  those the run in `workdir` started from (`loading.checkpoint_fingerprint`, kept in run.json),
+  else {}. Raises ConfigChangedError naming the changed files unless `allow_config_change`: the
+  path may be the same while the model is not, and kl/init would then be measured against it.
+  Runs recorded before fingerprints existed resume as before."""
+  old = previous.get("checkpoint_fingerprint")
+  if old is None or fingerprint is None or old == fingerprint:
+    return {}
+  changed = sorted(name for name in set(old) | set(fingerprint)
+                   if old.get(name) != fingerprint.get(name))
+  if not allow_config_change:
+    raise ConfigChangedError(
+        f"{os.path.join(workdir, 'run.json')}: the files of model.checkpoint differ from those this "
+        f"run started from ({', '.join(changed)}); resume with the original checkpoint, start a "
+        "new --workdir, or pass --allow_config_change (run(..., allow_config_change=True))")
+  return {"model.checkpoint (files)": (old, fingerprint)}
+
+
 def _is_resumable(field: str) -> bool:
   return any(field == f or field.startswith(f + ".") for f in RESUMABLE_FIELDS)
 
@@ -912,6 +932,8 @@ def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
          allow_config_change: bool) -> list[dict]:
   config = _to_json(c)
   previous, changes = _check_resume_config(workdir, config, allow_config_change)
+  fingerprint = checkpoint_fingerprint(c.model.checkpoint) if c.model.checkpoint else None
+  changes.update(check_checkpoint_fingerprint(workdir, previous, fingerprint, allow_config_change))
   mesh_lib.initialize_distributed(c.distributed.num_processes, c.distributed.process_id,
                                   c.distributed.coordinator)
   lead = jax.process_index() == 0
@@ -940,6 +962,8 @@ def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
               "warm_start": warm_summary, "config": config}
       if history:
         meta["config_changes"] = history
+      if fingerprint is not None:
+        meta["checkpoint_fingerprint"] = fingerprint
       _write_atomically(os.path.join(workdir, "run.json"), json.dumps(meta, indent=1).encode())
 
   records = []

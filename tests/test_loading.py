@@ -493,3 +493,44 @@ def test_shard_index_cannot_point_outside_the_checkpoint(tmp_path):
   index_path.write_text("{broken")
   with pytest.raises(CheckpointError, match=r"index\.json: unreadable shard index"):
     load_model(directory)
+
+
+def test_checkpoint_fingerprint_follows_the_files_not_the_path(tmp_path, monkeypatch):
+  """Same files anywhere: same fingerprint. A changed weight, config or tokenizer file: another.
+  Large files are sampled (header and blocks), so a change inside a sampled block is seen too."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from proma_jax.models import loading  # pylint: disable=import-outside-toplevel
+  source = pathlib.Path(__file__).parent / "fixtures" / "hf" / "tiny_qwen3"
+  a, b = tmp_path / "a", tmp_path / "b"
+  shutil.copytree(source, a)
+  shutil.copytree(source, b)
+  print_a = loading.checkpoint_fingerprint(a)
+  assert print_a == loading.checkpoint_fingerprint(b) and "model.safetensors" in print_a
+  (b / "tokenizer_config.json").write_text((b / "tokenizer_config.json").read_text() + " ")
+  assert loading.checkpoint_fingerprint(b)["tokenizer_config.json"] != print_a[
+      "tokenizer_config.json"]
+  weights = bytearray((a / "model.safetensors").read_bytes())
+  weights[-1] ^= 1  # the last byte of the last tensor
+  (a / "model.safetensors").write_bytes(bytes(weights))
+  assert loading.checkpoint_fingerprint(a)["model.safetensors"] != print_a["model.safetensors"]
+  # The sampled digest of large files (forced here on the small fixture) sees it as well.
+  monkeypatch.setattr(loading, "FINGERPRINT_WHOLE", 0)
+  monkeypatch.setattr(loading, "FINGERPRINT_HEAD", 64)
+  monkeypatch.setattr(loading, "FINGERPRINT_BLOCK", 16)
+  sampled_a = loading.checkpoint_fingerprint(a)["model.safetensors"]
+  assert sampled_a != loading.checkpoint_fingerprint(source)["model.safetensors"]
+
+
+def test_resume_refuses_a_checkpoint_whose_files_changed(tmp_path):
+  from proma_jax import train  # pylint: disable=import-outside-toplevel
+  old = {"model.safetensors": "aaaa", "config.json": "bbbb"}
+  new = dict(old, **{"model.safetensors": "cccc"})
+  assert train.check_checkpoint_fingerprint(str(tmp_path), {}, new, False) == {}
+  assert train.check_checkpoint_fingerprint(str(tmp_path), {"checkpoint_fingerprint": old}, old,
+                                            False) == {}
+  with pytest.raises(train.ConfigChangedError, match=r"run\.json: the files of model\.checkpoint "
+                     r"differ from those this run started from \(model\.safetensors\)"):
+    train.check_checkpoint_fingerprint(str(tmp_path), {"checkpoint_fingerprint": old}, new, False)
+  assert train.check_checkpoint_fingerprint(
+      str(tmp_path), {"checkpoint_fingerprint": old}, new, True) == {
+          "model.checkpoint (files)": (old, new)}

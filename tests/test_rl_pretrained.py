@@ -35,6 +35,7 @@ from proma_jax import policy as policy_lib
 from proma_jax import tasks, train, writers
 from proma_jax.checkpoint import Checkpointer
 from proma_jax.config import base_config
+from proma_jax.models import loading
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "tests" / "fixtures" / "hf" / "tiny_qwen3"
@@ -211,6 +212,8 @@ def test_cli_qwen3_gsm8k_killed_and_resumed_equals_uninterrupted(tmp_path):
   assert all(r["response/length_max"] <= MAX_NEW_TOKENS for r in expected[1:])
   meta = json.loads((reference / "run.json").read_text())
   assert meta["warm_start"] == {"checkpoint": str(CHECKPOINT)}
+  # The resume below compares the checkpoint's files against this (loading.checkpoint_fingerprint).
+  assert meta["checkpoint_fingerprint"] == loading.checkpoint_fingerprint(CHECKPOINT)
   stored = meta["config"]
   assert stored["model"]["max_len"] == 1024
   assert stored["rollout"]["max_new_tokens"] == MAX_NEW_TOKENS

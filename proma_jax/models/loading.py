@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import pathlib
 from typing import Any, Iterator
@@ -40,7 +41,8 @@ from proma_jax.models import hf, stacked
 from proma_jax.models.decoder import ModelConfig, Transformer
 from proma_jax.models.hf import Checkpoint, CheckpointError
 
-__all__ = ["CheckpointError", "checkpoint_config", "load_model", "load_pretrained",
+__all__ = ["CheckpointError", "checkpoint_config", "checkpoint_fingerprint", "load_model",
+           "load_pretrained",
            "resolve_checkpoint"]
 
 _EMBEDDING, _LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -81,6 +83,39 @@ def checkpoint_config(spec: str | pathlib.Path, **config_overrides) -> ModelConf
   except TypeError:  # an unhashable override value: no memo
     with _open(path) as ckpt:
       return _config(ckpt, config_overrides)
+
+
+# Files up to this size are hashed whole; larger ones by their size, their first FINGERPRINT_HEAD
+# bytes (the safetensors header or the GGUF metadata and tensor table) and FINGERPRINT_SAMPLES
+# evenly spaced blocks of FINGERPRINT_BLOCK bytes, so that a 16 GB checkpoint costs milliseconds.
+FINGERPRINT_WHOLE = 64 * 2**20
+FINGERPRINT_HEAD = 16 * 2**20
+FINGERPRINT_SAMPLES, FINGERPRINT_BLOCK = 64, 64 * 2**10
+
+
+def _file_digest(path: pathlib.Path) -> str:
+  size = path.stat().st_size
+  digest = hashlib.sha256(str(size).encode())
+  with open(path, "rb") as f:
+    if size <= FINGERPRINT_WHOLE:
+      digest.update(f.read())
+    else:
+      digest.update(f.read(FINGERPRINT_HEAD))
+      for i in range(FINGERPRINT_SAMPLES):
+        f.seek(FINGERPRINT_HEAD + (size - FINGERPRINT_HEAD - FINGERPRINT_BLOCK) * i
+               // (FINGERPRINT_SAMPLES - 1))
+        digest.update(f.read(FINGERPRINT_BLOCK))
+  return digest.hexdigest()[:16]
+
+
+def checkpoint_fingerprint(spec: str | pathlib.Path) -> dict[str, str]:
+  """{file name: digest} of the files of a checkpoint (a directory's files, or the one .gguf file):
+  what a resumed run compares to know that `model.checkpoint` still holds the same model. It does
+  not depend on where the checkpoint lies. Small files (config, tokenizer, small weights) are
+  hashed whole, large ones by size, header and sampled blocks (`_file_digest`)."""
+  path = resolve_checkpoint(spec)
+  files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+  return {f.name: _file_digest(f) for f in files}
 
 
 def _file_state(path: pathlib.Path) -> tuple:
