@@ -286,20 +286,20 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
                           weight_decay=c.optim.weight_decay))
   m = c.train.num_microbatches
   # Local data-parallel mode: the transform runs per device inside shard_map and sums over "data".
-  axis = dict(axis_name=mesh_lib.DATA_AXIS) if _local_mode(c) else {}
+  shared = dict(axis_name=mesh_lib.DATA_AXIS) if _local_mode(c) else {}
   # Scanned layers: each layer of a stacked leaf is projected as its own leaf.
-  axis["stacked"] = stacked_lib.stacked_paths
+  shared["stacked"] = stacked_lib.stacked_paths
   accumulation, intra = proma_options(c)
   if c.algorithm == "proma":
-    return proma_jax.proma_accumulation(inner, m, **dataclasses.asdict(accumulation), **axis)
+    return proma_jax.proma_accumulation(inner, m, **dataclasses.asdict(accumulation), **shared)
   if c.algorithm == "proma_intra":
-    return proma_jax.proma_intra(inner, m, **dataclasses.asdict(intra), **axis)
+    return proma_jax.proma_intra(inner, m, **dataclasses.asdict(intra), **shared)
   if c.algorithm == "proma_both":
     i = dataclasses.asdict(intra)
     return proma_jax.proma_both(inner, m, intra_shrinkage=i.pop("shrinkage"), **i,
-                                **dataclasses.asdict(accumulation), **axis)
+                                **dataclasses.asdict(accumulation), **shared)
   # Baselines: the same accumulator, state and metrics with projection off.
-  return proma_jax.microbatch_accumulation(inner, m, **axis)
+  return proma_jax.microbatch_accumulation(inner, m, **shared)
 
 
 def proma_options(c: ml_collections.ConfigDict) -> tuple[proma_jax.AccumulationOptions | None,

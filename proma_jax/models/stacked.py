@@ -82,8 +82,8 @@ def unstack_layers(params: dict) -> dict:
 def stacked_paths(params: dict) -> Any:
   """A tree like `params` with True at every leaf under a stacked "layers" (layer axis leading),
   False elsewhere: the `stacked=` argument of the PROMA transforms."""
-  stacked = is_stacked(params)
-  return {k: jax.tree.map(lambda _: stacked and k == LAYERS, v) for k, v in params.items()}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: is_stacked_path(tuple(k.key for k in path)), params)
 
 
 def _take_captures(module: nnx.Module) -> dict:
