@@ -21,8 +21,10 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
   c.steps = 40                         # RL steps; each = one rollout batch
 
   # The tiny decoder trained from scratch (architecture fields below), or with `checkpoint` set,
-  # a pretrained one: a Hugging Face directory, a .gguf file, or package:<module>/<file>
-  # (`proma_jax.models.resolve_checkpoint`). A checkpoint brings its own architecture and
+  # a pretrained one: a Hugging Face directory, a .gguf file, package:<module>/<file>, or a hub
+  # name hf:ORG/NAME[@REVISION] that huggingface_hub fetches into its cache (HF_HUB_OFFLINE=1:
+  # the cache only); see `proma_jax.models.resolve_checkpoint`. A checkpoint
+  # brings its own architecture and
   # tokenizer, and skips the supervised warm start; of the fields below only dtype, param_dtype,
   # remat, logits_chunk, attention_impl, scan_layers and max_len apply to it. scan_layers: the
   # layers' parameters stacked and run by one lax.scan (compiled once, whatever the depth). max_len: the longest prompt +

