@@ -152,12 +152,19 @@ class WandbWriter:
 
   The run id is kept in <workdir>/wandb_id.txt (`resume_id` overrides and replaces it; without
   either a new id is drawn) and `wandb.init` gets resume="allow", so a resumed training run keeps
-  logging to the W&B run it started. W&B ignores a logged step below the run's latest step: after
-  a resume, the recomputed steps the killed attempt had already logged keep the values it logged.
+  logging to the W&B run it started. Online, W&B ignores a logged step below the run's latest
+  step: after a resume, the recomputed steps the killed attempt had already logged keep the
+  values it logged.
 
-  `mode="offline"` needs no network or account: the run is kept under <workdir>/wandb/ and
-  uploaded later with `wandb sync <workdir>/wandb/offline-run-*`. `mode="disabled"` makes every
-  call a no-op.
+  Each writer starts and finishes a run of its own (`reinit="create_new"`): with wandb's default
+  outside notebooks, `wandb.init` hands back any run still active in the process, so a second
+  writer opened before the first was closed would log into the first one's run (another id, maybe
+  another project) and its `close` would finish that run.
+
+  `mode="offline"` needs no network or account: each attempt (the first and every resume) keeps
+  its records in a directory of its own, <workdir>/wandb/offline-run-<start time>-<run id>, all
+  with the same run id, uploaded later with `wandb sync <workdir>/wandb/offline-run-*`.
+  `mode="disabled"` makes every call a no-op.
 
   Args:
     project: the W&B project.
@@ -191,7 +198,8 @@ class WandbWriter:
       os.replace(tmp, id_path)
     self.run_id = run_id
     self._run = wandb.init(project=project, entity=entity, name=run_name, dir=workdir,
-                           config=dict(config), mode=mode, id=run_id, resume="allow")
+                           config=dict(config), mode=mode, id=run_id, resume="allow",
+                           reinit="create_new")
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     self._run.log(dict(metrics), step=int(step))

@@ -1,10 +1,15 @@
 """Logging sinks: TensorBoard event files read back exactly, purge markers on resume, a failing
-sink disabled without stopping the others, W&B through a fake module, config validation."""
+sink disabled without stopping the others, W&B offline runs read back by the real wandb package
+(each metric at its step, the same run continued on resume, a training run end to end), config
+validation."""
 
+import json
 import logging
+import math
 import os
+import pathlib
+import subprocess
 import sys
-import types
 
 import ml_collections
 import numpy as np
@@ -139,65 +144,198 @@ def test_multi_writer_disables_a_raising_sink_and_keeps_the_others(caplog):
   assert len(caplog.records) == 1 and "disk full" in caplog.text
 
 
-def _fake_wandb():
-  """A stand-in for the wandb module that records init kwargs, log calls and finish."""
-  fake = types.SimpleNamespace(inits=[], runs=[])
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+  """The real wandb package in offline mode: no network, no account, and every file it writes
+  (settings, cache, logs) under tmp_path/wandb_home, not under ~. Variables that a developer's
+  shell may set and that would steer the run elsewhere are cleared."""
+  import wandb  # pylint: disable=g-import-not-at-top
+  for name in ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_RESUME",
+               "WANDB_NAME", "WANDB_BASE_URL"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  home = tmp_path / "wandb_home"
+  for name in ("DIR", "CACHE_DIR", "CONFIG_DIR", "DATA_DIR"):
+    path = home / name.lower()
+    path.mkdir(parents=True)
+    monkeypatch.setenv(f"WANDB_{name}", str(path))
+  return wandb
 
-  def init(**kwargs):
-    run = types.SimpleNamespace(logged=[], finished=False)
-    run.log = lambda data, step: run.logged.append((step, data))
-    run.finish = lambda: setattr(run, "finished", True)
-    fake.inits.append(kwargs)
-    fake.runs.append(run)
-    return run
 
-  fake.init = init
-  return fake
+def _offline_runs(workdir):
+  """{run directory: its records} of every offline run under <workdir>/wandb/, in start order.
+
+  The records are read by the pinned wandb itself: `wandb leet inspect --json` prints each record
+  of a run's .wandb transaction log as one JSON object, {"type": "run" | "history" | ...,
+  <type>: the record's fields}.
+  """
+  runs = {}
+  for run_dir in pathlib.Path(workdir, "wandb").glob("offline-run-*"):
+    (log_file,) = run_dir.glob("run-*.wandb")
+    printed = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
+                              str(log_file)], check=True, capture_output=True, text=True).stdout
+    runs[run_dir] = [json.loads(line) for line in printed.splitlines() if line.strip()]
+  # Directory names hold the start time only to the second (a clash gets a -1, -2, ... suffix);
+  # the run record has it to the microsecond.
+  return dict(sorted(runs.items(), key=lambda item: _start_time(item[1])))
 
 
-def test_wandb_writer_keeps_one_run_id_per_workdir(tmp_path, monkeypatch):
-  fake = _fake_wandb()
-  monkeypatch.setitem(sys.modules, "wandb", fake)
-  workdir = str(tmp_path / "run")
-  config = {"lr": 1e-6, "task": "arith"}
-  first = writers.WandbWriter("proj", workdir=workdir, run_name="grpo", config=config,
+def _run_record(records):
+  (run,) = [r["run"] for r in records if r["type"] == "run"]
+  return run
+
+
+def _start_time(records):
+  """The run record's start time ("2026-01-02T03:04:05.678Z", the fraction optional) as a
+  sortable (seconds, fraction) pair."""
+  seconds, _, fraction = _run_record(records)["start_time"].rstrip("Z").partition(".")
+  return seconds, float("0." + (fraction or "0"))
+
+
+def _comparable(value):
+  """A logged value in a form `==` compares: NaN (never equal to itself) as the string "nan";
+  W&B writes the non-finite floats as the strings "NaN", "Infinity" and "-Infinity"."""
+  if isinstance(value, str):
+    value = float(value)
+  return "nan" if isinstance(value, float) and math.isnan(value) else value
+
+
+def _history(records):
+  """{step: {key: value}} of a run's history rows, W&B's own keys (_step, _runtime, ...) left out.
+
+  Checks that each row's `_step` is the step it was logged at and that no step has two rows.
+  """
+  history = {}
+  for record in records:
+    if record["type"] != "history":
+      continue
+    row = record["history"]
+    step = int(row["step"]["num"])
+    assert row["item"]["_step"] == step and step not in history, row
+    history[step] = {k: _comparable(v) for k, v in row["item"].items() if not k.startswith("_")}
+  return history
+
+
+def _logged(steps):
+  return {step: {k: _comparable(v) for k, v in metrics.items()} for step, metrics in steps.items()}
+
+
+def test_wandb_offline_run_logs_every_metric_at_its_step(wandb_offline, tmp_path):
+  workdir = tmp_path / "run"
+  config = {"lr": 1e-6, "task": "arith", "model": {"d_model": 32}}
+  # Values as train.py logs them (the floats of metrics.jsonl), non-finite and whole ones included.
+  steps = {0: {"val/accuracy": 0.25, "val_id/accuracy": 0.5},
+           1: {"reward/mean": 1 / 3, "kl/step": 1e-7, "grad/norm": float("nan"),
+               "response/length_max": 9},
+           2: {"reward/mean": 0.6, "kl/step": float("inf"), "kl/init": -float("inf")},
+           5: {"reward/mean": 0.1, "val/accuracy": 0.75}}
+  writer = writers.WandbWriter("proj", workdir=str(workdir), run_name="grpo", config=config,
+                               mode="offline")
+  for step, metrics in steps.items():
+    writer.write(step, metrics)
+  writer.close()
+  writer.close()  # a second close does nothing
+
+  with open(workdir / "wandb_id.txt") as f:
+    assert f.read().strip() == writer.run_id
+  ((run_dir, records),) = _offline_runs(workdir).items()
+  assert run_dir.name.startswith("offline-run-") and run_dir.name.endswith(writer.run_id)
+  run = _run_record(records)
+  assert run["run_id"] == writer.run_id
+  assert run["project"] == "proj" and run["display_name"] == "grpo"
+  assert {k: v for k, v in run["config"]["update"].items() if k != "_wandb"} == config
+  assert _history(records) == _logged(steps)
+  assert records[-1]["type"] == "exit" and records[-1]["exit"]["exit_code"] == 0  # finished
+
+
+def test_resumed_wandb_writer_continues_the_same_run(wandb_offline, tmp_path):
+  workdir = tmp_path / "run"
+  first = writers.WandbWriter("proj", workdir=str(workdir), run_name="grpo", config={},
                               mode="offline")
-  first.write(1, {"reward/mean": 0.5})
-  first.write(2, {"reward/mean": 0.6, "kl/step": 1e-5})
+  for step in (1, 2, 3):
+    first.write(step, {"reward/mean": float(step)})
   first.close()
-  first.close()  # a second close does nothing
-  resumed = writers.WandbWriter("proj", workdir=workdir, run_name="grpo", config=config,
+  # Killed after step 3, resumed from the checkpoint at step 2: step 3 is recomputed.
+  resumed = writers.WandbWriter("proj", workdir=str(workdir), run_name="grpo", config={},
                                 mode="offline", entity="team")
+  for step in (3, 4):
+    resumed.write(step, {"reward/mean": 10.0 * step})
   resumed.close()
+  # resume_id names the run to continue and replaces the stored id.
+  other = writers.WandbWriter("proj", workdir=str(workdir), run_name="grpo", config={},
+                              mode="offline", resume_id="abc123")
+  other.close()
 
-  assert fake.inits[0] == {"project": "proj", "entity": None, "name": "grpo", "dir": workdir,
-                           "config": config, "mode": "offline", "id": first.run_id,
-                           "resume": "allow"}
-  assert fake.inits[1]["id"] == first.run_id and fake.inits[1]["entity"] == "team"
-  with open(os.path.join(workdir, "wandb_id.txt")) as f:
-    assert f.read().strip() == first.run_id
-  assert fake.runs[0].logged == [(1, {"reward/mean": 0.5}),
-                                 (2, {"reward/mean": 0.6, "kl/step": 1e-5})]
-  assert fake.runs[0].finished and fake.runs[1].finished
-
-  other = writers.WandbWriter("proj", workdir=str(tmp_path / "other"), run_name=None,
-                              config={}, resume_id="abc123")
-  assert other.run_id == "abc123" and fake.inits[2]["id"] == "abc123"
-  assert fake.inits[2]["mode"] == "online"
+  assert resumed.run_id == first.run_id and other.run_id == "abc123"
+  with open(workdir / "wandb_id.txt") as f:
+    assert f.read().strip() == "abc123"
+  runs = list(_offline_runs(workdir).values())
+  assert len(runs) == 3  # each attempt keeps its own offline run directory
+  assert [_run_record(r)["run_id"] for r in runs] == [first.run_id, first.run_id, "abc123"]
+  assert _run_record(runs[1])["entity"] == "team"
+  assert _history(runs[0]) == {s: {"reward/mean": float(s)} for s in (1, 2, 3)}
+  assert _history(runs[1]) == {s: {"reward/mean": 10.0 * s} for s in (3, 4)}
+  assert _history(runs[2]) == {}
 
 
-def test_make_writers_adds_wandb_when_a_project_is_set(tmp_path, monkeypatch):
-  fake = _fake_wandb()
-  monkeypatch.setitem(sys.modules, "wandb", fake)
+def test_wandb_writers_open_together_keep_their_own_runs(wandb_offline, tmp_path):
+  """wandb.init's default hands back a run still active in the process; each writer must not."""
+  a = writers.WandbWriter("proj", workdir=str(tmp_path / "a"), run_name="a", config={},
+                          mode="offline")
+  b = writers.WandbWriter("proj", workdir=str(tmp_path / "b"), run_name="b", config={},
+                          mode="offline")
+  b.write(1, {"x": 2.0})
+  b.close()
+  a.write(1, {"x": 1.0})
+  a.close()
+
+  assert a.run_id != b.run_id
+  for name, writer, value in (("a", a, 1.0), ("b", b, 2.0)):
+    ((_, records),) = _offline_runs(tmp_path / name).items()
+    assert _run_record(records)["run_id"] == writer.run_id
+    assert _history(records) == {1: {"x": value}}
+
+
+def test_make_writers_adds_wandb_when_a_project_is_set(wandb_offline, tmp_path):
   cfg = ml_collections.ConfigDict({"tensorboard": True, "wandb_project": "proj",
                                    "wandb_entity": "team", "wandb_mode": "offline"})
   with writers.make_writers(cfg, str(tmp_path), start_step=0, run_name="r",
                             config_dict={"seed": 0}) as sinks:
     assert [type(w) for w in sinks.writers] == [writers.TensorBoardWriter, writers.WandbWriter]
     sinks.write(1, {"a": 1.0})
-  assert fake.runs[0].logged == [(1, {"a": 1.0})] and fake.runs[0].finished
-  assert fake.inits[0]["entity"] == "team" and fake.inits[0]["config"] == {"seed": 0}
+  ((_, records),) = _offline_runs(tmp_path).items()
+  run = _run_record(records)
+  assert run["project"] == "proj" and run["entity"] == "team" and run["display_name"] == "r"
+  assert run["config"]["update"]["seed"] == 0
+  assert _history(records) == {1: {"a": 1.0}}
   assert writers.read_scalars(str(tmp_path / "tensorboard")) == {"a": [(1, 1.0)]}
+
+
+@pytest.mark.slow
+def test_training_logs_to_wandb_what_it_writes_to_metrics_jsonl(wandb_offline, tmp_path):
+  """One RL step of the smallest config through proma_jax.train with an offline W&B run."""
+  from proma_jax import train  # pylint: disable=g-import-not-at-top
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  c = tiny_config("grpo", tmp_path / "warm", steps=1)
+  c.sft.steps = 0  # no warm start to train: only the logging is under test
+  c.rollout.update(prompts_per_step=2, group_size=2)
+  c.train.update(num_minibatches=1, num_microbatches=1)
+  c.eval.update(every=1, num_examples=2)
+  c.logging.update(wandb_project="proj", wandb_mode="offline")
+  workdir = tmp_path / "run"
+  train.run(c, str(workdir), progress=False)
+
+  with open(workdir / "metrics.jsonl") as f:
+    lines = [json.loads(line) for line in f]
+  expected = {r.pop("step"): r for r in lines}
+  assert sorted(expected) == [0, 1] and "reward/mean" in expected[1]
+  ((_, records),) = _offline_runs(workdir).items()
+  run = _run_record(records)
+  assert run["project"] == "proj" and run["display_name"] == "run"
+  with open(workdir / "wandb_id.txt") as f:
+    assert run["run_id"] == f.read().strip()
+  assert _history(records) == _logged(expected)
 
 
 def test_missing_wandb_raises_import_error_naming_the_fix(tmp_path, monkeypatch):
