@@ -159,7 +159,8 @@ def prompt_ids(policy: Policy, prompt: str) -> list[int]:
   if policy.prompt_width is not None:  # the character tokenizer: BOS + characters
     return [tok.bos_id] + tok.encode(prompt)
   if policy.chat_template:
-    return tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]))
+    return tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                   add_generation_prompt=True, tokenize=True)
   bos = [tok.bos_id] if getattr(tok, "add_bos", False) and tok.bos_id is not None else []
   return bos + tok.encode(prompt)
 

@@ -210,7 +210,8 @@ def test_encode_left_pads_chat_prompts_to_a_bucket():
   policy = _policy()
   examples = [tasks.Example("Hi", "0"), tasks.Example("The answer is 7.", "7"),
               tasks.Example("What is 85 - 4? Answer with just the number.", "81")]
-  ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": ex.prompt}]))
+  ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": ex.prompt}],
+                                            add_generation_prompt=True, tokenize=False))
          for ex in examples]
   longest = max(len(row) for row in ids)
   assert longest % BUCKET  # rounding up is exercised

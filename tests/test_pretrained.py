@@ -103,7 +103,7 @@ def test_tiny_tokenizer_ids_and_chat_equal_transformers(name):
       cases["vocab_size"], cases["eos_id"], cases["pad_id"])
   assert [tok.encode(c["text"]) for c in cases["encode"]] == [c["ids"] for c in cases["encode"]]
   for chat in cases["chat"]:
-    text = tok.apply_chat_template(chat["messages"],
+    text = tok.apply_chat_template(chat["messages"], tokenize=False,
                                    add_generation_prompt=chat["add_generation_prompt"])
     assert text == chat["text"]
     assert tok.encode(text) == chat["ids"]
@@ -122,7 +122,8 @@ def test_smollm2_tokenizer_and_chat_prompt_equal_reference(smollm2):
   (_, tok), (record, _) = smollm2, _smollm2_reference()
   assert tok.eos_id == record["eos_id"]
   assert [tok.encode(c["text"]) for c in record["encode"]] == [c["ids"] for c in record["encode"]]
-  text = tok.apply_chat_template(record["chat_messages"], add_generation_prompt=True)
+  text = tok.apply_chat_template(record["chat_messages"], add_generation_prompt=True,
+                                 tokenize=False)
   assert text == record["chat_text"]
   assert tok.encode(text) == record["chat_ids"]
 

@@ -1,8 +1,10 @@
 """Tests of the tokenizer interface: Hugging Face directories, GGUF metadata, the char tokenizer."""
 
 import importlib.util
+import inspect
 import json
 import os
+import pathlib
 
 import gguf
 import jinja2
@@ -13,6 +15,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from proma_jax.models import tokenizer as tokenizer_lib
 from proma_jax.tasks import CharTokenizer
 
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 SPECIALS = ["<s>", "</s>", "<pad>"]
 TEXTS = ["the cat sat on the mat", "a dog and a cat", "héllo wörld 123",
          "  two  spaces\n\tand tab", "世界 😀", ""]
@@ -82,12 +85,43 @@ def test_chat_template_from_config_or_jinja_file_renders_alike(tmp_path):
   for path in dirs:
     tok = tokenizer_lib.from_hf_dir(path)
     assert tok.pad_id == 2
-    assert tok.apply_chat_template(MESSAGES) == RENDERED
+    assert tok.apply_chat_template(MESSAGES, add_generation_prompt=True,
+                                   tokenize=False) == RENDERED
     assert tok.apply_chat_template(MESSAGES + [{"role": "user", "content": "x", "name": None}],
-                                   add_generation_prompt=False) == RENDERED.replace(
-                                       "[assistant] 2", "[user] x</s>\n3")
+                                   add_generation_prompt=False, tokenize=False) == (
+                                       RENDERED.replace("[assistant] 2", "[user] x</s>\n3"))
   with pytest.raises(jinja2.TemplateError, match="unknown role tool"):
     tok.apply_chat_template([{"role": "tool", "content": "5"}])
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen3", "tiny_llama"])
+def test_chat_template_defaults_are_transformers(name):
+  """apply_chat_template has transformers' defaults: without arguments it renders no generation
+  prompt and returns token ids (the encoded rendering, no special tokens added), equal to the
+  transformers renderings and ids recorded in hf/tiny_cases.json for both flag values."""
+  cases = json.loads((FIXTURES / "tiny_cases.json").read_text())["chat"]
+  assert {case["add_generation_prompt"] for case in cases} == {False, True}
+  tok = tokenizer_lib.from_hf_dir(FIXTURES / name)
+  for case in cases:
+    messages, gen = case["messages"], case["add_generation_prompt"]
+    assert tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False) == (
+        case["text"])
+    assert tok.apply_chat_template(messages, add_generation_prompt=gen) == case["ids"]
+    if not gen:
+      assert tok.apply_chat_template(messages) == case["ids"]
+      assert tok.apply_chat_template(messages, tokenize=False) == case["text"]
+  with pytest.raises(TypeError):
+    tok.apply_chat_template(cases[0]["messages"], True)  # pylint: disable=too-many-function-args
+
+
+def test_chat_template_signature_is_the_same_everywhere():
+  """The protocol and both tokenizers take add_generation_prompt=False and tokenize=True,
+  keyword-only (transformers' second positional argument is `tools`)."""
+  for cls in (tokenizer_lib.Tokenizer, tokenizer_lib.HFTokenizer, CharTokenizer):
+    params = inspect.signature(cls.apply_chat_template).parameters
+    assert list(params) == ["self", "messages", "add_generation_prompt", "tokenize"], cls
+    assert [(params[k].kind, params[k].default) for k in ("add_generation_prompt", "tokenize")] == [
+        (inspect.Parameter.KEYWORD_ONLY, False), (inspect.Parameter.KEYWORD_ONLY, True)], cls
 
 
 def test_chat_template_runs_sandboxed(tmp_path):
@@ -168,7 +202,8 @@ def test_gguf_tokenizer_matches_smollm2(smollm2_metadata):
   for text, ids in SMOLLM2_IDS:
     assert tok.encode(text) == ids, text
     assert tok.decode(ids) == text.replace("<|im_start|>", "").replace("<|im_end|>", "")
-  prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}])
+  prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
+                                   add_generation_prompt=True, tokenize=False)
   assert prompt == SMOLLM2_CHAT
 
 

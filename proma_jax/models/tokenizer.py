@@ -5,10 +5,18 @@
 template the way transformers does. `HFTokenizer` implements it over a `tokenizers.Tokenizer`,
 built from a checkpoint directory (`from_hf_dir`) or from GGUF metadata (`from_gguf_metadata`).
 
+`apply_chat_template` keeps transformers' name, so it keeps transformers' defaults for the
+arguments it shares: `add_generation_prompt=False` (no assistant header appended: ask for it to
+prompt a reply) and `tokenize=True` (the rendering's token ids, encoded without adding special
+tokens, as transformers does for a chat rendering; `tokenize=False` gives the text). Both are
+keyword-only: transformers' second positional argument is `tools`.
+
 Usage:
   tok = from_hf_dir("checkpoints/Qwen3-0.6B")
-  prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}])
-  ids = tok.encode(prompt)
+  messages = [{"role": "user", "content": "What is 2 + 3?"}]
+  ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+  prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+  assert ids == tok.encode(prompt)
   text = tok.decode(ids)
 """
 
@@ -46,7 +54,8 @@ GGUF_PRE_TYPES = ("default", "gpt-2", "gpt2", "smollm", "qwen2", "deepseek-r1-qw
 class Tokenizer(Protocol):
   """What the training and sampling code needs from a tokenizer.
 
-  `encode` adds no special tokens; `decode` leaves special tokens out of the text.
+  `encode` adds no special tokens; `decode` leaves special tokens out of the text;
+  `apply_chat_template` has transformers' defaults (no generation prompt, token ids).
   """
 
   @property
@@ -68,8 +77,8 @@ class Tokenizer(Protocol):
 
   def decode(self, ids: Sequence[int]) -> str: ...
 
-  def apply_chat_template(self, messages: list[dict],
-                          add_generation_prompt: bool = True) -> str: ...
+  def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False,
+                          tokenize: bool = True) -> list[int] | str: ...
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,12 +115,30 @@ class HFTokenizer:
     """Text of `ids` with special tokens skipped (transformers' skip_special_tokens=True)."""
     return self.backend.decode([int(token) for token in ids], skip_special_tokens=True)
 
-  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The chat prompt of `messages`, rendered with the checkpoint's template."""
+  def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False,
+                          tokenize: bool = True) -> list[int] | str:
+    """`messages` rendered with the checkpoint's chat template, as transformers does.
+
+    Args:
+      messages: the conversation, dicts with "role" and "content" (keys whose value is None are
+        dropped).
+      add_generation_prompt: append the header that starts the assistant's reply (what a prompt
+        to sample from needs). False by default, as in transformers.
+      tokenize: return the token ids of the rendering (`encode`: no special tokens added, the
+        template writes its own) rather than the text. True by default, as in transformers.
+
+    Returns:
+      The rendering's token ids when `tokenize`, else its text.
+
+    Raises:
+      ValueError: the tokenizer has no chat template.
+      jinja2.exceptions.TemplateError: the template rejects the messages.
+    """
     if self.chat_template is None:
       raise ValueError("tokenizer has no chat template; encode the prompt text directly")
-    return render_chat_template(self.chat_template, messages, add_generation_prompt,
+    text = render_chat_template(self.chat_template, messages, add_generation_prompt,
                                 self.special_tokens)
+    return self.encode(text) if tokenize else text
 
 
 @functools.lru_cache(maxsize=16)

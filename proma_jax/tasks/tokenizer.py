@@ -79,8 +79,10 @@ class CharTokenizer:
       chars.append(self.alphabet[token - NUM_SPECIAL])
     return "".join(chars)
 
-  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Raises ValueError: the character tokenizer has no chat template."""
+  def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False,
+                          tokenize: bool = True) -> list[int] | str:
+    """Raises ValueError: the character tokenizer has no chat template (the signature is the
+    `Tokenizer` protocol's, transformers' defaults)."""
     raise ValueError("tokenizer has no chat template; encode the prompt text directly")
 
 
