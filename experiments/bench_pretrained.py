@@ -239,7 +239,7 @@ def worker_breakdown(impl, path):
       gguf.GGUFReader(path)
       out["gguf_reader_parse_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with loading._open(path) as ckpt:
+    with loading.open_checkpoint(path) as ckpt:
       out["open_checkpoint_s"] = time.perf_counter() - t0  # for a GGUF: a second parse
       cfg = loading._config(ckpt, dict(param_dtype="float32", dtype="float32"))
       t0 = time.perf_counter()

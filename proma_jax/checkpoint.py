@@ -256,6 +256,32 @@ class Checkpointer:
       return step, state, dict(meta)
     return None
 
+  def restore_leaves(self, step: int, prefix: str) -> dict[str, np.ndarray]:
+    """{key path: host array} of the leaves of checkpoint `step` whose `jax.tree_util.keystr` path
+    starts with `prefix` (e.g. "['params']"), read without the rest of the state, so a reader
+    that needs only the parameters needs no optimizer or template. Each leaf is checked against
+    its recorded checksum.
+
+    Raises:
+      FileNotFoundError: there is no checkpoint at `step` (the message lists the steps there are).
+      ValueError: no leaf matches `prefix`, or a leaf fails its checksum.
+    """
+    steps = self.all_steps()
+    if step not in steps:
+      raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step}; the steps there "
+                              f"are {steps or 'none'}")
+    entries = self._restore_item(step, _LAYOUT, ocp.args.JsonRestore())["leaves"]
+    chosen = {_leaf_key(i): e for i, e in enumerate(entries) if e["path"].startswith(prefix)}
+    if not chosen:
+      raise ValueError(f"{self.directory}: checkpoint at step {step} has no leaf under {prefix}")
+    stored = self._restore_item(step, _STATE, ocp.args.PyTreeRestore(
+        item={k: np.zeros(e["shape"], e["dtype"]) for k, e in chosen.items()},
+        restore_args={k: ocp.RestoreArgs(restore_type=np.ndarray) for k in chosen},
+        partial_restore=True))
+    arrays = [np.asarray(stored[k]) for k in chosen]
+    _verify(arrays, list(chosen.values()))
+    return {e["path"]: a for e, a in zip(chosen.values(), arrays)}
+
   def close(self) -> None:
     """Waits for pending work and releases the orbax manager."""
     self._manager.close()

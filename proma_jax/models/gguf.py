@@ -68,6 +68,27 @@ def hf_name(gguf_name: str) -> str:
   return gguf_name
 
 
+def gguf_name(name: str) -> str:
+  """The GGUF name of HF tensor `name` (the inverse of `hf_name`); ValueError when it has none."""
+  module, dot, suffix = name.rpartition(".")
+  for gguf_module, hf_module in _TOP_LEVEL.items():
+    if module == hf_module:
+      return f"{gguf_module}{dot}{suffix}"
+  match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
+  for gguf_part, hf_part in _BLOCK.items():
+    if match and match.group(2) == hf_part:
+      return f"blk.{match.group(1)}.{gguf_part}{dot}{suffix}"
+  raise ValueError(f"tensor {name} has no GGUF name")
+
+
+def permute_rows(w_OxI: np.ndarray, n_head: int) -> np.ndarray:
+  """llama.cpp's q/k row permutation (`convert_hf_to_gguf.LlamaModel.permute`): rows (n_head, 2,
+  H/2) -> (n_head, H/2, 2); `unpermute_rows` inverts it."""
+  o = w_OxI.shape[0]
+  return (w_OxI.reshape(n_head, 2, o // n_head // 2, *w_OxI.shape[1:])
+          .swapaxes(1, 2).reshape(w_OxI.shape))
+
+
 def unpermute_rows(w_OxI: np.ndarray, n_head: int) -> np.ndarray:
   """Undo llama.cpp's q/k row permutation: rows (n_head, H/2, 2) -> (n_head, 2, H/2)."""
   o = w_OxI.shape[0]

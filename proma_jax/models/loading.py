@@ -43,8 +43,8 @@ from proma_jax.models import hf, stacked
 from proma_jax.models.decoder import ModelConfig, Transformer
 from proma_jax.models.hf import Checkpoint, CheckpointError
 
-__all__ = ["CheckpointError", "checkpoint_config", "checkpoint_fingerprint", "load_model",
-           "load_pretrained",
+__all__ = ["CheckpointError", "checkpoint_config", "checkpoint_fingerprint", "hf_name",
+           "load_model", "load_pretrained", "open_checkpoint", "parameter_shapes",
            "resolve_checkpoint"]
 
 _EMBEDDING, _LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -181,7 +181,7 @@ def checkpoint_config(spec: str | pathlib.Path, **config_overrides) -> ModelConf
   try:
     return _header_config(path, _file_state(path), tuple(sorted(config_overrides.items())))
   except TypeError:  # an unhashable override value: no memo
-    with _open(path) as ckpt:
+    with open_checkpoint(path) as ckpt:
       return _config(ckpt, config_overrides)
 
 
@@ -226,12 +226,14 @@ def _file_state(path: pathlib.Path) -> tuple:
 @functools.lru_cache(maxsize=32)
 def _header_config(path: pathlib.Path, state: tuple, overrides: tuple) -> ModelConfig:
   del state  # part of the key only: a rewritten checkpoint is read again
-  with _open(path) as ckpt:
+  with open_checkpoint(path) as ckpt:
     return _config(ckpt, dict(overrides))
 
 
 @contextlib.contextmanager
-def _open(path: str | pathlib.Path) -> Iterator[Checkpoint]:
+def open_checkpoint(path: str | pathlib.Path) -> Iterator[Checkpoint]:
+  """The checkpoint at `path` (a spec, see `resolve_checkpoint`) as a `Checkpoint`: its config
+  and tensors under Hugging Face names, open while the context lasts."""
   path = resolve_checkpoint(path)
   if path.is_dir():
     with hf.open_checkpoint(path) as ckpt:
@@ -257,7 +259,7 @@ def _config(ckpt: Checkpoint, overrides: dict[str, Any]) -> ModelConfig:
   return cfg
 
 
-def _hf_name(path: tuple) -> str:
+def hf_name(path: tuple) -> str:
   """The HF tensor name of the decoder parameter at `path` in its pure parameter dict."""
   prefix = () if path[0] == "lm_head" else ("model",)
   return ".".join(str(key) for key in (*prefix, *path[:-1], "weight"))
@@ -299,6 +301,14 @@ def _abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
   return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 
 
+def parameter_shapes(cfg: ModelConfig) -> dict[tuple, tuple[int, ...]]:
+  """{pure-dict path: shape} of every parameter of the decoder of `cfg` with its layers apart
+  (("layers", 3, "mlp", "up_proj", "kernel"), the paths `hf_name` maps)."""
+  _, abstract_state = _abstract_model(dataclasses.replace(cfg, scan_layers=False))
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_state))
+  return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+
+
 def _put(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
   """`array` on the default device, or split over `sharding`'s devices: each device receives
   only its own block (`jax.make_array_from_callback`), so no device ever holds the whole tensor
@@ -331,7 +341,7 @@ def _load(ckpt: Checkpoint, cfg: ModelConfig, shardings=None) -> Transformer:
   graphdef, abstract_state = _abstract_model(dataclasses.replace(cfg, scan_layers=False))
   state = jax.tree.map(lambda x: x, abstract_state)  # a fresh tree to fill; the cache stays abstract
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-  paths = {_hf_name(path): path for path in flat}
+  paths = {hf_name(path): path for path in flat}
   _check_names(ckpt, set(paths), cfg)
   loaded = {}
   for name, path in paths.items():
@@ -371,7 +381,7 @@ def load_model(path: str | pathlib.Path, *, param_dtype: str = "float32", dtype:
   tensor and the file on an unsupported architecture or a missing, unexpected, misshapen or
   non-finite tensor.
   """
-  with _open(path) as ckpt:
+  with open_checkpoint(path) as ckpt:
     return _load(ckpt, _config(ckpt, dict(config_overrides, param_dtype=param_dtype,
                                           dtype=dtype)), shardings)
 
@@ -382,6 +392,6 @@ def load_pretrained(path: str | pathlib.Path, *, param_dtype: str = "float32",
   """(decoder, tokenizer) of the checkpoint at `path`; see `load_model` for the arguments. The
   tokenizer comes from the directory's tokenizer files or the GGUF file's metadata
   (`models.tokenizer`)."""
-  with _open(path) as ckpt:
+  with open_checkpoint(path) as ckpt:
     cfg = _config(ckpt, dict(config_overrides, param_dtype=param_dtype, dtype=dtype))
     return _load(ckpt, cfg, shardings), ckpt.load_tokenizer()
