@@ -16,7 +16,7 @@ Two kinds of policy:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -195,9 +195,11 @@ def encode(policy: Policy, examples: list[tasks.Example]) -> tuple[np.ndarray, n
 
 
 def generate(policy: Policy, params: dict, examples: list[tasks.Example], key: jax.Array, *,
-             temperature: float = 1.0, greedy: bool = False) -> sampling.Rollout:
+             temperature: float = 1.0, greedy: bool = False,
+             progress: Callable[[sampling.Rollout], None] | None = None) -> sampling.Rollout:
   """Samples one response per example, `policy.sample_batch` sequences per compiled call, with
-  the policy's top-p; pretrained policies' responses are trimmed to a bucketed width."""
+  the policy's top-p; pretrained policies' responses are trimmed to a bucketed width.
+  `progress(part)` is called with each call's rollout as it completes."""
   prompts, valid = encode(policy, examples)
   n = len(examples)
   size = policy.sample_batch or n
@@ -209,6 +211,8 @@ def generate(policy: Policy, params: dict, examples: list[tasks.Example], key: j
         jax.random.fold_in(key, i) if i else key, max_new_tokens=policy.max_new_tokens,
         eos_id=policy.tokenizer.eos_id, pad_id=policy.tokenizer.pad_id, temperature=temperature,
         greedy=greedy, top_p=policy.top_p))
+    if progress is not None:
+      progress(parts[-1])
   rollout = sampling.concatenate(parts)
   if policy.prompt_width is None:
     rollout = sampling.trim(rollout, policy.bucket)

@@ -139,4 +139,5 @@ def number_task(name: str, sample: SampleFn, strict: bool = True) -> Task:
       answer_width=None,
       reward_fn=functools.partial(number_reward, strict=strict),
       format_fn=functools.partial(answer_format, strict=strict),
+      answer_fn=functools.partial(extract_final_answer, strict=strict),
   )

@@ -144,6 +144,9 @@ class Task:
     reward_fn: (response_text, terminated, answer) -> reward.
     format_fn: (response_text, terminated) -> whether the response has the requested answer
       format (reported as `reward/format`); None: terminated with EOS.
+    answer_fn: response_text -> the answer the reward reads from it (e.g. the final number), or
+      None where it finds none; shown beside each response by `proma_jax.evaluate`. None: the
+      response text itself is the answer.
 
   Usage:
     task = get_task("arith")
@@ -157,6 +160,7 @@ class Task:
   answer_width: int | None
   reward_fn: RewardFn = reward
   format_fn: FormatFn | None = None
+  answer_fn: Callable[[str], str | None] | None = None
 
   def examples(self, split: str, n: int, seed: int) -> list[Example]:
     """`n` examples of `split`, a deterministic function of (split, seed)."""
