@@ -38,6 +38,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from proma_jax import cli, runs, sampling, tasks
+from proma_jax import mesh as mesh_lib
 from proma_jax import policy as policy_lib
 from proma_jax.models import stacked
 from proma_jax.train import validate_config
@@ -81,10 +82,35 @@ def load_policy(c: ml_collections.ConfigDict, *, checkpoint: str | None = None,
           f"{workdir} step {step}")
 
 
+def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
+  """The config's device mesh (`mesh.data` x `mesh.fsdp`), or None for one device."""
+  if c.mesh.fsdp > 1:
+    return mesh_lib.fsdp_mesh(c.mesh.data, c.mesh.fsdp)
+  return mesh_lib.data_mesh(c.mesh.data) if c.mesh.data > 1 else None
+
+
+def on_mesh(params: dict, mesh: jax.sharding.Mesh, c: ml_collections.ConfigDict) -> dict:
+  """`params` placed as training places them: replicated, or FSDP-sharded with mesh.fsdp > 1."""
+  specs = mesh_lib.param_specs(params, c.mesh.fsdp, min_size=c.mesh.fsdp_min_size,
+                               layer_axis=stacked.is_stacked_name)
+  return mesh_lib.place(params, mesh, specs)
+
+
 def _sample(policy, params, examples, key, desc: str, *, greedy: bool, temperature: float,
-            progress: bool) -> tuple[sampling.Rollout, float]:
+            progress: bool, mesh=None) -> tuple[sampling.Rollout, float]:
   """(rollout, seconds) of one response per example, with a progress bar of sequences and
-  tokens/s."""
+  tokens/s. With a mesh each sampling call's sequences are split over its devices, the last
+  call's filled up with copies of the last example (dropped from the result) so that every call
+  has the same, divisible number of rows."""
+  n = len(examples)
+  size = policy.sample_batch or n
+  if mesh is not None:
+    devices = mesh.devices.size
+    if size % devices:
+      raise EvaluateError(f"{size} sequences per sampling call do not split over {devices} "
+                          "devices; set --batch_size (or config.rollout.sample_batch) to a "
+                          "multiple")
+    examples = examples + [examples[-1]] * (-n % size)
   bar = tqdm.tqdm(total=len(examples), desc=desc, unit="seq", disable=not progress,
                   mininterval=1.0)
   tokens, start = 0, time.perf_counter()
@@ -95,10 +121,13 @@ def _sample(policy, params, examples, key, desc: str, *, greedy: bool, temperatu
     bar.update(part.tokens_BxT.shape[0])
     bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
 
+  place_rows = None if mesh is None else lambda rows: mesh_lib.shard_sequences(rows, mesh)
   rollout = policy_lib.generate(policy, params, examples, key, greedy=greedy,
-                                temperature=temperature, progress=advance)
+                                temperature=temperature, progress=advance, place_rows=place_rows)
   jax.block_until_ready(rollout.tokens_BxT)
   bar.close()
+  if len(examples) > n:
+    rollout = sampling.Rollout(*(np.asarray(x)[:n] for x in rollout))
   return rollout, time.perf_counter() - start
 
 
@@ -119,14 +148,15 @@ def _responses(policy, rollout, examples) -> list[dict[str, Any]]:
 
 
 def evaluate(policy: policy_lib.Policy, params: dict, examples: list[tasks.Example], *,
-             samples: int = 1, temperature: float = 1.0, seed: int = 0,
-             progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             samples: int = 1, temperature: float = 1.0, seed: int = 0, progress: bool = True,
+             mesh: jax.sharding.Mesh | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """(summary, one record per example) of greedy decoding and, with `samples` K > 1, K samples
-  per example at `temperature` (see the module docstring for the fields)."""
+  per example at `temperature` (see the module docstring for the fields); with `mesh` (params
+  already placed on it) each sampling call's sequences are split over its devices."""
   if not examples:
     raise EvaluateError("no examples to evaluate (--num_examples must be >= 1)")
   rollout, seconds = _sample(policy, params, examples, jax.random.PRNGKey(0), "greedy",
-                             greedy=True, temperature=1.0, progress=progress)
+                             greedy=True, temperature=1.0, progress=progress, mesh=mesh)
   greedy = _responses(policy, rollout, examples)
   lengths = np.asarray([r["length"] for r in greedy])
   summary = {
@@ -142,7 +172,7 @@ def evaluate(policy: policy_lib.Policy, params: dict, examples: list[tasks.Examp
     repeated = [ex for ex in examples for _ in range(samples)]
     rollout, seconds = _sample(policy, params, repeated, jax.random.PRNGKey(seed),
                                f"{samples} samples", greedy=False, temperature=temperature,
-                               progress=progress)
+                               progress=progress, mesh=mesh)
     sampled = _responses(policy, rollout, repeated)
     rewards = np.asarray([r["reward"] for r in sampled]).reshape(len(examples), samples)
     summary.update({
@@ -188,11 +218,16 @@ def run(c: ml_collections.ConfigDict, out: str, *, checkpoint: str | None = None
   policy, params, source = load_policy(c, checkpoint=checkpoint, workdir=workdir, step=step)
   if batch_size is not None:
     policy = policy._replace(sample_batch=batch_size)
+  mesh = make_mesh(c)
+  if mesh is not None:
+    params = on_mesh(params, mesh, c)
   n = c.eval.num_examples if num_examples is None else num_examples
   examples = policy.task.examples(split, n, seed=c.eval.seed)
   summary, records = evaluate(policy, params, examples, samples=samples,
-                              temperature=temperature, seed=c.seed, progress=progress)
-  summary = {"model": source, "task": c.task, "split": split, **summary}
+                              temperature=temperature, seed=c.seed, progress=progress,
+                              mesh=mesh)
+  summary = {"model": source, "task": c.task, "split": split,
+             "devices": 1 if mesh is None else int(mesh.devices.size), **summary}
   write_results(out, summary, records)
   print(format_table(summary))
   print(f"wrote {os.path.join(out, 'summary.json')} and responses.jsonl")

@@ -196,18 +196,22 @@ def encode(policy: Policy, examples: list[tasks.Example]) -> tuple[np.ndarray, n
 
 def generate(policy: Policy, params: dict, examples: list[tasks.Example], key: jax.Array, *,
              temperature: float = 1.0, greedy: bool = False,
-             progress: Callable[[sampling.Rollout], None] | None = None) -> sampling.Rollout:
+             progress: Callable[[sampling.Rollout], None] | None = None,
+             place_rows: Callable[[Any], Any] | None = None) -> sampling.Rollout:
   """Samples one response per example, `policy.sample_batch` sequences per compiled call, with
   the policy's top-p; pretrained policies' responses are trimmed to a bucketed width.
-  `progress(part)` is called with each call's rollout as it completes."""
+  `progress(part)` is called with each call's rollout as it completes; `place_rows` puts each
+  call's (prompts, valid) on the devices (e.g. `mesh.shard_sequences`: data-parallel sampling)."""
   prompts, valid = encode(policy, examples)
   n = len(examples)
   size = policy.sample_batch or n
   parts = []
   for i, start in enumerate(range(0, n, size)):
     rows = slice(start, start + size)
+    batch = (place_rows((prompts[rows], valid[rows])) if place_rows is not None
+             else (jnp.asarray(prompts[rows]), jnp.asarray(valid[rows])))
     parts.append(sampling.sample(
-        policy.graphdef, params, jnp.asarray(prompts[rows]), jnp.asarray(valid[rows]),
+        policy.graphdef, params, *batch,
         jax.random.fold_in(key, i) if i else key, max_new_tokens=policy.max_new_tokens,
         eos_id=policy.tokenizer.eos_id, pad_id=policy.tokenizer.pad_id, temperature=temperature,
         greedy=greedy, top_p=policy.top_p))

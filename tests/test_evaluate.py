@@ -10,9 +10,11 @@
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -129,3 +131,27 @@ def test_the_command_line_evaluates_and_names_problems(tmp_path):
   assert result.returncode == 1 and "error: give --checkpoint or --workdir, not both" in (
       result.stderr)
   assert "Traceback" not in result.stderr
+
+
+def test_two_devices_give_the_one_device_responses(tmp_path):
+  """--config.mesh.data=2 on two host devices: each sampling call split over both (6 examples in
+  calls of 4 rows, the last filled up), the same greedy and sampled responses as one device."""
+  spec = str(FIXTURES / "tiny_qwen3")
+  c = arith_config(spec)
+  evaluate.run(c, str(tmp_path / "one"), samples=2, progress=False)
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                                    + " --xla_force_host_platform_device_count=2"))
+  result = subprocess.run(
+      [sys.executable, "-m", "proma_jax.evaluate", f"--config={CONFIG}:proma",
+       f"--checkpoint={spec}", "--config.eval.num_examples=6", "--config.rollout.sample_batch=4",
+       "--config.rollout.max_prompt_tokens=96", "--config.mesh.data=2", "--samples=2",
+       f"--out={tmp_path / 'two'}"], capture_output=True, text=True, timeout=1800, cwd=REPO,
+      env=env)
+  assert result.returncode == 0, result.stderr
+  summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+  assert summary["devices"] == 2
+  assert read_records(tmp_path / "two") == read_records(tmp_path / "one")
+  with pytest.raises(evaluate.EvaluateError, match="do not split over"):
+    evaluate._sample(evaluate.policy_lib.make_policy(c)[0]._replace(sample_batch=3), None,
+                     [None] * 3, None, "", greedy=True, temperature=1.0, progress=False,
+                     mesh=types.SimpleNamespace(devices=np.empty(2)))  # only its size is read
