@@ -155,3 +155,25 @@ def test_two_devices_give_the_one_device_responses(tmp_path):
     evaluate._sample(evaluate.policy_lib.make_policy(c)[0]._replace(sample_batch=3), None,
                      [None] * 3, None, "", greedy=True, temperature=1.0, progress=False,
                      mesh=types.SimpleNamespace(devices=np.empty(2)))  # only its size is read
+
+
+@pytest.mark.slow
+def test_the_whole_gsm8k_test_split(tmp_path):
+  """configs/qwen3_gsm8k.py's prompts on every one of GSM8K's 1319 test problems (each once),
+  through the sampler's buckets in calls of 128 sequences, with the tiny Qwen3 fixture (8 new
+  tokens; about a minute on 2 cores)."""
+  from test_rl_pretrained import gsm8k_paths  # pylint: disable=import-outside-toplevel
+  _, test_path = gsm8k_paths()
+  with open(test_path) as f:
+    questions = {json.loads(line)["question"] for line in f if line.strip()}
+  sys.path.insert(0, str(REPO))
+  from configs import qwen3_gsm8k  # pylint: disable=import-outside-toplevel
+  c = qwen3_gsm8k.get_config("proma")
+  c.model.update(checkpoint=str(FIXTURES / "tiny_qwen3"), max_len=1024, dtype="float32",
+                 remat=False)
+  c.rollout.update(max_new_tokens=8, max_prompt_tokens=1000, sample_batch=128)
+  summary = evaluate.run(c, str(tmp_path / "eval"), num_examples=len(questions), progress=False)
+  records = read_records(tmp_path / "eval")
+  assert summary["examples"] == len(records) == len(questions) == 1319
+  assert {r["prompt"].rpartition("\n\n")[0] for r in records} == questions
+  assert summary["length_max"] <= 8
