@@ -15,7 +15,8 @@ directory, a .gguf file or hf:ORG/NAME; it replaces `model.checkpoint`), of the 
 the config's own `model.checkpoint` (or its freshly initialised tiny decoder).
 
 Writes OUT/summary.json (greedy accuracy, format rate, mean and maximum response length in
-tokens, fraction clipped at max_new_tokens, tokens/s; with --samples=K > 1 also pass@K, the
+tokens, fraction clipped at max_new_tokens, response tokens per second of sampling, compilation
+included; with --samples=K > 1 also pass@K, the
 fraction of examples with a correct (reward >= 1) sample among K at --temperature, and mean@K,
 the mean reward of those samples) and OUT/responses.jsonl (per example: prompt, greedy response,
 extracted answer, gold answer, reward, format flag, length, and its K samples), and prints a
@@ -34,7 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from proma_jax import cli, runs, sampling, tasks
@@ -255,6 +256,7 @@ def main():
 
   def _main(argv):
     cli.refuse_positional_arguments(argv)
+    logging.set_verbosity(logging.WARNING)  # keep absl's backend and orbax INFO lines off
     with cli.expected_errors_as_messages(runs.RunError, EvaluateError):
       run(config.value, out.value, checkpoint=checkpoint.value, workdir=workdir.value,
           step=step.value, split=split.value, num_examples=num_examples.value,

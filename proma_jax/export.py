@@ -14,7 +14,7 @@ the trained parameters bit for bit. --gguf also writes OUT/model-<type>.gguf for
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from proma_jax import cli, runs
 from proma_jax.models import export, gguf_export, loading
@@ -54,6 +54,7 @@ def main():
 
   def _main(argv):
     cli.refuse_positional_arguments(argv)
+    logging.set_verbosity(logging.WARNING)  # keep absl's backend and orbax INFO lines off
     try:
       export.parse_size(_MAX_SHARD.value)
     except ValueError as e:
