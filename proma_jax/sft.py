@@ -2,7 +2,9 @@
 
 Brings the policy from chance to a non-trivial reward so RL has signal, and caches the result
 under `config.sft.checkpoint_dir`, keyed by task, model shape and SFT settings, so every RL run of
-that task and model starts from the same weights.
+that task and model starts from the same weights. A data file the task reads (a task_kwargs value
+naming an existing file, e.g. the jsonl task's train_path) is keyed by its content, so editing the
+file trains a new warm start instead of reusing one fitted to the old data.
 
   python -m proma_jax.sft --config=configs/arith.py
 """
@@ -29,12 +31,39 @@ from proma_jax.models import stacked
 from proma_jax.checkpoint import Checkpointer
 
 
+def _file_sha256(path: str | os.PathLike) -> str:
+  """The sha256 hex digest of the file at `path`, read in chunks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as file:
+    for chunk in iter(lambda: file.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _data_keyed_task_kwargs(task_kwargs: dict) -> dict:
+  """`task_kwargs` with each value that names an existing file replaced by "sha256:<digest>" of
+  its content.
+
+  The warm start is fitted to the data, not to a file name: an edited file (same path, new
+  records) must not reuse the warm start of its old content. A value that is not an existing file
+  (an option, a dataset name, a path not yet written) is kept as it is.
+  """
+  keyed = {}
+  for name, value in task_kwargs.items():
+    if isinstance(value, (str, os.PathLike)) and os.fspath(value) and os.path.isfile(value):
+      value = f"sha256:{_file_sha256(value)}"  # the task has read it already (make_policy)
+    keyed[name] = value
+  return keyed
+
+
 def warm_start_dir(config: ml_collections.ConfigDict, policy: policy_lib.Policy) -> str:
-  """Where the warm start of this task, model and SFT recipe is cached."""
+  """Where the warm start of this task, its data, model and SFT recipe is cached."""
   # The recipe only: where the cache lives (sft.checkpoint_dir, however spelled) is not part of it,
-  # so a relative and an absolute spelling of one directory share one warm start.
+  # so a relative and an absolute spelling of one directory share one warm start. Data files enter
+  # by content (`_data_keyed_task_kwargs`); tasks without files keep the keys they always had.
   sft_recipe = {k: v for k, v in config.sft.to_dict().items() if k != "checkpoint_dir"}
-  recipe = json.dumps({"task": config.task, "task_kwargs": config.task_kwargs.to_dict(),
+  task_kwargs = _data_keyed_task_kwargs(config.task_kwargs.to_dict())
+  recipe = json.dumps({"task": config.task, "task_kwargs": task_kwargs,
                        "model": policy_lib.model_fingerprint(policy),
                        "model_seed": config.model.seed, "sft": sft_recipe},
                       sort_keys=True, default=str)

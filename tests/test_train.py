@@ -204,6 +204,38 @@ def test_warm_start_key_is_the_recipe_not_the_path(tmp_path, monkeypatch):
   assert sft.warm_start_dir(other, policy) != sft.warm_start_dir(relative, policy)
 
 
+def test_warm_start_is_trained_anew_when_its_data_file_changes(tmp_path, capsys):
+  """The jsonl task's warm start is keyed by the content of train_path, not its name: a rerun on
+  the unchanged file loads the cached warm start, a rerun after an edit trains a new one in
+  another directory (the old one is not reused for data it never saw)."""
+  import jsonl as jsonl_config  # configs/jsonl.py
+  from proma_jax import sft
+  data = tmp_path / "my.jsonl"
+  records = [{"prompt": f"rev:{w}=", "answer": w[::-1]} for w in
+             ("ab", "abc", "cab", "bca", "abcd", "dcba", "ba", "cba")]
+  data.write_text("".join(json.dumps(r) + "\n" for r in records))
+  c = jsonl_config.get_config("proma")
+  c.task_kwargs.train_path = str(data)
+  c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, mlp_dim=64)
+  c.sft.update(steps=1, batch_size=4, checkpoint_dir=str(tmp_path / "warm"))
+  c.eval.update(num_examples=2)
+
+  def load():
+    policy, _, _ = sft.load_or_train(c)
+    out = capsys.readouterr().out
+    return sft.warm_start_dir(c, policy), "warm start: training" in out
+
+  first, trained = load()
+  assert trained
+  assert load() == (first, False)  # unchanged file: the cache
+  records[0]["answer"] = "xy"  # same lengths, so only the content differs
+  data.write_text("".join(json.dumps(r) + "\n" for r in records))
+  edited, trained = load()
+  assert trained and edited != first
+  assert sorted(p.name for p in (tmp_path / "warm").iterdir()) == sorted(
+      os.path.basename(d) for d in (first, edited))
+
+
 @pytest.mark.slow
 def test_scanned_optimizer_step_equals_the_microbatch_loop(warm_dir):
   """train.scan_microbatches (one compiled lax.scan per optimizer step) gives the params and
