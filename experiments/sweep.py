@@ -19,6 +19,11 @@ committed to the repository even on a fresh machine without `runs/`; a run inter
 resumes from its last checkpoint in `--out` when that is still there. `--commit_every S` commits
 new summaries to git every S seconds (and at the end).
 
+Errors a user can fix (an unknown task, arm or shape, an --override that is not field=JSON or names
+no config field, an unreadable summary, a full disk or an unwritable --out in the sweep or in a
+run) stop the sweep with one line `error: ...` naming the option, field, file or path; any other
+failure of a run is printed with its traceback.
+
 Scheduling: `--workers` processes, each fed one run at a time from one queue, so no worker idles
 while runs are left. The queue is seed-major (every cell's seed 0, then seed 1, ...; the costliest
 arms first within a seed), so a sweep stopped part-way has paired seeds in every cell rather than
@@ -41,6 +46,10 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class SweepError(ValueError):
+  """A sweep that cannot run as asked; the message names the option, config field or file."""
 
 
 def _load_config_schema():
@@ -109,36 +118,70 @@ def run_overrides(shape: str, arm: str, lr: float, seed: int, steps: int,
                "checkpoint.every": max(1, steps // 3)}
   overrides.update(SHAPES[shape])
   overrides.update(ARMS[arm][1])
-  for item in extra:
-    field, _, value = item.partition("=")
-    overrides[field] = json.loads(value)
+  overrides.update(parse_override(item) for item in extra)
   return overrides
 
 
+def parse_override(item: str) -> tuple[str, object]:
+  """(field, value) of an --override `field=JSON value`; SweepError naming the item otherwise."""
+  field, separator, text = item.partition("=")
+  if not separator or not field:
+    raise SweepError(f"--override {item!r}: expected field=JSON value, e.g. model.d_model=32")
+  try:
+    return field, json.loads(text)
+  except ValueError as e:
+    raise SweepError(f"--override {item!r}: the value is not JSON ({e}); a string needs JSON "
+                     f"quotes, e.g. --override '{field}=\"text\"'") from None
+
+
 def _check_summaries(cells: list, overrides: dict, summaries: str) -> None:
-  """Exits naming the first summarised run whose recorded overrides differ from what this sweep
-  would run (e.g. another --steps): it would otherwise count as done and be reported as if it
-  were this sweep's."""
+  """Raises SweepError naming the first summarised run whose recorded overrides differ from what
+  this sweep would run (e.g. another --steps): it would otherwise count as done and be reported as
+  if it were this sweep's. A summary that cannot be read as a JSON object is named the same way."""
   for cell in cells:
     path = os.path.join(summaries, run_name(*cell) + ".json")
-    with open(path) as f:
-      recorded = json.load(f).get("overrides")
+    try:
+      with open(path) as f:
+        summary = json.load(f)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError included
+      raise SweepError(f"{path} cannot be read as JSON ({e}); remove it to rerun that "
+                       "run") from None
+    if not isinstance(summary, dict):
+      raise SweepError(f"{path} holds a {type(summary).__name__}, not a run summary; remove it to "
+                       "rerun that run")
+    recorded = summary.get("overrides")
     wanted = json.loads(json.dumps(overrides[cell]))
     if recorded != wanted:
-      raise SystemExit(f"sweep: {path} was run with overrides {recorded}, but this sweep would run "
+      raise SweepError(f"{path} was run with overrides {recorded}, but this sweep would run "
                        f"{wanted}; use another --summaries directory or remove that file")
 
 
 def make_config(task: str, algorithm: str, overrides: dict):
-  sys.path.insert(0, os.path.join(REPO, "configs"))
+  """configs/<task>.py:<algorithm> with `overrides` ({dotted field: value}) set.
+
+  An override of a field the config does not have, or of a value its field cannot take, raises
+  SweepError naming the field (instead of adding a field that nothing reads).
+  """
+  configs = os.path.join(REPO, "configs")
+  if configs not in sys.path:
+    sys.path.insert(0, configs)
   c = __import__(task).get_config(algorithm)
   c.sft.checkpoint_dir = os.path.join(REPO, c.sft.checkpoint_dir)
   for field, value in overrides.items():
     *parents, leaf = field.split(".")
     node = c
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+    try:
+      for parent in parents:
+        node = node[parent]
+      if leaf not in node:
+        raise KeyError(leaf)
+    except (KeyError, TypeError, AttributeError):
+      raise SweepError(f"config.{field}: no such field in configs/{task}.py (from --override or "
+                       "the arm or shape)") from None
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise SweepError(f"config.{field}: cannot be set to {value!r} ({e})") from None
   return c
 
 
@@ -163,19 +206,28 @@ def summarize(directory: str, meta: dict) -> dict:
 
 
 def _write_json(path: str, data: dict) -> None:
+  """Writes `data` to `path` atomically; an OSError names the file even where the write or close
+  that failed (a full disk) names none."""
+  from proma_jax import cli  # not at the top: the workers import JAX after setting XLA_FLAGS
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(data, f, separators=(",", ":"))
+  with cli.naming_path_in_os_errors(tmp):
+    with open(tmp, "w") as f:
+      json.dump(data, f, separators=(",", ":"))
   os.replace(tmp, path)
 
 
 def _worker(worker_id: int, inbox, outbox, out: str, summaries: str):
-  """Runs the runs it is sent, one at a time, until it is sent None."""
+  """Runs the runs it is sent, one at a time, until it is sent None.
+
+  Sends (worker_id, run name, message, traceback) after each run: both None when it finished; for
+  an error the user can fix (`cli.expected_error_message`: a full disk, an unwritable --out, an
+  invalid config, ...) the one-line message; for any other exception its traceback.
+  """
   os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
   from absl import logging
 
-  from proma_jax import train
+  from proma_jax import cli, train
   logging.set_verbosity(logging.WARNING)
   while (job := inbox.get()) is not None:
     (task, shape, arm, lr, seed), overrides = job
@@ -190,16 +242,33 @@ def _worker(worker_id: int, inbox, outbox, out: str, summaries: str):
               "seed": seed, "overrides": overrides,
               "wall_s": round(time.perf_counter() - start, 1)}
       _write_json(os.path.join(summaries, name + ".json"), summarize(directory, meta))
-      outbox.put((worker_id, name, None))
+      outbox.put((worker_id, name, None, None))
     except Exception as e:  # noqa: BLE001 -- reported by the parent, which stops the sweep
-      import traceback
-      outbox.put((worker_id, name, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+      message = cli.expected_error_message(e, SweepError, train.ConfigChangedError,
+                                           train.WorkdirLockedError)
+      if message is not None:
+        outbox.put((worker_id, name, message, None))
+      else:
+        import traceback
+        outbox.put((worker_id, name, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _numbers(option: str, text: str, kind: type) -> list:
+  """The comma-separated numbers of option `option`; SweepError naming it otherwise."""
+  try:
+    return [kind(x) for x in text.split(",")]
+  except ValueError:
+    example = "1e-4,3e-4" if kind is float else "0,1,2"
+    raise SweepError(f"{option} {text!r}: expected comma-separated {kind.__name__} values, e.g. "
+                     f"{example}") from None
 
 
 def plan_cells(args) -> list[tuple]:
+  """The (task, shape, arm, lr, seed) cells of --plan or of the grid flags, in plan order;
+  SweepError naming the option for an unknown task, arm or shape or a malformed number."""
   grids = PLANS[args.plan] if args.plan else [dict(
       tasks=args.tasks.split(","), shapes=args.shapes.split(","), arms=args.arms.split(","),
-      lrs=[float(x) for x in args.lrs.split(",")], seeds=[int(x) for x in args.seeds.split(",")])]
+      lrs=_numbers("--lrs", args.lrs, float), seeds=_numbers("--seeds", args.seeds, int))]
   cells = []
   for grid in grids:
     for cell in itertools.product(grid["tasks"], grid["shapes"], grid["arms"], grid["lrs"],
@@ -208,8 +277,13 @@ def plan_cells(args) -> list[tuple]:
         cells.append(cell)
   unknown = sorted({c[2] for c in cells} - set(ARMS)) + sorted({c[1] for c in cells} - set(SHAPES))
   if unknown:
-    raise SystemExit(f"unknown arm or shape {unknown}; arms: {sorted(ARMS)}, shapes: "
+    raise SweepError(f"unknown arm or shape {unknown}; arms: {sorted(ARMS)}, shapes: "
                      f"{sorted(SHAPES)}")
+  unknown = sorted(task for task in {c[0] for c in cells}
+                   if not os.path.isfile(os.path.join(REPO, "configs", f"{task}.py")))
+  if unknown:
+    raise SweepError(f"--tasks: unknown task(s) {unknown}; each names a config "
+                     f"{os.path.join(REPO, 'configs', '<task>.py')}")
   return cells
 
 
@@ -262,10 +336,23 @@ def main(argv=None):
   parser.add_argument("--commit_every", type=float, default=0,
                       help="seconds between git commits of new summaries (0: never)")
   args = parser.parse_args(argv)
+  from proma_jax import cli  # not at the top: the workers import JAX after setting XLA_FLAGS
+  with cli.expected_errors_as_messages(SweepError):
+    _sweep(args)
+
+
+def _sweep(args) -> None:
+  """Runs the sweep of the parsed command line `args` (see `main`)."""
+  for option, value in (("--steps", args.steps), ("--workers", args.workers)):
+    if value < 1:
+      raise SweepError(f"{option} {value}: must be at least 1")
   summaries = args.summaries or os.path.join(args.out, "summaries")
   cells = plan_cells(args)
   overrides = {cell: run_overrides(cell[1], cell[2], cell[3], cell[4], args.steps, args.override)
                for cell in cells}
+  from proma_jax import train
+  for cell in cells:  # every run's config is valid (ConfigError naming the field) before any runs
+    train.validate_config(make_config(cell[0], ARMS[cell[2]][0], overrides[cell]))
   done = lambda cell: os.path.exists(os.path.join(summaries, run_name(*cell) + ".json"))  # noqa: E731
   _check_summaries([cell for cell in cells if done(cell)], overrides, summaries)
   pending = queue_order([cell for cell in cells if not done(cell)])
@@ -302,14 +389,16 @@ def main(argv=None):
       inboxes[i].put((job, overrides[job]))
     while current:
       try:
-        worker_id, name, error = outbox.get(timeout=10)
+        worker_id, name, message, failure = outbox.get(timeout=10)
       except queue.Empty:
         dead = [i for i, w in enumerate(workers) if not w.is_alive() and i in current]
         if dead:
-          raise SystemExit(f"sweep: worker {dead} died (killed?); rerun to resume")
+          raise SweepError(f"sweep worker {dead} died (killed?); rerun to resume")
         continue
-      if error:
-        raise SystemExit(f"sweep: run {name} failed:\n{error}")
+      if message:
+        raise SweepError(f"run {name}: {message}")
+      if failure:
+        raise SystemExit(f"sweep: run {name} failed:\n{failure}")
       bar.update(1)
       bar.write(f"done {name}")
       current.pop(worker_id)

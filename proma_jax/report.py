@@ -14,7 +14,9 @@ Command line:
 
   python -m proma_jax.report RUN_DIR [RUN_DIR ...] --out DIR
 
-prints the results table and writes DIR/summary.csv and DIR/curves.png.
+prints the results table and writes DIR/summary.csv and DIR/curves.png. An --out that cannot be
+written (a full disk, a read-only or forbidden directory, a path through a regular file) exits
+with one line `error: ...` naming the path.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from proma_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +63,9 @@ def load_run(run_dir: str | os.PathLike) -> Run:
   """{"dir", "meta", "records"} of one run; records sorted by step, the last record of a step wins.
 
   A line of metrics.jsonl that is not UTF-8 or not valid JSON (e.g. cut short by a kill), or not a
-  JSON object with an integer "step", is skipped with a warning. Raises ValueError if run.json is missing or is
-  not a JSON object (`main` skips such a directory with a warning).
+  JSON object with an integer "step", is skipped with a warning. Raises ValueError if run.json is
+  missing or is not a JSON object, or if metrics.jsonl exists but cannot be read (a directory, a
+  forbidden file): `main` skips such a directory with a warning naming the file.
   """
   run_dir = os.fspath(run_dir)
   meta_path = os.path.join(run_dir, "run.json")
@@ -73,33 +78,42 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     raise ValueError(f"{meta_path} cannot be read as JSON ({e})") from None
   if not isinstance(meta, dict):
     raise ValueError(f"{meta_path} holds a {type(meta).__name__}, not a JSON object")
-  by_step: dict[int, dict[str, Any]] = {}
   metrics_path = os.path.join(run_dir, "metrics.jsonl")
-  if os.path.exists(metrics_path):
-    with open(metrics_path, "rb") as f:  # decoded line by line: one bad byte costs one line
-      for line_number, raw in enumerate(f, start=1):
-        try:
-          line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-          log.warning("%s:%d is not UTF-8 (%s); skipping it.", metrics_path, line_number, e)
-          continue
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          log.warning("%s:%d is not valid JSON (%s); skipping it.", metrics_path, line_number, e)
-          continue
-        step = record.get("step") if isinstance(record, dict) else None
-        if isinstance(step, float) and step.is_integer():
-          step = int(step)
-        if isinstance(step, bool) or not isinstance(step, int):
-          log.warning("%s:%d has no integer \"step\" (got %r); skipping it.", metrics_path,
-                      line_number, step)
-          continue
-        record["step"] = step
-        by_step[step] = record
+  try:
+    by_step = _records_by_step(metrics_path) if os.path.exists(metrics_path) else {}
+  except OSError as e:  # a directory, a forbidden file, an I/O error
+    raise ValueError(f"{metrics_path} cannot be read ({e})") from None
   return {"dir": run_dir, "meta": meta, "records": [by_step[s] for s in sorted(by_step)]}
+
+
+def _records_by_step(metrics_path: str) -> dict[int, dict[str, Any]]:
+  """The records of a metrics.jsonl file by step (the last record of a step wins); see
+  `load_run` for the lines skipped with a warning."""
+  by_step: dict[int, dict[str, Any]] = {}
+  with open(metrics_path, "rb") as f:  # decoded line by line: one bad byte costs one line
+    for line_number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        log.warning("%s:%d is not UTF-8 (%s); skipping it.", metrics_path, line_number, e)
+        continue
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        log.warning("%s:%d is not valid JSON (%s); skipping it.", metrics_path, line_number, e)
+        continue
+      step = record.get("step") if isinstance(record, dict) else None
+      if isinstance(step, float) and step.is_integer():
+        step = int(step)
+      if isinstance(step, bool) or not isinstance(step, int):
+        log.warning("%s:%d has no integer \"step\" (got %r); skipping it.", metrics_path,
+                    line_number, step)
+        continue
+      record["step"] = step
+      by_step[step] = record
+  return by_step
 
 
 def metric_series(run: Run, key: str) -> tuple[list[int], list[float]]:
@@ -267,6 +281,10 @@ def plot_runs(runs: Sequence[Run], path_png: str | os.PathLike,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  """The command line. A run directory that cannot be read is skipped with a warning; none left,
+  or an --out that is a file, is a usage error (exit 2). An --out that cannot be written (a full
+  disk, a read-only or forbidden directory, a path through a regular file) exits 1 with one line
+  `error: <reason>: <path> (<type>)`; any other exception keeps its traceback."""
   parser = argparse.ArgumentParser(
       prog="python -m proma_jax.report",
       description="Summarise run directories: print a table, write summary.csv and curves.png.")
@@ -282,10 +300,16 @@ def main(argv: Sequence[str] | None = None) -> None:
       log.warning("skipping %s: %s", run_dir, e)
   if not runs:
     parser.error("none of the given directories is a run directory (each needs a run.json)")
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    parser.error(f"argument --out: {args.out} is a file, not a directory")
   summaries = [summarize_run(run) for run in runs]
-  os.makedirs(args.out, exist_ok=True)
-  write_summary_csv(summaries, os.path.join(args.out, "summary.csv"))
-  plot_runs(runs, os.path.join(args.out, "curves.png"), title=args.title)
+  csv_path, png_path = os.path.join(args.out, "summary.csv"), os.path.join(args.out, "curves.png")
+  with cli.expected_errors_as_messages():
+    os.makedirs(args.out, exist_ok=True)
+    with cli.naming_path_in_os_errors(csv_path):
+      write_summary_csv(summaries, csv_path)
+    with cli.naming_path_in_os_errors(png_path):
+      plot_runs(runs, png_path, title=args.title)
   print(results_table(summaries))
   print(f"\nwrote {args.out}/summary.csv and {args.out}/curves.png")
 

@@ -167,6 +167,24 @@ def test_cli_skips_directories_without_run_json(run_dirs, tmp_path, capsys, capl
   assert "run.json" in capsys.readouterr().err
 
 
+def test_cli_skips_a_run_whose_metrics_cannot_be_read(run_dirs, tmp_path, capsys, caplog):
+  """A metrics.jsonl that cannot be read (here a directory; a forbidden or failing file alike)
+  skips its run with a warning naming the file, as an unreadable run.json does, instead of
+  stopping the report with a traceback."""
+  unreadable = tmp_path / "unreadable"
+  unreadable.mkdir()
+  (unreadable / "run.json").write_text(json.dumps({"algorithm": "grpo", "task": "arith"}))
+  (unreadable / "metrics.jsonl").mkdir()
+  out = tmp_path / "results"
+  with caplog.at_level("WARNING", logger="proma_jax.report"):
+    report.main([str(unreadable), str(run_dirs[1]), "--out", str(out)])
+  assert "proma" in capsys.readouterr().out
+  assert any(f"skipping {unreadable}" in m and f"{unreadable / 'metrics.jsonl'} cannot be read"
+             in m for m in caplog.messages), caplog.messages
+  with open(out / "summary.csv", newline="") as f:
+    assert [row["run"] for row in csv.DictReader(f)] == ["proma"]
+
+
 def test_non_utf8_lines_and_non_numeric_values_are_skipped_with_a_warning(tmp_path, caplog):
   """One bad byte costs its line, not the run; a non-numeric metric value costs that value."""
   run_dir = tmp_path / "r"

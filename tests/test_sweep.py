@@ -89,5 +89,6 @@ def test_a_summary_run_with_other_overrides_is_refused(tmp_path):
   path.parent.mkdir(parents=True)
   path.write_text(json.dumps({"overrides": ran}))
   sweep._check_summaries([cell], {cell: ran}, str(tmp_path))  # the same: accepted
-  with pytest.raises(SystemExit, match=r"lr0.0001_seed0.json was run with overrides .*'steps': 60"):
+  with pytest.raises(sweep.SweepError,
+                     match=r"lr0.0001_seed0.json was run with overrides .*'steps': 60"):
     sweep._check_summaries([cell], {cell: sweep.run_overrides(*cell[1:], 40, [])}, str(tmp_path))
