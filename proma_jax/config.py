@@ -76,9 +76,11 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
   # intra variant). data=1 is the single-device path.
   # fsdp > 1: a ("data", "fsdp") mesh of data x fsdp devices; params, optimizer state and the
   # PROMA accumulator sharded over "fsdp" ZeRO-3 style (each leaf of >= fsdp_min_size elements
-  # along its largest divisible dimension; `proma_jax.mesh.param_specs`), sequences over "data"
-  # and "fsdp" (over "data" only for proma and proma_both, whose per-sequence gradients would
-  # otherwise cross "fsdp" whole); exact mode, one process or several.
+  # along its largest divisible dimension; `proma_jax.mesh.param_specs`), each microbatch's
+  # sequences over "data" and "fsdp" together where they divide (else over "data") for every
+  # algorithm; proma and proma_both then reshard their per-sequence gradients like the params
+  # (`proma_jax.mesh.constrain_sequence_gradients`, an all-to-all over "fsdp"); exact mode, one
+  # process or several.
   c.mesh = ml_collections.ConfigDict(dict(data=1, mode="exact", fsdp=1, fsdp_min_size=2**14))
   # Multi-process runs: the same command started once per process with its process_id; process 0
   # writes metrics; checkpoints are written collectively (orbax: each process its shards).
