@@ -11,12 +11,16 @@ Two kinds of policy:
     a batch is left-padded to its longest prompt rounded up to a multiple of `rollout.bucket`,
     so prompts of any length compile a few shapes only. Responses are cut back the same way after
     sampling (`sampling.trim`), so a batch of short answers does not pay for `max_new_tokens`.
+    Before the weights load, the chat template is rendered once and every prompt of a file-based
+    task (GSM8K) is measured against `rollout.max_prompt_tokens` (`fit_task`), so that neither
+    fails mid-run.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,19 +82,103 @@ def _fsdp_shardings(config: ml_collections.ConfigDict):
       layer_axis=stacked.is_stacked_path(path)))
 
 
+# Prompt token counts remembered within the process, {(tokenizer key, chat template): {prompt:
+# tokens}}, for the last few tokenizers: a config checked twice (a sweep's algorithms, evaluating
+# after training) tokenizes its data set once.
+_PROMPT_LENGTHS: collections.OrderedDict[tuple, dict[str, int]] = collections.OrderedDict()
+_PROMPT_LENGTHS_TOKENIZERS = 4
+
+
+def prompt_lengths(tokenizer, chat_template: bool, prompts: Sequence[str],
+                   cache_key: Any = None) -> list[int]:
+  """The number of tokens of each prompt as `prompt_ids` encodes it for a pretrained policy:
+  rendered in the chat template when `chat_template`, else BOS (when the tokenizer adds one) and
+  the raw text.
+
+  The texts are encoded in one `encode_batch` call (the tokenizers library spreads it over its
+  threads). GSM8K's 7473 + 1319 prompts through SmolLM2-135M-Instruct's tokenizer and chat
+  template (1.08M tokens, the longest prompt 285): 1.7 CPU seconds, 1.8-3.5 s of wall clock on 2
+  cores shared with other jobs (load average 2-7), of which rendering the template takes 0.15 s
+  (`.venv/bin/python experiments/bench_prompt_check.py --train_path .../train.jsonl --test_path
+  .../test.jsonl`). With `cache_key`, something that identifies the tokenizer
+  (`loading.checkpoint_state` of its checkpoint), each prompt's count is remembered, and only
+  prompts not seen before are encoded: checking the same files again takes 0.02 s.
+  """
+  known: dict[str, int] = {}
+  if cache_key is not None:
+    key = (cache_key, bool(chat_template))
+    known = _PROMPT_LENGTHS.pop(key, {})
+    _PROMPT_LENGTHS[key] = known  # the most recently used, last
+    while len(_PROMPT_LENGTHS) > _PROMPT_LENGTHS_TOKENIZERS:
+      _PROMPT_LENGTHS.popitem(last=False)
+  new = list(dict.fromkeys(p for p in prompts if p not in known))
+  if new:
+    if chat_template:
+      texts, extra = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                    add_generation_prompt=True, tokenize=False)
+                      for p in new], 0
+    else:
+      texts = new
+      extra = int(getattr(tokenizer, "add_bos", False) and tokenizer.bos_id is not None)
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    ids = encode_batch(texts) if encode_batch is not None else [tokenizer.encode(t) for t in texts]
+    known.update((p, len(row) + extra) for p, row in zip(new, ids))
+  return [known[p] for p in prompts]
+
+
+def fit_task(task: tasks.Task, tokenizer, *, chat_template: bool, max_prompt_tokens: int,
+             cache_key: Any = None) -> tasks.Task:
+  """`task` checked against a pretrained policy's tokenizer, before the run writes anything.
+
+  When the policy renders prompts in the chat template (`chat_template`), the template is rendered
+  once on a sample user message: one that cannot render raises a ValueError naming its source
+  file (`HFTokenizer.chat_template_source`) and the Jinja error, where it would otherwise fail at
+  the first prompt, after run.json, metrics.jsonl and tensorboard/ exist. A task with
+  `fit_prompts` (GSM8K) then has every prompt measured (`prompt_lengths`) against
+  `max_prompt_tokens`; the task returned samples the fitted prompts.
+  """
+  check_template = getattr(tokenizer, "check_chat_template", None)
+  if chat_template and check_template is not None:
+    try:
+      check_template()
+    except ValueError as error:
+      raise ValueError(f"{error}. Fix the template, or set config.rollout.chat_template=False to "
+                       "encode prompts without it") from error
+  if task.fit_prompts is None:
+    return task
+  sample = task.fit_prompts(
+      lambda prompts: prompt_lengths(tokenizer, chat_template, prompts, cache_key),
+      max_prompt_tokens)
+  return dataclasses.replace(task, sample=sample, fit_prompts=None)
+
+
 def make_policy(config: ml_collections.ConfigDict) -> tuple[Policy, dict]:
   """The policy of `config` and its initial parameters (a pure dict): freshly initialised for
-  the tiny decoder, read from `config.model.checkpoint` for a pretrained one."""
+  the tiny decoder, read from `config.model.checkpoint` for a pretrained one.
+
+  A pretrained policy checks its task against the tokenizer before the weights are read
+  (`fit_task`: the chat template renders, every prompt of a file-based task fits
+  `rollout.max_prompt_tokens`), so those errors come before step 0 and before the run writes
+  anything."""
   task = tasks.get_task(config.task, **config.task_kwargs.to_dict())
   length = max_new_tokens(config, task)
   if config.model.checkpoint:
     options = {k: config.model[k] for k in PRETRAINED_OPTIONS}
     if config.model.max_len is not None:
       options["max_len"] = config.model.max_len
-    model, tokenizer = loading.load_pretrained(config.model.checkpoint,
-                                               shardings=_fsdp_shardings(config), **options)
-    graphdef, state = nnx.split(model)
     r = config.rollout
+
+    def check(tokenizer):
+      nonlocal task
+      task = fit_task(task, tokenizer, chat_template=bool(r.chat_template and
+                                                          tokenizer.chat_template),
+                      max_prompt_tokens=r.max_prompt_tokens,
+                      cache_key=loading.checkpoint_state(config.model.checkpoint))
+
+    model, tokenizer = loading.load_pretrained(config.model.checkpoint,
+                                               shardings=_fsdp_shardings(config),
+                                               check_tokenizer=check, **options)
+    graphdef, state = nnx.split(model)
     policy = Policy(task, tokenizer, model.cfg, graphdef, None, length, bucket=r.bucket,
                     max_prompt_tokens=r.max_prompt_tokens,
                     chat_template=bool(r.chat_template and tokenizer.chat_template),

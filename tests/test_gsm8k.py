@@ -271,12 +271,13 @@ def test_gsm8k_empty_or_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [
-    {}, {"train_path": "a.jsonl"}, {"test_path": "b.jsonl"},
+    {"train_path": "a.jsonl"}, {"test_path": "b.jsonl"},
     {"train_path": "a.jsonl", "test_path": "b.jsonl", "hf_dataset": "openai/gsm8k"},
     {"train_path": "a.jsonl", "hf_dataset": "openai/gsm8k"},
 ])
 def test_gsm8k_needs_paths_or_hf_dataset(kwargs):
-  """Exactly one data source: both paths, or hf_dataset; the error names the config fields."""
+  """At most one data source: both paths, or hf_dataset (neither: the default below); one path
+  alone, or paths and hf_dataset, raise an error naming the config fields."""
   with pytest.raises(ValueError, match=r"task_kwargs\.train_path.*task_kwargs\.test_path.*"
                                        r"task_kwargs\.hf_dataset"):
     gsm8k.gsm8k_task(**kwargs)
@@ -317,6 +318,146 @@ def test_gsm8k_hf_dataset_without_datasets(monkeypatch):
   monkeypatch.setitem(sys.modules, "datasets", None)
   with pytest.raises(ImportError, match=r"pip install datasets.*task_kwargs\.train_path"):
     gsm8k.gsm8k_task(hf_dataset="openai/gsm8k")
+
+
+GSM8K_SPLITS = {"train": [{"question": "Q1", "answer": "x\n#### 1"}],
+                "test": [{"question": "T1", "answer": "#### -3"}]}
+
+
+def test_gsm8k_without_paths_reads_openai_gsm8k(monkeypatch):
+  """No paths and no hf_dataset: the task reads openai/gsm8k (config "main") through `datasets`
+  when it is installed and the dataset loads; nothing assumes a folder beside the repository."""
+  calls = []
+
+  def load_dataset(name, config):
+    calls.append((name, config))
+    return GSM8K_SPLITS
+
+  monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+  task = tasks.get_task("gsm8k", instruction="")
+  assert calls == [("openai/gsm8k", "main")]
+  assert task.train_examples(1, seed=0) == [tasks.Example("Q1", "1")]
+  assert task.val_examples(1, seed=0) == [tasks.Example("T1", "-3")]
+
+
+def _offline(name, config):
+  raise ConnectionError(f"cannot reach the hub for {name}/{config}")
+
+
+@pytest.mark.parametrize("datasets_module, reason", [
+    (None, r"the `datasets` package is not installed"),
+    (types.SimpleNamespace(load_dataset=_offline),
+     r"load_dataset\('openai/gsm8k', 'main'\) failed: ConnectionError: cannot reach the hub"),
+])
+def test_gsm8k_without_paths_or_dataset_names_the_fields_and_the_files(monkeypatch,
+                                                                       datasets_module, reason):
+  """No paths, and `datasets` missing or offline: a ValueError naming
+  config.task_kwargs.train_path and test_path, why the dataset could not be read, and where to
+  download the files."""
+  monkeypatch.setitem(sys.modules, "datasets", datasets_module)
+  with pytest.raises(ValueError) as error:
+    gsm8k.gsm8k_task()
+  message = str(error.value)
+  assert message.startswith("config.task_kwargs.train_path and config.task_kwargs.test_path "
+                            "are not set")
+  assert re.search(reason, message), message
+  assert "grade_school_math/data/ of https://github.com/openai/grade-school-math" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt lengths (`Task.fit_prompts`), measured here in characters: the policy passes its
+# tokenizer's counts (tests/test_rl_pretrained.py runs them through the tiny Qwen3 fixture).
+
+LONG_QUESTION = " ".join(f"word{i}" for i in range(2000)) + " How many words?"
+
+
+def _files_with_a_long_question(tmp_path):
+  """train.jsonl with the long question on line 3 (after a blank line 2), test.jsonl without."""
+  train = tmp_path / "train.jsonl"
+  train.write_text("\n".join([
+      json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}), "",
+      json.dumps({"question": LONG_QUESTION, "answer": "#### 2000"}),
+      json.dumps({"question": "What is 2 + 2?", "answer": "#### 4"})]) + "\n")
+  test = _write_jsonl(tmp_path / "test.jsonl", [{"question": "How many?", "answer": "#### 7"}])
+  return train, test
+
+
+def _characters(calls):
+  """A prompt_lengths that counts characters and records each call's prompts."""
+  def lengths(prompts):
+    calls.append(list(prompts))
+    return [len(p) for p in prompts]
+  return lengths
+
+
+def test_gsm8k_over_long_prompt_names_file_line_and_tokens(tmp_path):
+  """too_long="error" (the default): the error names the file, the 1-based line (blank lines
+  counted) and the prompt's length, and the limit's config field; every prompt of both files is
+  measured in one call."""
+  train, test = _files_with_a_long_question(tmp_path)
+  task = gsm8k.gsm8k_task(train, test, instruction="Go.")
+  calls = []
+  with pytest.raises(ValueError) as error:
+    task.fit_prompts(_characters(calls), 100)
+  length = len(LONG_QUESTION) + len("\n\nGo.")
+  assert str(error.value).startswith(
+      f"{train}, line 3: the prompt is {length} tokens as the policy encodes it")
+  assert "> config.rollout.max_prompt_tokens=100" in str(error.value)
+  assert "config.task_kwargs.too_long" in str(error.value)
+  assert len(calls) == 1 and len(calls[0]) == 4
+  assert task.fit_prompts(_characters([]), length) is not None  # the limit is inclusive
+
+
+def test_gsm8k_truncate_keeps_the_end_of_the_question_and_the_instruction(tmp_path, caplog):
+  """too_long="truncate": the long question keeps its longest end that fits, from the start of a
+  word, then the whole instruction; the other prompts are untouched; a warning counts it."""
+  train, test = _files_with_a_long_question(tmp_path)
+  task = gsm8k.gsm8k_task(train, test, instruction="Go.", too_long="truncate")
+  with caplog.at_level("WARNING"):
+    sample = task.fit_prompts(_characters([]), 100)
+  prompts = {ex.prompt: ex.answer for ex in sample("train", 30, np.random.default_rng(0))}
+  assert len(prompts) == 3
+  (cut,) = [p for p, answer in prompts.items() if answer == "2000"]
+  question = cut[:-len("\n\nGo.")]
+  assert cut.endswith("\n\nGo.") and len(cut) <= 100
+  assert LONG_QUESTION.endswith(question) and question.endswith("How many words?")
+  assert LONG_QUESTION[-len(question) - 1] == " " and not question[0].isspace()  # a whole word
+  assert len(cut) > 100 - len("word1999 ")  # no more than a word short of the limit
+  assert {"What is 1 + 1?\n\nGo.", "What is 2 + 2?\n\nGo."} < set(prompts)
+  assert f"{train}: 1 of 3 records over config.rollout.max_prompt_tokens=100 were truncated" in (
+      caplog.text)
+  assert f"first: {train}, line 3: " in caplog.text
+
+
+def test_gsm8k_skip_drops_the_record_and_counts_it(tmp_path, caplog):
+  """too_long="skip": the record is never drawn and a warning counts it; a split left empty is
+  an error naming its file."""
+  train, test = _files_with_a_long_question(tmp_path)
+  task = gsm8k.gsm8k_task(train, test, instruction="Go.", too_long="skip")
+  with caplog.at_level("WARNING"):
+    sample = task.fit_prompts(_characters([]), 100)
+  assert {ex.answer for ex in sample("train", 30, np.random.default_rng(0))} == {"2", "4"}
+  assert f"{train}: 1 of 3 records over config.rollout.max_prompt_tokens=100 were skipped" in (
+      caplog.text)
+  with pytest.raises(ValueError, match=rf"{re.escape(str(train))}: all 3 records are over "
+                                       r"config\.rollout\.max_prompt_tokens=10 "):
+    task.fit_prompts(_characters([]), 10)
+
+
+def test_gsm8k_truncate_without_room_for_the_question_names_the_record(tmp_path):
+  """An instruction that leaves no room for any of the question cannot be truncated into the
+  limit: the error names the record and what to change."""
+  train, test = _files_with_a_long_question(tmp_path)
+  task = gsm8k.gsm8k_task(train, test, instruction="x" * 200, too_long="truncate")
+  with pytest.raises(ValueError, match=rf"{re.escape(str(train))}, line 1: .*leave no room for "
+                                       r"the question.*task_kwargs\.instruction"):
+    task.fit_prompts(_characters([]), 150)
+
+
+@pytest.mark.parametrize("too_long", ["cut", None, ""])
+def test_gsm8k_rejects_an_unknown_too_long(tmp_path, too_long):
+  with pytest.raises(ValueError, match=r"config\.task_kwargs\.too_long: unknown"):
+    gsm8k.gsm8k_task(*_tiny_files(tmp_path), too_long=too_long)
 
 
 def test_word_arith_prompts_match_answers():

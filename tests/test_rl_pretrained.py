@@ -7,7 +7,11 @@
     (None-valued str/int fields included), SIGKILLed after its step-1 checkpoint and rerun, writes
     the metrics.jsonl of an uninterrupted run, time/* aside;
   - a GSM8K config without a checkpoint, or with a missing one, is refused before the workdir
-    exists.
+    exists;
+  - before step 0 and before run.json, metrics.jsonl or tensorboard/ exist, an over-long prompt
+    is refused naming its file, line and tokens (or truncated or skipped with too_long), and a
+    chat template that cannot render is refused naming its file and the Jinja error; prompt
+    lengths are the policy's and are counted once per process.
 
 The data are the first GSM8K_RECORDS records of ../shared/data/gsm8k/{train,test}.jsonl beside the
 repository (the tests skip without them). Compilation dominates the cost, so the in-process runs
@@ -21,6 +25,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +41,7 @@ from proma_jax import tasks, train, writers
 from proma_jax.checkpoint import Checkpointer
 from proma_jax.config import base_config
 from proma_jax.models import loading
+from proma_jax.tasks import gsm8k
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "tests" / "fixtures" / "hf" / "tiny_qwen3"
@@ -272,3 +278,142 @@ def test_gsm8k_without_a_checkpoint_is_refused_before_the_workdir(tmp_path):
   assert not workdir.exists()
   c.model.max_len = 520
   train.validate_config(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the tokenizer makes of the task, checked before step 0 (the fixture's tokenizer, small
+# GSM8K-format files written here: no GSM8K data needed, nothing compiled).
+
+# About 100 kB: a question no model's prompt window holds.
+LONG_QUESTION = "A farmer counts apples in the orchard. " * 2600 + "How many apples are there?"
+RUN_FILES = ("run.json", "metrics.jsonl", writers.TENSORBOARD_DIR)
+
+
+def small_gsm8k_files(directory: pathlib.Path, long_question: str | None = None):
+  """train.jsonl of two short questions; test.jsonl of one, then `long_question` on line 2."""
+  def write(name, questions):
+    path = directory / name
+    path.write_text("".join(json.dumps({"question": q, "answer": f"#### {i}"}) + "\n"
+                            for i, q in enumerate(questions)))
+    return str(path)
+
+  tests = ["What is 3 + 4?"] + ([long_question] if long_question else [])
+  return write("train.jsonl", ["What is 1 + 1?", "What is 2 + 5?"]), write("test.jsonl", tests)
+
+
+def fixture_config(train_path, test_path, checkpoint=CHECKPOINT, **task_kwargs):
+  """A one-step GSM8K config on the fixture (`TINY`: prompts of at most 512 tokens)."""
+  c = base_config("gsm8k", "proma")
+  c.update_from_flattened_dict(TINY)
+  c.model.checkpoint = str(checkpoint)
+  c.task_kwargs.train_path, c.task_kwargs.test_path = train_path, test_path
+  c.task_kwargs.update(task_kwargs)
+  c.steps = 1
+  return c
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+  return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                       add_generation_prompt=True)
+
+
+def test_an_over_long_gsm8k_prompt_is_refused_before_the_run_writes_anything(tmp_path):
+  """A 100 kB question on line 2 of the test file: train.run raises a ValueError naming the file,
+  the line and the prompt's tokens (chat template included, as the policy encodes it) before
+  step 0, and the workdir holds no run.json, metrics.jsonl or tensorboard/ (it used to fail when
+  the prompt was first drawn, naming neither file nor line, on every resume too)."""
+  train_path, test_path = small_gsm8k_files(tmp_path, LONG_QUESTION)
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError) as error:
+    train.run(fixture_config(train_path, test_path), str(workdir), progress=False)
+  match = re.match(rf"{re.escape(test_path)}, line 2: the prompt is (\d+) tokens as the policy "
+                   r"encodes it .*> config\.rollout\.max_prompt_tokens=512", str(error.value))
+  assert match, str(error.value)
+  with loading.open_checkpoint(CHECKPOINT) as ckpt:
+    tokenizer = ckpt.load_tokenizer()
+  prompt = f"{LONG_QUESTION}\n\n{gsm8k.DEFAULT_INSTRUCTION}"
+  assert int(match.group(1)) == len(chat_ids(tokenizer, prompt))
+  assert not any((workdir / name).exists() for name in RUN_FILES)
+
+
+@pytest.mark.parametrize("too_long", ["truncate", "skip"])
+def test_too_long_truncate_or_skip_fits_every_prompt_in_the_policys_tokens(tmp_path, too_long,
+                                                                            caplog):
+  """truncate: the long question keeps its end (and the instruction) within max_prompt_tokens
+  as the policy encodes it; skip: it is never drawn. Either way a warning counts it, and every
+  prompt the policy's task draws encodes within the limit."""
+  train_path, test_path = small_gsm8k_files(tmp_path, LONG_QUESTION)
+  with caplog.at_level("WARNING"):
+    policy, _ = policy_lib.make_policy(fixture_config(train_path, test_path, too_long=too_long))
+  verb = {"truncate": "truncated", "skip": "skipped"}[too_long]
+  assert (f"{test_path}: 1 of 2 records over config.rollout.max_prompt_tokens=512 were {verb}"
+          in caplog.text)
+  val = policy.task.val_examples(20, seed=0)
+  assert all(len(policy_lib.prompt_ids(policy, ex.prompt)) <= PROMPT_TOKENS for ex in val)
+  prompts, _ = policy_lib.encode(policy, val)
+  assert prompts.shape[1] <= PROMPT_TOKENS
+  cut = {ex.prompt for ex in val if ex.answer == "1"}
+  if too_long == "skip":
+    assert not cut
+    return
+  (prompt,) = cut
+  instruction = "\n\n" + gsm8k.DEFAULT_INSTRUCTION
+  assert prompt.endswith(instruction)
+  question = prompt[:-len(instruction)]
+  assert LONG_QUESTION.endswith(question) and question.endswith("How many apples are there?")
+  assert LONG_QUESTION[-len(question) - 1] == " " and not question[0].isspace()  # a whole word
+  assert len(policy_lib.prompt_ids(policy, prompt)) > PROMPT_TOKENS - 20  # nearly the limit
+
+
+def test_prompt_lengths_are_the_policys_and_a_second_check_encodes_nothing(tmp_path,
+                                                                           monkeypatch):
+  """prompt_lengths counts what prompt_ids encodes (chat template, or BOS and raw text); a config
+  checked twice in one process (make_policy twice) encodes its prompts once."""
+  with loading.open_checkpoint(CHECKPOINT) as ckpt:
+    tokenizer = ckpt.load_tokenizer()
+  prompts = ["What is 1 + 1?", "Two\n\nlines", " spaced  out ", "ünïcode 世界"]
+  for chat in (True, False):
+    policy = policy_lib.Policy(None, tokenizer, None, None, None, 8, chat_template=chat)
+    assert policy_lib.prompt_lengths(tokenizer, chat, prompts) == [
+        len(policy_lib.prompt_ids(policy, p)) for p in prompts]
+
+  encoded = []
+  original = type(tokenizer).encode_batch
+  monkeypatch.setattr(type(tokenizer), "encode_batch",
+                      lambda self, texts: encoded.extend(texts) or original(self, texts))
+  monkeypatch.setattr(policy_lib, "_PROMPT_LENGTHS", type(policy_lib._PROMPT_LENGTHS)())
+  c = fixture_config(*small_gsm8k_files(tmp_path))
+  policy_lib.make_policy(c)
+  assert len(encoded) == 3  # the 2 + 1 prompts, in one batch
+  policy_lib.make_policy(c)
+  assert len(encoded) == 3
+
+
+@pytest.mark.parametrize("file, content, source, error", [
+    ("tokenizer_config.json", "{{ raise_exception('this template is broken') }}",
+     "tokenizer_config.json (chat_template)", "TemplateError: this template is broken"),
+    ("chat_template.jinja", "{% for m in messages %}\n{{ m | no_such_filter }}{% endfor %}",
+     "chat_template.jinja", "TemplateAssertionError: No filter named 'no_such_filter'."),
+])
+def test_a_chat_template_that_cannot_render_is_refused_before_the_run_writes_anything(
+    tmp_path, file, content, source, error):
+  """A copy of the fixture whose chat template fails (raise_exception in tokenizer_config.json,
+  an unknown filter in chat_template.jinja): train.run raises a ValueError naming the template's
+  file and the Jinja error, and the workdir holds no run.json, metrics.jsonl or tensorboard/ (it
+  used to fail at the first prompt, after all three existed)."""
+  checkpoint = tmp_path / "broken_template"
+  shutil.copytree(CHECKPOINT, checkpoint)
+  if file == "tokenizer_config.json":
+    config = json.loads((checkpoint / file).read_text())
+    (checkpoint / file).write_text(json.dumps({**config, "chat_template": content}))
+  else:
+    (checkpoint / file).write_text(content)
+  workdir = tmp_path / "run"
+  c = fixture_config(*small_gsm8k_files(tmp_path), checkpoint=checkpoint)
+  with pytest.raises(ValueError) as raised:
+    train.run(c, str(workdir), progress=False)
+  message = str(raised.value)
+  assert message.startswith(f"{checkpoint / source}: the chat template fails on a sample user "
+                            f"message: {error}"), message
+  assert "config.rollout.chat_template=False" in message
+  assert not any((workdir / name).exists() for name in RUN_FILES)

@@ -132,6 +132,49 @@ def test_chat_template_runs_sandboxed(tmp_path):
     tok.apply_chat_template(MESSAGES)
 
 
+def test_chat_template_source_names_the_file_it_came_from(tmp_path, smollm2_metadata):
+  """chat_template_source: chat_template.jinja's path, tokenizer_config.json's chat_template, the
+  GGUF file's metadata key; None without a template."""
+  config = {"eos_token": "</s>", "chat_template": TEMPLATE}
+  from_config = tokenizer_lib.from_hf_dir(_write_hf_dir(tmp_path / "config", config))
+  assert from_config.chat_template_source == (
+      f"{tmp_path / 'config' / 'tokenizer_config.json'} (chat_template)")
+  from_file = tokenizer_lib.from_hf_dir(_write_hf_dir(tmp_path / "file", config, TEMPLATE))
+  assert from_file.chat_template_source == str(tmp_path / "file" / "chat_template.jinja")
+  none = tokenizer_lib.from_hf_dir(_write_hf_dir(tmp_path / "none", {"eos_token": "</s>"}))
+  assert none.chat_template_source is None
+  assert tokenizer_lib.from_gguf_metadata(smollm2_metadata, "/m/x.gguf").chat_template_source == (
+      "/m/x.gguf (GGUF metadata tokenizer.chat_template)")
+
+
+@pytest.mark.parametrize("template, error", [
+    ("{{ bos_token }}\n{{ raise_exception('no user turns here') }}",
+     "TemplateError: no user turns here (line 2 of the template)"),
+    ("{{ messages | no_such_filter }}",
+     "TemplateAssertionError: No filter named 'no_such_filter'. (line 1 of the template)"),
+    ("a\n\n{{ messages[0]['content'] + 1 }}", "TypeError: "),
+])
+def test_check_chat_template_names_the_source_and_the_jinja_error(tmp_path, template, error):
+  """check_chat_template renders the template on a sample user message; a template that fails
+  (raise_exception, an unknown filter, a runtime error) raises a ValueError naming its file, the
+  Jinja error and the template's line; one that renders, or no template, passes."""
+  path = _write_hf_dir(tmp_path, {"eos_token": "</s>"}, template)
+  with pytest.raises(ValueError) as raised:
+    tokenizer_lib.from_hf_dir(path).check_chat_template()
+  assert str(raised.value).startswith(
+      f"{path / 'chat_template.jinja'}: the chat template fails on a sample user message: {error}")
+  (path / "chat_template.jinja").write_text(TEMPLATE)
+  tokenizer_lib.from_hf_dir(path).check_chat_template()
+  (path / "chat_template.jinja").unlink()
+  tokenizer_lib.from_hf_dir(path).check_chat_template()
+
+
+def test_encode_batch_is_encode_of_each(tmp_path):
+  tok = tokenizer_lib.from_hf_dir(_write_hf_dir(tmp_path, {"bos_token": "<s>",
+                                                           "eos_token": "</s>"}))
+  assert tok.encode_batch(TEXTS) == [tok.encode(text) for text in TEXTS]
+
+
 def test_hf_dir_errors_name_the_file_key_or_token(tmp_path):
   """Missing files, bad JSON, an unknown token or a missing template raise errors naming it."""
   with pytest.raises(FileNotFoundError, match="tokenizer.json"):

@@ -189,5 +189,5 @@ def open_checkpoint(path: str | pathlib.Path) -> Checkpoint:
   return Checkpoint(
       config=config, config_source=str(path), tensors_source=str(path),
       origins={name: f"{path} (GGUF tensor {t.name})" for name, t in by_hf_name.items()},
-      read=read, load_tokenizer=lambda: tokenizer.from_gguf_metadata(meta),
+      read=read, load_tokenizer=lambda: tokenizer.from_gguf_metadata(meta, str(path)),
       rope_factors=rope_factors)

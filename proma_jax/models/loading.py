@@ -31,7 +31,7 @@ import importlib.util
 import os
 import pathlib
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,8 @@ from proma_jax.models import hf, stacked
 from proma_jax.models.decoder import ModelConfig, Transformer
 from proma_jax.models.hf import Checkpoint, CheckpointError
 
-__all__ = ["CheckpointError", "checkpoint_config", "checkpoint_fingerprint", "hf_name",
-           "load_model", "load_pretrained", "open_checkpoint", "parameter_shapes",
+__all__ = ["CheckpointError", "checkpoint_config", "checkpoint_fingerprint", "checkpoint_state",
+           "hf_name", "load_model", "load_pretrained", "open_checkpoint", "parameter_shapes",
            "resolve_checkpoint"]
 
 _EMBEDDING, _LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -218,6 +218,13 @@ def checkpoint_fingerprint(spec: str | pathlib.Path) -> dict[str, str]:
   return {f.name: _file_digest(f) for f in files}
 
 
+def checkpoint_state(spec: str | pathlib.Path) -> tuple:
+  """(resolved path, (name, size, modification time) of each of its files): a cheap key for what
+  is remembered about a checkpoint within a process, which changes when any file is rewritten."""
+  path = resolve_checkpoint(spec)
+  return str(path), _file_state(path)
+
+
 def _file_state(path: pathlib.Path) -> tuple:
   files = sorted(path.iterdir()) if path.is_dir() else [path]
   return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
@@ -388,10 +395,16 @@ def load_model(path: str | pathlib.Path, *, param_dtype: str = "float32", dtype:
 
 def load_pretrained(path: str | pathlib.Path, *, param_dtype: str = "float32",
                     dtype: str = "float32", shardings=None,
+                    check_tokenizer: Callable[[Any], None] | None = None,
                     **config_overrides) -> tuple[Transformer, Any]:
   """(decoder, tokenizer) of the checkpoint at `path`; see `load_model` for the arguments. The
   tokenizer comes from the directory's tokenizer files or the GGUF file's metadata
-  (`models.tokenizer`)."""
+  (`models.tokenizer`). `check_tokenizer`, if given, is called with the tokenizer before any
+  tensor is read, so that a check of what the tokenizer makes of the data (the chat template,
+  the prompts' lengths) fails in seconds rather than after the weights have loaded."""
   with open_checkpoint(path) as ckpt:
     cfg = _config(ckpt, dict(config_overrides, param_dtype=param_dtype, dtype=dtype))
-    return _load(ckpt, cfg, shardings), ckpt.load_tokenizer()
+    tokenizer = ckpt.load_tokenizer()
+    if check_tokenizer is not None:
+      check_tokenizer(tokenizer)
+    return _load(ckpt, cfg, shardings), tokenizer

@@ -92,6 +92,9 @@ class HFTokenizer:
     special_tokens: template variables such as {"bos_token": "<s>", "eos_token": "</s>"}.
     add_bos: whether the checkpoint's own tokenizer prepends BOS to raw text. `encode` never
       does; a caller that feeds raw text (no chat template) prepends `bos_id` when this is True.
+    chat_template_source: where the chat template was read, for error messages: the path of
+      chat_template.jinja, "<dir>/tokenizer_config.json (chat_template)" or "<file>.gguf (GGUF
+      metadata tokenizer.chat_template)"; None without a template or a known source.
   """
 
   backend: tokenizers.Tokenizer
@@ -101,6 +104,7 @@ class HFTokenizer:
   chat_template: str | None
   special_tokens: Mapping[str, str]
   add_bos: bool = False
+  chat_template_source: str | None = None
 
   @property
   def vocab_size(self) -> int:
@@ -110,6 +114,12 @@ class HFTokenizer:
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without special tokens (no BOS even if the post-processor adds one)."""
     return self.backend.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """`encode` of each of `texts`, in one call of the backend (which spreads a batch over its
+    threads): what checking thousands of prompts at once needs."""
+    return [encoding.ids for encoding in
+            self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids` with special tokens skipped (transformers' skip_special_tokens=True)."""
@@ -139,6 +149,40 @@ class HFTokenizer:
     text = render_chat_template(self.chat_template, messages, add_generation_prompt,
                                 self.special_tokens)
     return self.encode(text) if tokenize else text
+
+  def check_chat_template(self, content: str = "What is 2 + 3?") -> None:
+    """Renders the chat template once, on one user message `content` with the generation prompt,
+    so that a template that cannot render fails here, before a run has written anything, rather
+    than at its first prompt.
+
+    Raises:
+      ValueError: "<chat_template_source>: the chat template fails on a sample user message:
+        <error type>: <message> (line <n> of the template)", chained to the Jinja error.
+    """
+    if self.chat_template is None:
+      return
+    try:
+      self.apply_chat_template([{"role": "user", "content": content}],
+                               add_generation_prompt=True, tokenize=False)
+    except Exception as error:  # pylint: disable=broad-except  (any error of the user's template)
+      source = self.chat_template_source or "the tokenizer's chat template"
+      raise ValueError(f"{source}: the chat template fails on a sample user message: "
+                       f"{describe_template_error(error)}") from error
+
+
+def describe_template_error(error: BaseException) -> str:
+  """`<error type>: <message> (line <n> of the template)` for an error raised while compiling or
+  rendering a Jinja template: the line is the syntax error's, or the deepest template frame of a
+  runtime error's traceback (Jinja rewrites those to the template's lines), left out if neither
+  is known."""
+  line = getattr(error, "lineno", None)
+  frame = error.__traceback__
+  while frame is not None:
+    if frame.tb_frame.f_code.co_filename == "<template>":
+      line = frame.tb_lineno
+    frame = frame.tb_next
+  where = f" (line {line} of the template)" if line is not None else ""
+  return f"{type(error).__name__}: {error}{where}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -250,13 +294,15 @@ def from_hf_dir(path: str | os.PathLike) -> HFTokenizer:
   if os.path.isfile(template_path):
     with open(template_path, encoding="utf-8") as f:
       chat_template = f.read()
+    template_source = template_path
   else:
     chat_template = _config_chat_template(config.get("chat_template"), config_path)
+    template_source = None if chat_template is None else f"{config_path} (chat_template)"
   # transformers ignores tokenizer_config's add_bos_token when tokenizer.json exists: the
   # post-processor decides.
   add_bos = bos_id is not None and backend.encode("").ids[:1] == [bos_id]
   return HFTokenizer(backend, eos_id, eos_id if pad_id is None else pad_id, bos_id, chat_template,
-                     special_tokens, add_bos)
+                     special_tokens, add_bos, template_source)
 
 
 def read_gguf_metadata(reader) -> dict[str, Any]:
@@ -286,8 +332,9 @@ def _gguf_pre_tokenizer(
                    f"supported: {GGUF_PRE_TYPES}")
 
 
-def from_gguf_metadata(meta: Mapping[str, Any]) -> HFTokenizer:
-  """The byte-level BPE tokenizer described by GGUF metadata (`read_gguf_metadata`).
+def from_gguf_metadata(meta: Mapping[str, Any], source: str | None = None) -> HFTokenizer:
+  """The byte-level BPE tokenizer described by GGUF metadata (`read_gguf_metadata`) of the file
+  `source` (a path, named by `HFTokenizer.chat_template_source`; None: unknown).
 
   Vocabulary from tokenizer.ggml.tokens, merges from tokenizer.ggml.merges ("left right"), the
   pre-tokenizer from tokenizer.ggml.pre; control tokens (token_type 3) become special added
@@ -339,6 +386,11 @@ def from_gguf_metadata(meta: Mapping[str, Any]) -> HFTokenizer:
     raise ValueError("GGUF metadata has no tokenizer.ggml.eos_token_id")
   special_tokens = {key: tokens[index] for key, index in ids.items() if index is not None}
   pad_id = ids["eos_token"] if ids["pad_token"] is None else ids["pad_token"]
-  return HFTokenizer(backend, ids["eos_token"], pad_id, ids["bos_token"],
-                     meta.get("tokenizer.chat_template"), special_tokens,
-                     bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+  chat_template = meta.get("tokenizer.chat_template")
+  template_source = None
+  if chat_template is not None:
+    template_source = ("GGUF metadata tokenizer.chat_template" if source is None
+                       else f"{source} (GGUF metadata tokenizer.chat_template)")
+  return HFTokenizer(backend, ids["eos_token"], pad_id, ids["bos_token"], chat_template,
+                     special_tokens, bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                     template_source)

@@ -33,6 +33,10 @@ RewardFn = Callable[[str, bool, str], float]
 FormatFn = Callable[[str, bool], bool]
 # (split, n, rng) -> n examples of that split.
 SampleFn = Callable[[str, int, np.random.Generator], list[Example]]
+# prompts -> the number of tokens of each as the policy encodes it (chat template or BOS included).
+PromptLengthsFn = Callable[[Sequence[str]], Sequence[int]]
+# (prompt_lengths, max_prompt_tokens) -> the task's SampleFn once every prompt fits.
+FitPromptsFn = Callable[[PromptLengthsFn, int], SampleFn]
 
 
 def reward(response_text: str, terminated: bool, answer: str) -> float:
@@ -147,6 +151,12 @@ class Task:
     answer_fn: response_text -> the answer the reward reads from it (e.g. the final number), or
       None where it finds none; shown beside each response by `proma_jax.evaluate`. None: the
       response text itself is the answer.
+    fit_prompts: for a text task whose prompts come from files: (prompt_lengths,
+      max_prompt_tokens) -> the `sample` function to use once every prompt of both splits has
+      been measured in the policy's tokens and checked against max_prompt_tokens (an error naming
+      the record, or records truncated or skipped, as the task's options say). The policy calls it
+      as soon as its tokenizer is known (`policy.make_policy`), so that an over-long record fails
+      before step 0, not when it is first drawn. None: nothing to check.
 
   Usage:
     task = get_task("arith")
@@ -161,6 +171,7 @@ class Task:
   reward_fn: RewardFn = reward
   format_fn: FormatFn | None = None
   answer_fn: Callable[[str], str | None] | None = None
+  fit_prompts: FitPromptsFn | None = None
 
   def examples(self, split: str, n: int, seed: int) -> list[Example]:
     """`n` examples of `split`, a deterministic function of (split, seed)."""

@@ -119,6 +119,12 @@ def _check_length_options(max_prompt_tokens, max_answer_tokens, too_long) -> Non
       what = "BOS + at least one character" if name == "max_prompt_tokens" else "the EOS"
       raise ValueError(f"config.task_kwargs.{name}: must be an integer >= {minimum} (room for "
                        f"{what}), got {value!r}")
+  check_too_long(too_long)
+
+
+def check_too_long(too_long) -> None:
+  """Raises ValueError naming config.task_kwargs.too_long unless it is one of TOO_LONG_POLICIES
+  (shared by the tasks that check their records' lengths: jsonl, gsm8k)."""
   if too_long not in TOO_LONG_POLICIES:
     raise ValueError(f"config.task_kwargs.too_long: unknown {too_long!r}; expected one of "
                      f"{TOO_LONG_POLICIES}")
