@@ -10,11 +10,17 @@ clip 3. The checkpoint and the data are paths on your machine:
       --config.task_kwargs.train_path=/path/to/gsm8k/train.jsonl \\
       --config.task_kwargs.test_path=/path/to/gsm8k/test.jsonl
 
-The data paths default to ../shared/data/gsm8k/ (this project's sibling folder); with network
-access, `--config.task_kwargs.hf_dataset=openai/gsm8k --config.task_kwargs.train_path=None
---config.task_kwargs.test_path=None` reads the Hugging Face data set instead (pip install datasets).
+This config reads the data from ../shared/data/gsm8k/ (this project's sibling folder) unless the
+paths are given: GSM8K's train.jsonl and test.jsonl are grade_school_math/data/ of
+https://github.com/openai/grade-school-math. With `--config.task_kwargs.train_path=None
+--config.task_kwargs.test_path=None` it reads the Hugging Face dataset openai/gsm8k instead (pip
+install datasets; network access or its cache). Every prompt is measured in the model's tokens
+before step 0; one over rollout.max_prompt_tokens is an error naming its file and line unless
+`--config.task_kwargs.too_long=truncate` (the question keeps its end) or `skip`.
 README.md#rl-on-a-pretrained-model gives the multi-device commands and the memory each needs.
 """
+
+import ml_collections
 
 from proma_jax.config import base_config
 
@@ -25,6 +31,8 @@ def get_config(algorithm: str = "proma"):
   c = base_config("gsm8k", algorithm)
   c.task_kwargs.train_path = f"{GSM8K_DIR}/train.jsonl"
   c.task_kwargs.test_path = f"{GSM8K_DIR}/test.jsonl"
+  c.task_kwargs.hf_dataset = ml_collections.FieldReference(None, str)  # instead of the paths
+  c.task_kwargs.too_long = "error"        # a prompt over max_prompt_tokens; or truncate, skip
   c.model.checkpoint = None               # required: --config.model.checkpoint=PATH
   c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
   c.model.remat, c.model.logits_chunk = True, 1024

@@ -743,6 +743,10 @@ RESUMABLE_FIELDS = ("steps", "checkpoint.every", "checkpoint.max_to_keep", "eval
                     "model.scan_layers")
 # ...but in local data-parallel mode the number of devices changes what a step computes.
 _LOCAL_MODE_FIELDS = ("mesh.data",)
+# Fields that config files gained after runs were recorded without them, with the value their
+# absence meant (the task factory's default): a run recorded without one resumes under a config
+# that has it at that value; any other value is a change.
+_ADDED_AT_DEFAULT = {"task_kwargs.too_long": "error", "task_kwargs.hf_dataset": None}
 
 
 class ConfigChangedError(ValueError):
@@ -818,7 +822,8 @@ def _check_resume_config(workdir: str, config: dict, allow_config_change: bool) 
     return {}, {"<run.json>": ("unreadable", "replaced")}
   local = "local" in (stored.get("mesh", {}).get("mode"), config.get("mesh", {}).get("mode"))
   changes = {field: change for field, change in config_changes(stored, config).items()
-             if not _is_resumable(field) or (local and field in _LOCAL_MODE_FIELDS)}
+             if (not _is_resumable(field) or (local and field in _LOCAL_MODE_FIELDS)) and
+             not (field in _ADDED_AT_DEFAULT and change == (_ABSENT, _ADDED_AT_DEFAULT[field]))}
   if changes and not allow_config_change:
     lines = "\n".join(f"  config.{field}: {json.dumps(old, default=str)} -> "
                       f"{json.dumps(new, default=str)}" for field, (old, new) in changes.items())

@@ -58,6 +58,21 @@ def test_config_changes_names_nested_missing_and_retyped_fields():
   assert train.config_changes(new, new) == {}
 
 
+def test_resume_accepts_task_fields_added_at_the_value_their_absence_meant(tmp_path):
+  """configs/qwen3_gsm8k.py gained task_kwargs.too_long ("error") and hf_dataset (None): a run
+  recorded before them resumes under the config that has them at those values; any other value
+  is a change, named as before."""
+  new = {"task": "gsm8k", "task_kwargs": {"train_path": "t.jsonl", "too_long": "error",
+                                          "hf_dataset": None}}
+  old = {"task": "gsm8k", "task_kwargs": {"train_path": "t.jsonl"}}
+  (tmp_path / "run.json").write_text(json.dumps({"config": old}))
+  assert train._check_resume_config(str(tmp_path), new, False)[1] == {}
+  skip = {**new, "task_kwargs": {**new["task_kwargs"], "too_long": "skip"}}
+  with pytest.raises(train.ConfigChangedError, match=r'config\.task_kwargs\.too_long: "<absent>" '
+                                                     r'-> "skip"'):
+    train._check_resume_config(str(tmp_path), skip, False)
+
+
 def test_truncate_metrics_keeps_the_checkpointed_prefix_byte_for_byte(tmp_path):
   path = tmp_path / "metrics.jsonl"
   head = b'{"step": 0, "val/accuracy": 0.5}\n{"step": 1, "loss": 1.25}\n{"step": 2, "loss": 0.5}\n'
