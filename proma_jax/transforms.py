@@ -373,11 +373,259 @@ def _seq_layer_view(path, g, s):
   return jax.ShapeDtypeStruct(s.shape[:1] + s.shape[2:], s.dtype)
 
 
+class _UpdateLeaves(NamedTuple):
+  """`update`'s checked inputs as lists aligned with the leaves of grads (None where not given)."""
+
+  treedef: Any
+  grads: list
+  seq_grads: list
+  factors: list
+  fused: list
+  stacked: list[bool]
+
+
+class _Changes(NamedTuple):
+  """One microbatch's change of R per leaf, with what the metrics need.
+
+  removed_sq: sum over the leaves projected against R of ||shrinkage * P||^2; r_sq: sum of ||R||^2
+  over the same leaves (sqrt(removed_sq / r_sq) is this microbatch's term of `proma/reduction`).
+  """
+
+  changes: list
+  intra_fractions: list
+  removed_sq: jax.Array
+  r_sq: jax.Array
+
+
+class _Accepted(NamedTuple):
+  """The step's running values once a microbatch is added (or dropped as non-finite)."""
+
+  accumulator: Any
+  finite: jax.Array
+  intra_fractions: list
+  reduction_sum: jax.Array
+  projected: jax.Array
+  accepted: jax.Array
+
+
+def _split_extra_args(extra_args: dict, required: tuple[str, ...], inner_args: tuple[str, ...],
+                      accumulation: AccumulationOptions | None,
+                      intra: IntraOptions | None) -> tuple[dict, dict]:
+  """`update`'s keywords as (the statistics seq_grads/factors/fused, those for the inner optimizer).
+
+  An unknown keyword or a statistic this variant does not project with raises TypeError.
+  """
+  unknown = sorted(set(extra_args) - ({"seq_grads", "factors", "fused"} | set(inner_args)))
+  if unknown:
+    raise TypeError(
+        f"update() got unexpected keyword argument(s) {unknown}; this transform takes "
+        f"{list(required) or 'no statistics'}" + (
+            f" and forwards {list(inner_args)} to the inner optimizer" if inner_args else
+            " (name keywords meant for the inner optimizer in inner_args=...)"))
+  given = {name: extra_args.get(name) for name in ("seq_grads", "factors", "fused")}
+  for name, takes in (("seq_grads", accumulation is not None), ("factors", intra is not None),
+                      ("fused", accumulation is not None or intra is not None)):
+    if given[name] is not None and not takes:
+      raise TypeError(f"{name}= was given but this transform does not project with it; it "
+                      f"takes {list(required) or 'no statistics'}")
+  return given, {name: v for name, v in extra_args.items() if name not in given}
+
+
+def _check_leaf(path, g, s, f, fused, stacked: bool) -> None:
+  """One leaf's statistics against its gradient; each layer of a stacked leaf as its own leaf."""
+  if stacked:
+    _check_seq_grads(path, _layer_view(path, g, "grads"), _seq_layer_view(path, g, s))
+    _check_factors(path, _layer_view(path, g, "grads"), _layer_view(path, f, "factors"))
+  else:
+    _check_seq_grads(path, g, s)
+    _check_factors(path, g, f)
+  _check_fused(path, s, f, fused)
+
+
+def _check_required(given: dict, required: tuple[str, ...]) -> None:
+  """Each statistic the variant projects with must be given (or the step is fused)."""
+  none = lambda tree: all(
+      leaf is None for leaf in jax.tree.leaves(tree, is_leaf=lambda x: x is None))
+  for name in required:
+    if none(given[name]) and none(given["fused"]):
+      raise ValueError(
+          f"this PROMA transform projects with {name}= but update() got "
+          f"{'none' if given[name] is None else 'a tree whose leaves are all None'}: without it "
+          f"the step would be plain gradient accumulation. Pass {name}=... (leaves left None "
+          f"are accumulated unprojected)")
+
+
+def _check_update_args(grads, params, given: dict, required: tuple[str, ...],
+                       stacked) -> _UpdateLeaves:
+  """grads, params and the statistics checked against each other and flattened like grads."""
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(grads)
+  paths = [p for p, _ in paths_leaves]
+  g_leaves = [jnp.asarray(g) for _, g in paths_leaves]
+  _check_params(paths, g_leaves, treedef, params)
+  seq_grads, factors, fused = (_leaves_like_grads(name, given[name], treedef, paths)
+                               for name in ("seq_grads", "factors", "fused"))
+  leaves = _UpdateLeaves(treedef, g_leaves, seq_grads, factors, fused,
+                         resolve_stacked(stacked, grads))
+  for path, g, s, f, fused, st in zip(paths, leaves.grads, leaves.seq_grads, leaves.factors,
+                                      leaves.fused, leaves.stacked):
+    _check_leaf(path, g, s, f, fused, st)
+  _check_required(given, required)
+  return leaves
+
+
+def _projected_changes(r_leaves: list, leaves: _UpdateLeaves, keys: list, project: jax.Array,
+                       accumulation: AccumulationOptions | None,
+                       intra: IntraOptions | None) -> _Changes:
+  """Each leaf's change of R, R <- R + change (`microbatch_change`, per layer when stacked).
+
+  A fused leaf's change was computed inside the backward pass and arrives as its grads leaf.
+  """
+  changes, intra_fracs, removed_sq, r_sq = [], [], jnp.zeros(()), jnp.zeros(())
+  for r, g, s, f, fused, key, st in zip(r_leaves, leaves.grads, leaves.seq_grads, leaves.factors,
+                                        leaves.fused, keys, leaves.stacked):
+    if fused is not None:  # per layer (L,) metrics for a stacked leaf
+      change, removed_norm, frac = g.astype(jnp.float32), fused.removed_norm, fused.intra_fraction
+    elif st:
+      change, removed_norm, frac = layerwise_change(
+          r, g.astype(jnp.float32), s, f, layer_keys(key, r.shape[0]), project, accumulation,
+          intra)
+    else:
+      change, removed_norm, frac = microbatch_change(
+          r, g.astype(jnp.float32), s, f, key, project, accumulation, intra)
+    changes.append(change)
+    intra_fracs.append(frac)
+    if s is not None or (fused is not None and accumulation is not None):
+      removed_sq = removed_sq + jnp.sum(jnp.square(removed_norm))
+      r_sq = r_sq + jnp.sum(jnp.square(r))
+  return _Changes(changes, intra_fracs, removed_sq, r_sq)
+
+
+def _sum_over_devices(changes: _Changes, axis_name: str) -> _Changes:
+  """Local data-parallel mode: R <- R + sum_d change^(d), one psum of a parameter-sized tree.
+
+  `proma/reduction` becomes the root-sum-square of the devices' removed norms over ||R||, and the
+  intra fractions their mean over the devices.
+  """
+  return changes._replace(
+      changes=jax.lax.psum(changes.changes, axis_name),
+      removed_sq=jax.lax.psum(changes.removed_sq, axis_name),
+      intra_fractions=jax.lax.pmean(changes.intra_fractions, axis_name))
+
+
+def _accept_if_finite(state: ProMAState, r_leaves: list, changes: _Changes, treedef,
+                      project: jax.Array) -> _Accepted:
+  """R <- R + change when everything is finite, else R unchanged and the microbatch dropped.
+
+  A non-finite M_m or statistic (of a projected microbatch) makes R + change non-finite: one check.
+  A finite projected microbatch adds ||shrinkage * P|| / ||R|| to the step's reduction sum.
+  """
+  new_r = [r + change for r, change in zip(r_leaves, changes.changes)]
+  finite = _all_finite(new_r + changes.intra_fractions)
+  new_r = [jnp.where(finite, nr, r) for nr, r in zip(new_r, r_leaves)]
+  counted = finite & project & (changes.r_sq > 0)
+  ratio = jnp.sqrt(changes.removed_sq) / jnp.sqrt(jnp.maximum(changes.r_sq, 1e-30))
+  return _Accepted(
+      accumulator=treedef.unflatten(new_r), finite=finite, intra_fractions=changes.intra_fractions,
+      reduction_sum=state.reduction_sum + jnp.where(counted, ratio, 0.0),
+      projected=state.projected + counted.astype(jnp.int32),
+      accepted=state.accepted + finite.astype(jnp.int32))
+
+
+def _update_dtypes(leaves: _UpdateLeaves, params):
+  """The dtypes R is handed on in: the gradient's; at a fused leaf (whose grads leaf is a float32
+  change of R) the parameter's, when params are given."""
+  params_leaves = ([None] * len(leaves.grads) if params is None
+                   else leaves.treedef.flatten_up_to(params))
+  return leaves.treedef.unflatten([
+      p if fused is not None and p is not None else g
+      for g, p, fused in zip(leaves.grads, params_leaves, leaves.fused)])
+
+
+def _inner_step(inner, steps: jax.Array, accumulator, dtypes, inner_state, params,
+                extra_args: dict):
+  """(updates, inner state) of inner.update(R cast to `dtypes`) when `steps`, else zero updates
+  and `inner_state` unchanged.
+
+  The inner optimizer runs inside a lax.cond. Selecting its result with jnp.where (as
+  optax.MultiSteps does) was measured to need more memory at every depth, 56-252 MiB more on 1-8
+  Qwen3-0.6B-shaped layers (experiments/README.md, "Memory against depth").
+  """
+
+  def finish(_):
+    updates, new_inner = inner.update(
+        _cast_like(accumulator, dtypes), inner_state, params, **extra_args)
+    # Both branches must give the same types: the inner state keeps its dtypes.
+    return updates, _cast_like(new_inner, inner_state)
+
+  def hold(_):
+    return optax.tree.zeros_like(update_shapes), inner_state
+
+  update_shapes = jax.eval_shape(finish, None)[0]
+  return jax.lax.cond(steps, finish, hold, None)
+
+
+def _next_state(state: ProMAState, step: _Accepted, inner_state, last: jax.Array,
+                num_microbatches: int, treedef, intra: IntraOptions | None) -> ProMAState:
+  """The state after this microbatch; on the step's last one the running sums become the step's
+  metrics (reduction = reduction_sum / projected, intra_reduction = intra_sum / M) and reset."""
+  reset = lambda tree: jax.tree.map(lambda x: jnp.where(last, jnp.zeros_like(x), x), tree)
+  if intra is None:
+    intra_sum = intra_reduction = None
+  else:
+    intra_sum = treedef.unflatten([
+        acc + jnp.where(step.finite, frac, 0.0)
+        for acc, frac in zip(treedef.flatten_up_to(state.intra_sum), step.intra_fractions)])
+    intra_reduction = jax.tree.map(
+        lambda s, old: jnp.where(last, s / num_microbatches, old), intra_sum,
+        state.intra_reduction)
+    intra_sum = reset(intra_sum)
+  return ProMAState(
+      microbatch=jnp.where(last, 0, state.microbatch + 1).astype(jnp.int32),
+      accumulator=reset(step.accumulator),
+      inner_state=inner_state,
+      count=state.count + 1,
+      dropped=state.dropped + (~step.finite).astype(jnp.int32),
+      reduction_sum=reset(step.reduction_sum),
+      projected=reset(step.projected),
+      accepted=reset(step.accepted),
+      reduction=jnp.where(last, step.reduction_sum / jnp.maximum(step.projected, 1),
+                          state.reduction),
+      intra_sum=intra_sum,
+      intra_reduction=intra_reduction,
+      update_norm=jnp.where(last, optax.tree.norm(step.accumulator), state.update_norm),
+  )
+
+
+def _init_state(params, inner: optax.GradientTransformation, intra: IntraOptions | None,
+                stacked) -> ProMAState:
+  """The state before the first microbatch: R = 0, zero sums, the inner optimizer's first state."""
+  stacked_leaves = resolve_stacked(stacked, params)
+  # Every leaf is its own buffer, so the state can be donated to a jitted step.
+  zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+  scalar = lambda dtype=jnp.float32: jnp.zeros((), dtype)
+  # One intra fraction per kernel: per layer for a stacked leaf.
+  leaves, treedef = jax.tree.flatten(params)
+  intra_tree = (lambda: None) if intra is None else (lambda: treedef.unflatten([
+      jnp.zeros((jnp.shape(p)[0],) if st else (), jnp.float32)
+      for p, st in zip(leaves, stacked_leaves)]))
+  return ProMAState(
+      microbatch=scalar(jnp.int32), accumulator=zeros(), inner_state=inner.init(params),
+      count=scalar(jnp.int32), dropped=scalar(jnp.int32), reduction_sum=scalar(),
+      projected=scalar(jnp.int32), accepted=scalar(jnp.int32), reduction=scalar(),
+      intra_sum=intra_tree(), intra_reduction=intra_tree(), update_norm=scalar())
+
+
 def _proma(inner: optax.GradientTransformation, num_microbatches: int,
            accumulation: AccumulationOptions | None, intra: IntraOptions | None,
            axis_name: str | None = None,
            inner_args: tuple[str, ...] = (),
            stacked=None) -> optax.GradientTransformationExtraArgs:
+  """The PROMA transform shared by every variant (projection off where its options are None).
+
+  Per microbatch: grads M_m -> each leaf's change of R (intra projection of M_m, then projection
+  of R against the microbatch's span) -> psum over devices (local mode) -> R + change if finite
+  -> on the step's last microbatch the inner optimizer on R, metrics, reset.
+  """
   if not isinstance(num_microbatches, jax.core.Tracer) and (
       int(num_microbatches) != num_microbatches or num_microbatches < 1):
     raise ValueError(f"num_microbatches must be an integer >= 1, got {num_microbatches}")
@@ -388,158 +636,34 @@ def _proma(inner: optax.GradientTransformation, num_microbatches: int,
   required = tuple(name for name, needed in (
       ("seq_grads", accumulation is not None and accumulation.projects),
       ("factors", intra is not None)) if needed)
-  accepted_args = {"seq_grads", "factors", "fused"} | set(inner_args)
   skip_fraction = 0.0 if accumulation is None else accumulation.skip_fraction
 
   def init_fn(params):
-    stacked_leaves = resolve_stacked(stacked, params)
-    # Every leaf is its own buffer, so the state can be donated to a jitted step.
-    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-    scalar = lambda dtype=jnp.float32: jnp.zeros((), dtype)
-    # One intra fraction per kernel: per layer for a stacked leaf.
-    leaves, treedef = jax.tree.flatten(params)
-    intra_tree = (lambda: None) if intra is None else (lambda: treedef.unflatten([
-        jnp.zeros((jnp.shape(p)[0],) if st else (), jnp.float32)
-        for p, st in zip(leaves, stacked_leaves)]))
-    return ProMAState(
-        microbatch=scalar(jnp.int32), accumulator=zeros(), inner_state=inner.init(params),
-        count=scalar(jnp.int32), dropped=scalar(jnp.int32), reduction_sum=scalar(),
-        projected=scalar(jnp.int32), accepted=scalar(jnp.int32), reduction=scalar(),
-        intra_sum=intra_tree(), intra_reduction=intra_tree(), update_norm=scalar())
+    return _init_state(params, inner, intra, stacked)
 
   def update_fn(grads, state: ProMAState, params=None, **extra_args):
-    unknown = sorted(set(extra_args) - accepted_args)
-    if unknown:
-      raise TypeError(
-          f"update() got unexpected keyword argument(s) {unknown}; this transform takes "
-          f"{list(required) or 'no statistics'}" + (
-              f" and forwards {list(inner_args)} to the inner optimizer" if inner_args else
-              " (name keywords meant for the inner optimizer in inner_args=...)"))
-    given = {name: extra_args.pop(name, None) for name in ("seq_grads", "factors", "fused")}
-    for name, takes in (("seq_grads", accumulation is not None), ("factors", intra is not None),
-                        ("fused", accumulation is not None or intra is not None)):
-      if given[name] is not None and not takes:
-        raise TypeError(f"{name}= was given but this transform does not project with it; it "
-                        f"takes {list(required) or 'no statistics'}")
-    paths_leaves, grads_def = jax.tree_util.tree_flatten_with_path(grads)
-    paths = [p for p, _ in paths_leaves]
-    g_leaves = [jnp.asarray(g) for _, g in paths_leaves]
-    _check_params(paths, g_leaves, grads_def, params)
-    s_leaves = _leaves_like_grads("seq_grads", given["seq_grads"], grads_def, paths)
-    f_leaves = _leaves_like_grads("factors", given["factors"], grads_def, paths)
-    fused_leaves = _leaves_like_grads("fused", given["fused"], grads_def, paths)
-    st_leaves = resolve_stacked(stacked, grads)
-    for path, g, s, f, fused, st in zip(paths, g_leaves, s_leaves, f_leaves, fused_leaves,
-                                        st_leaves):
-      if st:  # each layer is checked as a leaf of its own
-        _check_seq_grads(path, _layer_view(path, g, "grads"), _seq_layer_view(path, g, s))
-        _check_factors(path, _layer_view(path, g, "grads"), _layer_view(path, f, "factors"))
-      else:
-        _check_seq_grads(path, g, s)
-        _check_factors(path, g, f)
-      _check_fused(path, s, f, fused)
-    none = lambda tree: all(
-        leaf is None for leaf in jax.tree.leaves(tree, is_leaf=lambda x: x is None))
-    for name in required:
-      if none(given[name]) and none(given["fused"]):
-        raise ValueError(
-            f"this PROMA transform projects with {name}= but update() got "
-            f"{'none' if given[name] is None else 'a tree whose leaves are all None'}: without it "
-            f"the step would be plain gradient accumulation. Pass {name}=... (leaves left None "
-            f"are accumulated unprojected)")
-    r_leaves = grads_def.flatten_up_to(state.accumulator)
+    given, inner_extra_args = _split_extra_args(extra_args, required, inner_args, accumulation,
+                                                intra)
+    leaves = _check_update_args(grads, params, given, required, stacked)
+    r_leaves = leaves.treedef.flatten_up_to(state.accumulator)
 
-    # Each leaf's change of R (`microbatch_change`). With axis_name (inside shard_map), m and the
-    # statistics are this device's own: the changes are summed over the devices by one psum
-    # below (the local data-parallel mode). A fused leaf's change was computed inside the backward
-    # pass and arrives as its grads leaf.
+    # With axis_name (inside shard_map), m and the statistics are this device's own: the changes
+    # are summed over the devices (the local data-parallel mode).
     project = projects_now(state.microbatch, num_microbatches, skip_fraction)
-    keys = range_finder_keys(0 if intra is None else intra.seed, state.count, len(g_leaves))
-    changes, intra_fracs, removed_sq, r_sq = [], [], jnp.zeros(()), jnp.zeros(())
-    for r, g, s, f, fused, key, st in zip(r_leaves, g_leaves, s_leaves, f_leaves, fused_leaves,
-                                          keys, st_leaves):
-      if fused is not None:  # per layer (L,) metrics for a stacked leaf
-        change, removed_norm, frac = g.astype(jnp.float32), fused.removed_norm, fused.intra_fraction
-      elif st:
-        change, removed_norm, frac = layerwise_change(
-            r, g.astype(jnp.float32), s, f, layer_keys(key, r.shape[0]), project, accumulation,
-            intra)
-      else:
-        change, removed_norm, frac = microbatch_change(
-            r, g.astype(jnp.float32), s, f, key, project, accumulation, intra)
-      changes.append(change)
-      intra_fracs.append(frac)
-      if s is not None or (fused is not None and accumulation is not None):
-        removed_sq = removed_sq + jnp.sum(jnp.square(removed_norm))
-        r_sq = r_sq + jnp.sum(jnp.square(r))
-
-    if axis_name is not None:  # one all-reduce of a parameter-sized tree per microbatch
-      changes = jax.lax.psum(changes, axis_name)
-      removed_sq = jax.lax.psum(removed_sq, axis_name)  # reduction: root-sum-square over devices
-      intra_fracs = jax.lax.pmean(intra_fracs, axis_name)
-    new_r = [r + change for r, change in zip(r_leaves, changes)]
-    # A non-finite M_m or statistic (of a projected microbatch) makes new_r non-finite: one check.
-    finite = _all_finite(new_r + intra_fracs)
-    new_r = [jnp.where(finite, nr, r) for nr, r in zip(new_r, r_leaves)]
-    counted = finite & project & (r_sq > 0)
-    ratio = jnp.sqrt(removed_sq) / jnp.sqrt(jnp.maximum(r_sq, 1e-30))
-    reduction_sum = state.reduction_sum + jnp.where(counted, ratio, 0.0)
-    projected = state.projected + counted.astype(jnp.int32)
-    accepted = state.accepted + finite.astype(jnp.int32)
-    accumulator = grads_def.unflatten(new_r)
+    keys = range_finder_keys(0 if intra is None else intra.seed, state.count, len(leaves.grads))
+    changes = _projected_changes(r_leaves, leaves, keys, project, accumulation, intra)
+    if axis_name is not None:
+      changes = _sum_over_devices(changes, axis_name)
+    step = _accept_if_finite(state, r_leaves, changes, leaves.treedef, project)
 
     # The inner optimizer steps once per M microbatches, and not at all when every microbatch of
-    # the step was dropped. It runs inside a lax.cond. Selecting its result with jnp.where (as
-    # optax.MultiSteps does) was measured to need more memory at every depth, 56-252 MiB more on
-    # 1-8 Qwen3-0.6B-shaped layers (experiments/README.md, "Memory against depth").
+    # the step was dropped.
     last = state.microbatch == num_microbatches - 1
-    steps = last & (accepted > 0)
-
-    # R goes to the inner optimizer in the gradient's dtypes; a fused leaf's grads leaf is a
-    # float32 change of R, so there the parameter's dtype is used (when params are given).
-    params_leaves = [None] * len(paths) if params is None else grads_def.flatten_up_to(params)
-    dtypes = grads_def.unflatten([
-        p if fused is not None and p is not None else g
-        for g, p, fused in zip(g_leaves, params_leaves, fused_leaves)])
-
-    def finish(_):
-      updates, new_inner = inner.update(
-          _cast_like(accumulator, dtypes), state.inner_state, params, **extra_args)
-      # Both branches must give the same types: the inner state keeps its dtypes.
-      return updates, _cast_like(new_inner, state.inner_state)
-
-    def hold(_):
-      return optax.tree.zeros_like(update_shapes), state.inner_state
-
-    update_shapes = jax.eval_shape(finish, None)[0]
-    updates, inner_state = jax.lax.cond(steps, finish, hold, None)
-
-    reset = lambda tree: jax.tree.map(lambda x: jnp.where(last, jnp.zeros_like(x), x), tree)
-    if intra is None:
-      intra_sum = intra_reduction = None
-    else:
-      intra_sum = grads_def.unflatten([
-          acc + jnp.where(finite, frac, 0.0)
-          for acc, frac in zip(grads_def.flatten_up_to(state.intra_sum), intra_fracs)])
-      intra_reduction = jax.tree.map(
-          lambda s, old: jnp.where(last, s / num_microbatches, old), intra_sum,
-          state.intra_reduction)
-      intra_sum = reset(intra_sum)
-    new_state = ProMAState(
-        microbatch=jnp.where(last, 0, state.microbatch + 1).astype(jnp.int32),
-        accumulator=reset(accumulator),
-        inner_state=inner_state,
-        count=state.count + 1,
-        dropped=state.dropped + (~finite).astype(jnp.int32),
-        reduction_sum=reset(reduction_sum),
-        projected=reset(projected),
-        accepted=reset(accepted),
-        reduction=jnp.where(last, reduction_sum / jnp.maximum(projected, 1), state.reduction),
-        intra_sum=intra_sum,
-        intra_reduction=intra_reduction,
-        update_norm=jnp.where(last, optax.tree.norm(accumulator), state.update_norm),
-    )
-    return updates, new_state
+    updates, inner_state = _inner_step(
+        inner, last & (step.accepted > 0), step.accumulator, _update_dtypes(leaves, params),
+        state.inner_state, params, inner_extra_args)
+    return updates, _next_state(state, step, inner_state, last, num_microbatches, leaves.treedef,
+                                intra)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
