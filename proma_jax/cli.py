@@ -13,6 +13,7 @@ from absl import app
 from proma_jax.checkpoint import IncompatibleCheckpointError
 from proma_jax.config import ConfigError
 from proma_jax.models.hf import CheckpointError
+from proma_jax.tasks.base import DataError
 
 # OS errors that are the machine's or the given path's, not the code's: a full disk, a read-only
 # or forbidden path, and a path through a regular file (ENOTDIR: `--out results.csv/run`) or to a
@@ -32,13 +33,15 @@ def refuse_positional_arguments(argv: list[str]) -> None:
 def expected_error_message(error: BaseException, *more: type[BaseException]) -> str | None:
   """The one-line message of an error the user can fix, or None for any other exception.
 
-  Expected are an invalid config, a checkpoint that cannot be loaded or restored, the exception
+  Expected are an invalid config, a checkpoint that cannot be loaded or restored, a task whose
+  data cannot be used (`tasks.DataError`: the file and line named), the exception
   types in `more`, and the OS errors of `_ENVIRONMENT_ERRNOS` (a full disk, a read-only or
   forbidden path, a path of the wrong kind), whose message is "<reason>: <path> (<type>)".
   Shared by `expected_errors_as_messages` and by callers that report an error of another process
   (experiments/sweep.py's workers).
   """
-  if isinstance(error, (ConfigError, CheckpointError, IncompatibleCheckpointError, *more)):
+  if isinstance(error, (ConfigError, CheckpointError, IncompatibleCheckpointError, DataError,
+                        *more)):
     return str(error)
   if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
     return f"{error.strerror}: {error.filename or ''} ({type(error).__name__})"

@@ -131,24 +131,29 @@ def fit_task(task: tasks.Task, tokenizer, *, chat_template: bool, max_prompt_tok
   """`task` checked against a pretrained policy's tokenizer, before the run writes anything.
 
   When the policy renders prompts in the chat template (`chat_template`), the template is rendered
-  once on a sample user message: one that cannot render raises a ValueError naming its source
+  once on a sample user message: one that cannot render raises a CheckpointError naming its source
   file (`HFTokenizer.chat_template_source`) and the Jinja error, where it would otherwise fail at
   the first prompt, after run.json, metrics.jsonl and tensorboard/ exist. A task with
   `fit_prompts` (GSM8K) then has every prompt measured (`prompt_lengths`) against
-  `max_prompt_tokens`; the task returned samples the fitted prompts.
+  `max_prompt_tokens` (a prompt over it raises `tasks.DataError` naming its file and line); the
+  task returned samples the fitted prompts.
   """
   check_template = getattr(tokenizer, "check_chat_template", None)
   if chat_template and check_template is not None:
     try:
       check_template()
     except ValueError as error:
-      raise ValueError(f"{error}. Fix the template, or set config.rollout.chat_template=False to "
-                       "encode prompts without it") from error
+      raise loading.CheckpointError(
+          f"{error}. Fix the template, or set config.rollout.chat_template=False to encode "
+          "prompts without it") from error
   if task.fit_prompts is None:
     return task
-  sample = task.fit_prompts(
-      lambda prompts: prompt_lengths(tokenizer, chat_template, prompts, cache_key),
-      max_prompt_tokens)
+  try:
+    sample = task.fit_prompts(
+        lambda prompts: prompt_lengths(tokenizer, chat_template, prompts, cache_key),
+        max_prompt_tokens)
+  except ValueError as error:
+    raise tasks.DataError(str(error)) from error
   return dataclasses.replace(task, sample=sample, fit_prompts=None)
 
 
@@ -160,7 +165,10 @@ def make_policy(config: ml_collections.ConfigDict) -> tuple[Policy, dict]:
   (`fit_task`: the chat template renders, every prompt of a file-based task fits
   `rollout.max_prompt_tokens`), so those errors come before step 0 and before the run writes
   anything."""
-  task = tasks.get_task(config.task, **config.task_kwargs.to_dict())
+  try:  # the tasks' own errors name the data file and line, or the task_kwargs field
+    task = tasks.get_task(config.task, **config.task_kwargs.to_dict())
+  except (ValueError, FileNotFoundError) as error:
+    raise tasks.DataError(f"task {config.task!r}: {error}") from error
   length = max_new_tokens(config, task)
   if config.model.checkpoint:
     options = {k: config.model[k] for k in PRETRAINED_OPTIONS}

@@ -44,6 +44,20 @@ def test_config_errors_are_one_line_naming_the_field(tmp_path):
   assert last.startswith("error: config.train.num_microbatches:"), last
 
 
+@pytest.mark.parametrize("module", ["proma_jax.train", "proma_jax.sft"])
+def test_a_malformed_data_file_is_one_line_naming_the_file_and_line(module, tmp_path):
+  """A task whose data cannot be used (`tasks.DataError`) is reported, not a traceback."""
+  data = tmp_path / "my.jsonl"
+  data.write_text('{"prompt": "2+2", "answer": "4"}\n{"prompt": "3+3", "answer": 6}\n')
+  args = ["--config=configs/jsonl.py:proma", f"--config.task_kwargs.train_path={data}"]
+  if module == "proma_jax.train":
+    args.append(f"--workdir={tmp_path}/run")
+  proc = run(module, *args)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert f"{data}, line 2: 'answer' must be a string" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
 def test_a_broken_checkpoint_is_one_line_naming_the_file(tmp_path):
   """A pretrained run whose checkpoint directory has a garbled config.json."""
   directory = tmp_path / "ckpt"

@@ -22,6 +22,7 @@ from proma_jax.tasks.answers import (
 )
 from proma_jax.tasks.arithmetic import arithmetic_task
 from proma_jax.tasks.base import (
+    DataError,
     Example,
     Scores,
     Task,

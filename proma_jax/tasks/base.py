@@ -20,6 +20,12 @@ from proma_jax.tasks.tokenizer import CharTokenizer
 SPLITS = ("train", "val")
 
 
+class DataError(ValueError):
+  """A task that cannot be built from its data and options (a missing or malformed data file, a
+  prompt too long for the policy, an invalid task_kwargs value); the message names the file and
+  line or the field. Command lines print it as one line (`proma_jax.cli`)."""
+
+
 class Example(NamedTuple):
   """One prompt and its reference answer, both plain text (no special tokens)."""
 
