@@ -350,9 +350,9 @@ def _sweep(args) -> None:
   cells = plan_cells(args)
   overrides = {cell: run_overrides(cell[1], cell[2], cell[3], cell[4], args.steps, args.override)
                for cell in cells}
-  from proma_jax import train
+  from proma_jax.config import validate_config
   for cell in cells:  # every run's config is valid (ConfigError naming the field) before any runs
-    train.validate_config(make_config(cell[0], ARMS[cell[2]][0], overrides[cell]))
+    validate_config(make_config(cell[0], ARMS[cell[2]][0], overrides[cell]))
   done = lambda cell: os.path.exists(os.path.join(summaries, run_name(*cell) + ".json"))  # noqa: E731
   _check_summaries([cell for cell in cells if done(cell)], overrides, summaries)
   pending = queue_order([cell for cell in cells if not done(cell)])

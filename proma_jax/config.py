@@ -1,12 +1,26 @@
-"""The experiment config schema and defaults; `configs/<task>.py` override what differs."""
+"""The experiment config: its schema and defaults (`base_config`; `configs/<task>.py` override what
+differs) and the checks of every field (`validate_config`), run before anything is compiled."""
 
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from typing import Any, Callable
+
+import jax
 import ml_collections
+
+from proma_jax import capture, projection, tasks, writers
+from proma_jax import mesh as mesh_lib
+from proma_jax.models import decoder
+from proma_jax.models.loading import checkpoint_config
 
 ALGORITHMS = ("reinforce", "grpo", "proma", "proma_intra", "proma_both")
 
 
 class ConfigError(ValueError):
-  """An invalid config field; the message starts with `config.<field>:` (`train.validate_config`)."""
+  """An invalid config field; the message starts with `config.<field>:` (`validate_config`)."""
 
 
 def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
@@ -103,3 +117,239 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
   c.sft = ml_collections.ConfigDict(dict(
       steps=300, batch_size=64, lr=3e-3, seed=0, checkpoint_dir="checkpoints/warm_start"))
   return c
+
+
+def to_json(c: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON values (what run.json records and resumed runs are compared by)."""
+  return json.loads(c.to_json_best_effort())
+
+
+# ---------------------------------------------------------------------------------------------
+# Config validation: before anything is compiled, naming the field.
+
+
+def is_int(value) -> bool:
+  """An integer, not a bool (True would pass for 1)."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+  """A real number, not a bool, neither NaN nor infinite."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _non_finite_fields(node, prefix: str = "") -> list[tuple[str, Any]]:
+  """(dotted field, value) of every float that is NaN or infinite, anywhere in a config."""
+  if isinstance(node, (dict, ml_collections.ConfigDict)):
+    return [bad for key, value in node.items()
+            for bad in _non_finite_fields(value, f"{prefix}{key}.")]
+  if isinstance(node, (list, tuple)):
+    return [bad for i, value in enumerate(node)
+            for bad in _non_finite_fields(value, f"{prefix[:-1]}[{i}].")]
+  if isinstance(node, float) and not math.isfinite(node):
+    return [(prefix[:-1], node)]
+  return []
+
+
+class _Checks:
+  """The field checks of one config; each raises ConfigError naming the dotted field."""
+
+  def __init__(self, c: ml_collections.ConfigDict):
+    self.c = c
+
+  def need(self, ok: bool, field: str, message: str):
+    if not ok:
+      raise ConfigError(f"config.{field}: {message}")
+
+  def get(self, field: str):
+    node = self.c
+    for part in field.split("."):
+      node = node[part]
+    return node
+
+  def integer(self, field: str, minimum: int):
+    value = self.get(field)
+    self.need(is_int(value) and value >= minimum, field,
+              f"must be an integer >= {minimum}, got {value!r}")
+
+  def number(self, field: str, ok: Callable[[Any], bool], expected: str, optional: bool = False):
+    value = self.get(field)
+    if optional and value is None:
+      return
+    self.need(is_finite_number(value) and ok(value), field,
+              f"must be a finite number {expected}{' or None' if optional else ''}, got {value!r}")
+
+  def boolean(self, field: str):
+    value = self.get(field)
+    self.need(isinstance(value, bool), field, f"must be True or False, got {value!r}")
+
+  def choice(self, field: str, options):
+    value = self.get(field)
+    self.need(value in options, field, f"unknown {value!r}; expected one of {options}")
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError (a ValueError) naming the first invalid field of an RL config
+  (`config.<field>: ...`).
+
+  Every numeric field is checked against its valid range (integers where the field counts or
+  seeds something), and no float anywhere in the config, task_kwargs included, may be NaN or
+  infinite.
+  """
+  check = _Checks(c)
+  check.choice("algorithm", ALGORITHMS)
+  check.integer("seed", 0)
+  check.integer("steps", 0)
+  _check_model(check, c)
+  _check_rollout_and_batches(check, c)
+  _check_mesh(check, c)
+  _check_optimizer(check)
+  _check_evaluation_and_records(check, c)
+  for field, value in _non_finite_fields(c):  # task_kwargs and any field added later
+    check.need(False, field, f"must be finite, got {value}")
+
+
+def _check_model(check: _Checks, c: ml_collections.ConfigDict) -> None:
+  """model.*: the tiny decoder's shape, dtypes and flags; a checkpoint's header and positions."""
+  for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
+    check.integer(f"model.{field}", 1)
+  mo = c.model
+  check.need(mo.n_heads % mo.n_kv_heads == 0, "model.n_kv_heads",
+             f"{mo.n_kv_heads} does not divide model.n_heads={mo.n_heads} (grouped-query attention)")
+  check.need(mo.head_dim % 2 == 0, "model.head_dim",
+             f"must be even (rotary embedding), got {mo.head_dim}")
+  for field in ("dtype", "param_dtype"):
+    check.choice(f"model.{field}", sorted(decoder.DTYPES))
+  check.boolean("model.tie_embeddings")
+  check.integer("model.seed", 0)
+  check.boolean("model.remat")
+  check.boolean("model.scan_layers")
+  check.integer("model.logits_chunk", 0)
+  if mo.max_len is not None:
+    check.integer("model.max_len", 1)
+  check.need(mo.attention_impl in (None, "xla", "cudnn"), "model.attention_impl",
+             f"must be None, 'xla' or 'cudnn', got {mo.attention_impl!r}")
+  check.need(mo.checkpoint is not None or c.task not in tasks.TEXT_TASKS, "model.checkpoint",
+             f"task {c.task!r} is a text task for pretrained tokenizers; set a checkpoint (a Hugging "
+             "Face directory or a .gguf file)")
+  if mo.checkpoint is None:
+    return
+  check.need(isinstance(mo.checkpoint, str) and bool(mo.checkpoint), "model.checkpoint",
+             f"must be a path or None, got {mo.checkpoint!r}")
+  try:  # the header only: a missing file or unsupported model fails here, before any compile
+    max_len = checkpoint_config(mo.checkpoint).max_len
+    max_len = mo.max_len or max_len
+  except ValueError as e:  # CheckpointError
+    check.need(False, "model.checkpoint", str(e))
+  r = c.rollout
+  if r.max_new_tokens is not None:
+    check.need(r.max_prompt_tokens + r.max_new_tokens <= max_len, "rollout.max_prompt_tokens",
+               f"{r.max_prompt_tokens} + rollout.max_new_tokens {r.max_new_tokens} exceeds the "
+               f"model's {max_len} positions (model.max_len, else the checkpoint's "
+               "max_position_embeddings); a batch of long prompts would fail mid-run")
+
+
+def _check_rollout_and_batches(check: _Checks, c: ml_collections.ConfigDict) -> None:
+  """rollout.* and train.*: sampling, and a rollout batch that splits into whole minibatches and
+  microbatches."""
+  r, t = c.rollout, c.train
+  check.integer("rollout.prompts_per_step", 1)
+  check.need(is_int(r.group_size) and r.group_size >= 2, "rollout.group_size",
+             f"must be >= 2 for group advantages, got {r.group_size!r}")
+  check.number("rollout.temperature", lambda v: v > 0, "> 0")
+  check.integer("rollout.extra_new_tokens", 0)
+  if r.max_new_tokens is not None:
+    check.integer("rollout.max_new_tokens", 1)
+  check.integer("rollout.max_prompt_tokens", 1)
+  check.integer("rollout.bucket", 1)
+  check.number("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+  check.boolean("rollout.chat_template")
+  check.integer("rollout.sample_batch", 0)
+  check.integer("train.num_minibatches", 1)
+  check.integer("train.num_microbatches", 1)
+  check.integer("train.num_epochs", 1)
+  check.boolean("train.scan_microbatches")
+  batch = r.prompts_per_step * r.group_size
+  check.need(batch % t.num_minibatches == 0, "train.num_minibatches",
+             f"{t.num_minibatches} does not divide the rollout batch of {batch} sequences "
+             f"(rollout.prompts_per_step * rollout.group_size)")
+  minibatch = batch // t.num_minibatches
+  check.need(minibatch % t.num_microbatches == 0, "train.num_microbatches",
+             f"{t.num_microbatches} does not divide the minibatch of {minibatch} sequences")
+
+
+def _check_mesh(check: _Checks, c: ml_collections.ConfigDict) -> None:
+  """mesh.* and distributed.*: a mesh whose devices exist and divide the microbatch's sequences
+  (after `_check_rollout_and_batches`, which makes the microbatch whole)."""
+  m, d = c.mesh, c.distributed
+  microbatch = (c.rollout.prompts_per_step * c.rollout.group_size // c.train.num_minibatches
+                // c.train.num_microbatches)
+  check.integer("mesh.data", 1)
+  check.integer("mesh.fsdp", 1)
+  check.integer("mesh.fsdp_min_size", 0)
+  check.need(m.fsdp == 1 or m.mode == "exact", "mesh.mode",
+             f"an FSDP mesh (mesh.fsdp={m.fsdp}) runs in exact mode only, got {m.mode!r}")
+  check.need(microbatch % m.data == 0, "mesh.data",
+             f"{m.data} does not divide the microbatch of {microbatch} sequences, which are sharded "
+             "over the mesh.data devices")
+  check.choice("mesh.mode", mesh_lib.MODES)
+  check.integer("distributed.num_processes", 1)
+  # One process sees every device now (with several, only after jax.distributed starts, later):
+  # refuse before a warm start trains, not when the mesh is built.
+  if d.num_processes == 1:  # (jax.device_count() would start the backend before distributed)
+    check.need(m.data * m.fsdp <= jax.device_count(), "mesh.data",
+               f"mesh.data x mesh.fsdp = {m.data * m.fsdp} devices requested but "
+               f"{jax.device_count()} are available (on CPU, set "
+               "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)")
+  check.need(is_int(d.process_id) and 0 <= d.process_id < d.num_processes,
+             "distributed.process_id", f"must be in [0, {d.num_processes}), got {d.process_id!r}")
+  check.need(d.num_processes == 1 or (m.data * m.fsdp) % d.num_processes == 0, "mesh.data",
+             f"a {d.num_processes}-process run shards over all devices of all processes; "
+             f"mesh.data x mesh.fsdp = {m.data * m.fsdp} is not a multiple of "
+             "distributed.num_processes")
+  host, _, port = str(d.coordinator).rpartition(":")
+  check.need(bool(host) and port.isdigit() and 0 < int(port) < 65536, "distributed.coordinator",
+             f"must be host:port, got {d.coordinator!r}")
+
+
+def _check_optimizer(check: _Checks) -> None:
+  """optim.* (AdamW), grpo.* (its clipping) and proma.* (the projections' knobs)."""
+  check.number("optim.lr", lambda v: v > 0, "> 0")
+  check.number("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)")
+  check.number("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)")
+  check.number("optim.weight_decay", lambda v: v >= 0, ">= 0")
+  check.number("optim.max_grad_norm", lambda v: v > 0, "> 0")
+
+  check.number("grpo.eps_low", lambda v: 0 <= v <= 1, "in [0, 1]")
+  check.number("grpo.eps_high", lambda v: v >= 0, ">= 0")
+  check.number("grpo.dual_clip", lambda v: v > 1, "> 1", optional=True)
+
+  check.choice("proma.solver", projection.SOLVERS)
+  check.choice("proma.scope", capture.SEQUENCE_SCOPES)
+  check.boolean("proma.fused")
+  check.number("proma.shrinkage", lambda v: v >= 0, ">= 0")
+  check.number("proma.ridge", lambda v: v >= 0, ">= 0")
+  check.number("proma.relative_bound", lambda v: v >= 0, ">= 0", optional=True)
+  check.number("proma.skip_fraction", lambda v: 0 <= v <= 1, "in [0, 1]")
+  check.integer("proma.rank", 1)
+  check.number("proma.intra_shrinkage", lambda v: v >= 0, ">= 0")
+  check.integer("proma.power_iters", 0)
+  check.integer("proma.range_finder_seed", 0)
+
+
+def _check_evaluation_and_records(check: _Checks, c: ml_collections.ConfigDict) -> None:
+  """logging.*, eval.*, checkpoint.* and sft.* (the warm start)."""
+  writers.validate_logging_config(c.logging)
+  check.integer("eval.every", 1)
+  check.integer("eval.num_examples", 1)
+  check.integer("eval.seed", 0)
+  check.boolean("eval.in_distribution")
+  check.integer("checkpoint.every", 1)
+  check.integer("checkpoint.max_to_keep", 1)
+
+  check.integer("sft.steps", 0)
+  check.integer("sft.batch_size", 1)
+  check.number("sft.lr", lambda v: v > 0, "> 0")
+  check.integer("sft.seed", 0)
+  check.need(isinstance(c.sft.checkpoint_dir, str) and bool(c.sft.checkpoint_dir),
+             "sft.checkpoint_dir", f"must be a non-empty path, got {c.sft.checkpoint_dir!r}")

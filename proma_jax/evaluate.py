@@ -42,7 +42,7 @@ from proma_jax import cli, runs, sampling, tasks
 from proma_jax import mesh as mesh_lib
 from proma_jax import policy as policy_lib
 from proma_jax.models import stacked
-from proma_jax.train import validate_config
+from proma_jax.config import validate_config
 
 SPLITS = ("val", "train")
 

@@ -43,8 +43,6 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import math
-import numbers
 import os
 import signal
 import socket
@@ -64,213 +62,14 @@ from ml_collections import config_flags
 import proma_jax
 from proma_jax import losses
 from proma_jax import cli
-from proma_jax.config import ALGORITHMS, ConfigError
+from proma_jax.config import ALGORITHMS, is_finite_number, to_json, validate_config
 from proma_jax import mesh as mesh_lib
-from proma_jax.models import decoder as model_lib, stacked as stacked_lib
+from proma_jax.models import stacked as stacked_lib
 from proma_jax import policy as policy_lib
-from proma_jax import sft, tasks
+from proma_jax import sft
 from proma_jax import writers
-from proma_jax.models.loading import checkpoint_config, checkpoint_fingerprint
+from proma_jax.models.loading import checkpoint_fingerprint
 from proma_jax.checkpoint import Checkpointer
-
-_SOLVERS = ("exact", "gram_schmidt")
-_SCOPES = ("all", "dense")
-
-
-# ---------------------------------------------------------------------------------------------
-# Config validation: before anything is compiled, naming the field.
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_finite_number(value) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _non_finite_fields(node, prefix: str = "") -> list[tuple[str, Any]]:
-  """(dotted field, value) of every float that is NaN or infinite, anywhere in a config."""
-  if isinstance(node, (dict, ml_collections.ConfigDict)):
-    return [bad for key, value in node.items()
-            for bad in _non_finite_fields(value, f"{prefix}{key}.")]
-  if isinstance(node, (list, tuple)):
-    return [bad for i, value in enumerate(node)
-            for bad in _non_finite_fields(value, f"{prefix[:-1]}[{i}].")]
-  if isinstance(node, float) and not math.isfinite(node):
-    return [(prefix[:-1], node)]
-  return []
-
-
-def validate_config(c: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError (a ValueError) naming the first invalid field of an RL config
-  (`config.<field>: ...`).
-
-  Every numeric field is checked against its valid range (integers where the field counts or
-  seeds something), and no float anywhere in the config, task_kwargs included, may be NaN or
-  infinite.
-  """
-
-  def need(ok: bool, field: str, message: str):
-    if not ok:
-      raise ConfigError(f"config.{field}: {message}")
-
-  def get(field: str):
-    node = c
-    for part in field.split("."):
-      node = node[part]
-    return node
-
-  def integer(field: str, minimum: int):
-    value = get(field)
-    need(_is_int(value) and value >= minimum, field,
-         f"must be an integer >= {minimum}, got {value!r}")
-
-  def number(field: str, ok, expected: str, optional: bool = False):
-    value = get(field)
-    if optional and value is None:
-      return
-    need(_is_finite_number(value) and ok(value), field,
-         f"must be a finite number {expected}{' or None' if optional else ''}, got {value!r}")
-
-  need(c.algorithm in ALGORITHMS, "algorithm", f"unknown {c.algorithm!r}; expected one of {ALGORITHMS}")
-  integer("seed", 0)
-  integer("steps", 0)
-
-  for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
-    integer(f"model.{field}", 1)
-  mo = c.model
-  need(mo.n_heads % mo.n_kv_heads == 0, "model.n_kv_heads",
-       f"{mo.n_kv_heads} does not divide model.n_heads={mo.n_heads} (grouped-query attention)")
-  need(mo.head_dim % 2 == 0, "model.head_dim", f"must be even (rotary embedding), got {mo.head_dim}")
-  for field in ("dtype", "param_dtype"):
-    need(mo[field] in model_lib._DTYPES, f"model.{field}",
-         f"unknown {mo[field]!r}; expected one of {sorted(model_lib._DTYPES)}")
-  need(isinstance(mo.tie_embeddings, bool), "model.tie_embeddings",
-       f"must be True or False, got {mo.tie_embeddings!r}")
-  integer("model.seed", 0)
-  need(isinstance(mo.remat, bool), "model.remat", f"must be True or False, got {mo.remat!r}")
-  need(isinstance(mo.scan_layers, bool), "model.scan_layers",
-       f"must be True or False, got {mo.scan_layers!r}")
-  integer("model.logits_chunk", 0)
-  if mo.max_len is not None:
-    integer("model.max_len", 1)
-  need(mo.attention_impl in (None, "xla", "cudnn"), "model.attention_impl",
-       f"must be None, 'xla' or 'cudnn', got {mo.attention_impl!r}")
-  need(mo.checkpoint is not None or c.task not in tasks.TEXT_TASKS, "model.checkpoint",
-       f"task {c.task!r} is a text task for pretrained tokenizers; set a checkpoint (a Hugging "
-       "Face directory or a .gguf file)")
-  if mo.checkpoint is not None:
-    need(isinstance(mo.checkpoint, str) and bool(mo.checkpoint), "model.checkpoint",
-         f"must be a path or None, got {mo.checkpoint!r}")
-    try:  # the header only: a missing file or unsupported model fails here, before any compile
-      max_len = checkpoint_config(mo.checkpoint).max_len
-      max_len = mo.max_len or max_len
-    except ValueError as e:  # CheckpointError
-      need(False, "model.checkpoint", str(e))
-    r = c.rollout
-    if r.max_new_tokens is not None:
-      need(r.max_prompt_tokens + r.max_new_tokens <= max_len, "rollout.max_prompt_tokens",
-           f"{r.max_prompt_tokens} + rollout.max_new_tokens {r.max_new_tokens} exceeds the "
-           f"model's {max_len} positions (model.max_len, else the checkpoint's "
-           "max_position_embeddings); a batch of long prompts would fail mid-run")
-
-  r, t = c.rollout, c.train
-  integer("rollout.prompts_per_step", 1)
-  need(_is_int(r.group_size) and r.group_size >= 2, "rollout.group_size",
-       f"must be >= 2 for group advantages, got {r.group_size!r}")
-  number("rollout.temperature", lambda v: v > 0, "> 0")
-  integer("rollout.extra_new_tokens", 0)
-  if r.max_new_tokens is not None:
-    integer("rollout.max_new_tokens", 1)
-  integer("rollout.max_prompt_tokens", 1)
-  integer("rollout.bucket", 1)
-  number("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1]")
-  need(isinstance(r.chat_template, bool), "rollout.chat_template",
-       f"must be True or False, got {r.chat_template!r}")
-  integer("rollout.sample_batch", 0)
-  integer("train.num_minibatches", 1)
-  integer("train.num_microbatches", 1)
-  integer("train.num_epochs", 1)
-  need(isinstance(t.scan_microbatches, bool), "train.scan_microbatches",
-       f"must be True or False, got {t.scan_microbatches!r}")
-  batch = r.prompts_per_step * r.group_size
-  need(batch % t.num_minibatches == 0, "train.num_minibatches",
-       f"{t.num_minibatches} does not divide the rollout batch of {batch} sequences "
-       f"(rollout.prompts_per_step * rollout.group_size)")
-  minibatch = batch // t.num_minibatches
-  need(minibatch % t.num_microbatches == 0, "train.num_microbatches",
-       f"{t.num_microbatches} does not divide the minibatch of {minibatch} sequences")
-  microbatch, m, d = minibatch // t.num_microbatches, c.mesh, c.distributed
-  integer("mesh.data", 1)
-  integer("mesh.fsdp", 1)
-  integer("mesh.fsdp_min_size", 0)
-  need(m.fsdp == 1 or m.mode == "exact", "mesh.mode",
-       f"an FSDP mesh (mesh.fsdp={m.fsdp}) runs in exact mode only, got {m.mode!r}")
-  need(microbatch % m.data == 0, "mesh.data",
-       f"{m.data} does not divide the microbatch of {microbatch} sequences, which are sharded over "
-       "the mesh.data devices")
-  need(m.mode in mesh_lib.MODES, "mesh.mode", f"unknown {m.mode!r}; expected one of {mesh_lib.MODES}")
-  integer("distributed.num_processes", 1)
-  # One process sees every device now (with several, only after jax.distributed starts, later):
-  # refuse before a warm start trains, not when the mesh is built.
-  if d.num_processes == 1:  # (jax.device_count() would start the backend before distributed)
-    need(m.data * m.fsdp <= jax.device_count(), "mesh.data",
-         f"mesh.data x mesh.fsdp = {m.data * m.fsdp} devices requested but "
-         f"{jax.device_count()} are available (on CPU, set "
-         "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)")
-  need(_is_int(d.process_id) and 0 <= d.process_id < d.num_processes, "distributed.process_id",
-       f"must be in [0, {d.num_processes}), got {d.process_id!r}")
-  need(d.num_processes == 1 or (m.data * m.fsdp) % d.num_processes == 0, "mesh.data",
-       f"a {d.num_processes}-process run shards over all devices of all processes; "
-       f"mesh.data x mesh.fsdp = {m.data * m.fsdp} is not a multiple of "
-       "distributed.num_processes")
-  host, _, port = str(d.coordinator).rpartition(":")
-  need(bool(host) and port.isdigit() and 0 < int(port) < 65536, "distributed.coordinator",
-       f"must be host:port, got {d.coordinator!r}")
-
-  number("optim.lr", lambda v: v > 0, "> 0")
-  number("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)")
-  number("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)")
-  number("optim.weight_decay", lambda v: v >= 0, ">= 0")
-  number("optim.max_grad_norm", lambda v: v > 0, "> 0")
-
-  number("grpo.eps_low", lambda v: 0 <= v <= 1, "in [0, 1]")
-  number("grpo.eps_high", lambda v: v >= 0, ">= 0")
-  number("grpo.dual_clip", lambda v: v > 1, "> 1", optional=True)
-
-  p = c.proma
-  need(p.solver in _SOLVERS, "proma.solver", f"unknown {p.solver!r}; expected one of {_SOLVERS}")
-  need(p.scope in _SCOPES, "proma.scope", f"unknown {p.scope!r}; expected one of {_SCOPES}")
-  need(isinstance(p.fused, bool), "proma.fused", f"must be True or False, got {p.fused!r}")
-  number("proma.shrinkage", lambda v: v >= 0, ">= 0")
-  number("proma.ridge", lambda v: v >= 0, ">= 0")
-  number("proma.relative_bound", lambda v: v >= 0, ">= 0", optional=True)
-  number("proma.skip_fraction", lambda v: 0 <= v <= 1, "in [0, 1]")
-  integer("proma.rank", 1)
-  number("proma.intra_shrinkage", lambda v: v >= 0, ">= 0")
-  integer("proma.power_iters", 0)
-  integer("proma.range_finder_seed", 0)
-
-  writers.validate_logging_config(c.logging)
-  integer("eval.every", 1)
-  integer("eval.num_examples", 1)
-  integer("eval.seed", 0)
-  need(isinstance(c.eval.in_distribution, bool), "eval.in_distribution",
-       f"must be True or False, got {c.eval.in_distribution!r}")
-  integer("checkpoint.every", 1)
-  integer("checkpoint.max_to_keep", 1)
-
-  integer("sft.steps", 0)
-  integer("sft.batch_size", 1)
-  number("sft.lr", lambda v: v > 0, "> 0")
-  integer("sft.seed", 0)
-  need(isinstance(c.sft.checkpoint_dir, str) and bool(c.sft.checkpoint_dir), "sft.checkpoint_dir",
-       f"must be a non-empty path, got {c.sft.checkpoint_dir!r}")
-
-  for field, value in _non_finite_fields(c):  # task_kwargs and any field added later
-    need(False, field, f"must be finite, got {value}")
-
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer and microbatch gradients.
@@ -705,10 +504,6 @@ class _StopRequested:
       signal.signal(sig, handler)
 
 
-def _to_json(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json_best_effort())
-
-
 _RUNTIME_FIELDS = ("seed", "steps", "optim.lr", "checkpoint", "logging")
 _TRAINERS: dict[str, tuple[Trainer, dict]] = {}
 
@@ -716,7 +511,7 @@ _TRAINERS: dict[str, tuple[Trainer, dict]] = {}
 def _trainer_for(c: ml_collections.ConfigDict) -> tuple[Trainer, dict]:
   """(Trainer, warm-start summary), reused within the process for configs that differ only in
   seed, steps, learning rate or checkpointing (a sweep compiles once per task and algorithm)."""
-  static = _to_json(c)
+  static = to_json(c)
   for field in _RUNTIME_FIELDS:
     *parents, leaf = field.split(".")
     node = static
@@ -767,7 +562,7 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[An
     a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
     if isinstance(a, dict) and isinstance(b, dict):
       changes.update(config_changes(a, b, f"{prefix}{key}."))
-    elif a != b or type(a) is not type(b) and not (_is_finite_number(a) and _is_finite_number(b)):
+    elif a != b or type(a) is not type(b) and not (is_finite_number(a) and is_finite_number(b)):
       changes[f"{prefix}{key}"] = (a, b)
   return changes
 
@@ -935,7 +730,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
 
 def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
          allow_config_change: bool) -> list[dict]:
-  config = _to_json(c)
+  config = to_json(c)
   previous, changes = _check_resume_config(workdir, config, allow_config_change)
   fingerprint = checkpoint_fingerprint(c.model.checkpoint) if c.model.checkpoint else None
   changes.update(check_checkpoint_fingerprint(workdir, previous, fingerprint, allow_config_change))

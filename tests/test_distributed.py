@@ -745,23 +745,23 @@ def test_invalid_mesh_config_names_the_field(tmp_path):
   """mesh.data must divide the microbatch; more devices than exist, or an unknown mode, fail early."""
   sys.path.insert(0, TESTS)
   from proma_jax import mesh as mesh_lib
-  from proma_jax import train
+  from proma_jax.config import validate_config
   c = _tiny("proma", str(tmp_path / "never"), data=3)  # microbatch of 4 sequences
   with pytest.raises(ValueError, match=r"config\.mesh\.data: 3 does not divide the microbatch of 4"):
-    train.validate_config(c)
+    validate_config(c)
   c = _tiny("proma", str(tmp_path / "never"), data=2, mode="global")
   with pytest.raises(ValueError, match=r"config\.mesh\.mode"):
-    train.validate_config(c)
+    validate_config(c)
   c = _tiny("proma", str(tmp_path / "never"), data=2)
   c.distributed.update(num_processes=2, process_id=2)
   with pytest.raises(ValueError, match=r"config\.distributed\.process_id"):
-    train.validate_config(c)
+    validate_config(c)
   with pytest.raises(ValueError, match=r"config\.mesh\.data: 2 devices requested but 1"):
     mesh_lib.data_mesh(2)
   c = _tiny("proma", str(tmp_path / "never"), data=2)  # this process has 1 CPU device
   with pytest.raises(ValueError, match=r"config\.mesh\.data: mesh\.data x mesh\.fsdp = 2 devices "
                                        r"requested but 1 are available"):
-    train.validate_config(c)
+    validate_config(c)
   assert not (tmp_path / "never").exists()
 
 

@@ -39,7 +39,7 @@ import pytest
 from proma_jax import policy as policy_lib
 from proma_jax import tasks, train, writers
 from proma_jax.checkpoint import Checkpointer
-from proma_jax.config import base_config
+from proma_jax.config import base_config, validate_config
 from proma_jax.models import loading
 from proma_jax.tasks import gsm8k
 
@@ -258,7 +258,7 @@ def test_gsm8k_without_a_checkpoint_is_refused_before_the_workdir(tmp_path):
   workdir = tmp_path / "run"
   c = base_config("gsm8k", "proma")
   with pytest.raises(ValueError, match=r"config\.model\.checkpoint: task 'gsm8k' is a text task"):
-    train.validate_config(c)
+    validate_config(c)
   with pytest.raises(ValueError, match=r"config\.model\.checkpoint"):
     train.run(c, str(workdir), progress=False)
   assert not workdir.exists()
@@ -277,7 +277,7 @@ def test_gsm8k_without_a_checkpoint_is_refused_before_the_workdir(tmp_path):
     train.run(c, str(workdir), progress=False)
   assert not workdir.exists()
   c.model.max_len = 520
-  train.validate_config(c)
+  validate_config(c)
 
 
 # ---------------------------------------------------------------------------------------------

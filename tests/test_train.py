@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from proma_jax import train
+from proma_jax.config import validate_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
 import reverse  # noqa: E402
@@ -185,7 +186,7 @@ def test_valid_edge_values_are_accepted(tmp_path):
                        ("grpo.eps_low", 1.0), ("rollout.extra_new_tokens", 0), ("sft.steps", 0),
                        ("model.dtype", "bfloat16"), ("checkpoint.max_to_keep", 1)]:
     _set_field(c, field, value)
-    train.validate_config(c)
+    validate_config(c)
 
 
 def test_warm_start_key_is_the_recipe_not_the_path(tmp_path, monkeypatch):

@@ -33,7 +33,8 @@ from flax import nnx
 from proma_jax.capture import Dense
 from proma_jax.models import stacked
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The dtype names ModelConfig.dtype and param_dtype (and a config's model.dtype fields) accept.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ATTENTION_IMPLS = (None, "xla", "cudnn")
 _INIT = nnx.initializers.normal(stddev=0.02)
 
@@ -85,8 +86,8 @@ class ModelConfig:
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even (rotary embedding)")
     for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in _DTYPES:
-        raise ValueError(f"ModelConfig.{name} must be one of {sorted(_DTYPES)}, "
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"ModelConfig.{name} must be one of {sorted(DTYPES)}, "
                          f"got {getattr(self, name)!r}")
     if not isinstance(self.scan_layers, bool):
       raise ValueError(f"ModelConfig.scan_layers must be True or False, got {self.scan_layers!r}")
@@ -106,11 +107,11 @@ class ModelConfig:
 
   @property
   def compute_dtype(self) -> jnp.dtype:
-    return _DTYPES[self.dtype]
+    return DTYPES[self.dtype]
 
   @property
   def storage_dtype(self) -> jnp.dtype:
-    return _DTYPES[self.param_dtype]
+    return DTYPES[self.param_dtype]
 
 
 class KVCache(NamedTuple):
