@@ -41,11 +41,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from typing import Any
@@ -62,7 +60,9 @@ from ml_collections import config_flags
 import proma_jax
 from proma_jax import losses
 from proma_jax import cli
-from proma_jax.config import ALGORITHMS, is_finite_number, to_json, validate_config
+from proma_jax.config import ALGORITHMS, to_json, validate_config
+from proma_jax import run_records
+from proma_jax.run_records import RESUMABLE_FIELDS, ConfigChangedError, WorkdirLockedError
 from proma_jax import mesh as mesh_lib
 from proma_jax.models import stacked as stacked_lib
 from proma_jax import policy as policy_lib
@@ -525,179 +525,6 @@ def _trainer_for(c: ml_collections.ConfigDict) -> tuple[Trainer, dict]:
   return _TRAINERS[key]
 
 
-# Config fields that may differ between a run and its resumption without --allow_config_change:
-# they say how long to run, where to cache, how often to checkpoint or evaluate, and how this
-# process reaches the others, none of what a step computes. A field listed here covers its subfields.
-RESUMABLE_FIELDS = ("steps", "checkpoint.every", "checkpoint.max_to_keep", "eval.every",
-                    "sft.checkpoint_dir", "distributed.coordinator", "distributed.process_id",
-                    "logging", "mesh.data", "mesh.fsdp", "mesh.fsdp_min_size",
-                    # fused or not, the same result to float rounding (tests/test_fused.py); runs
-                    # started before the field existed resume with it
-                    "proma.fused",
-                    # the same parameters in another layout; checkpoints restore in either
-                    "model.scan_layers")
-# ...but in local data-parallel mode the number of devices changes what a step computes.
-_LOCAL_MODE_FIELDS = ("mesh.data",)
-# Fields that config files gained after runs were recorded without them, with the value their
-# absence meant (the task factory's default): a run recorded without one resumes under a config
-# that has it at that value; any other value is a change.
-_ADDED_AT_DEFAULT = {"task_kwargs.too_long": "error", "task_kwargs.hf_dataset": None}
-
-
-class ConfigChangedError(ValueError):
-  """The workdir holds a run whose config differs from the new one in a field that matters."""
-
-
-class WorkdirLockedError(RuntimeError):
-  """Another process holds the workdir's lock: a run is already using it."""
-
-
-_ABSENT = "<absent>"
-
-
-def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-  """{dotted field: (old, new)} for every leaf of two JSON configs that differs (or is missing)."""
-  changes = {}
-  for key in sorted(set(old) | set(new), key=str):
-    a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
-    if isinstance(a, dict) and isinstance(b, dict):
-      changes.update(config_changes(a, b, f"{prefix}{key}."))
-    elif a != b or type(a) is not type(b) and not (is_finite_number(a) and is_finite_number(b)):
-      changes[f"{prefix}{key}"] = (a, b)
-  return changes
-
-
-def check_checkpoint_fingerprint(workdir: str, previous: dict, fingerprint: dict | None,
-                                 allow_config_change: bool) -> dict[str, tuple[Any, Any]]:
-  """{"model.checkpoint (files)": (old, new)} when the files at `model.checkpoint` differ from
-  those the run in `workdir` started from (`loading.checkpoint_fingerprint`, kept in run.json),
-  else {}. Raises ConfigChangedError naming the changed files unless `allow_config_change`: the
-  path may be the same while the model is not, and kl/init would then be measured against it.
-  Runs recorded before fingerprints existed resume as before."""
-  old = previous.get("checkpoint_fingerprint")
-  if old is None or fingerprint is None or old == fingerprint:
-    return {}
-  changed = sorted(name for name in set(old) | set(fingerprint)
-                   if old.get(name) != fingerprint.get(name))
-  if not allow_config_change:
-    raise ConfigChangedError(
-        f"{os.path.join(workdir, 'run.json')}: the files of model.checkpoint differ from those this "
-        f"run started from ({', '.join(changed)}); resume with the original checkpoint, start a "
-        "new --workdir, or pass --allow_config_change (run(..., allow_config_change=True))")
-  return {"model.checkpoint (files)": (old, fingerprint)}
-
-
-def _is_resumable(field: str) -> bool:
-  return any(field == f or field.startswith(f + ".") for f in RESUMABLE_FIELDS)
-
-
-def _check_resume_config(workdir: str, config: dict, allow_config_change: bool) -> tuple[dict, dict]:
-  """(the previous run.json or {}, its overridden changes {field: (old, new)}).
-
-  Raises ConfigChangedError naming every differing field other than RESUMABLE_FIELDS, unless
-  `allow_config_change`.
-  """
-  path = os.path.join(workdir, "run.json")
-  if not os.path.exists(path):
-    return {}, {}
-  hint = ("continue with the stored config, start a new --workdir, or pass --allow_config_change "
-          "(run(..., allow_config_change=True)) to continue this run under the new config")
-  try:
-    with open(path) as f:
-      previous = json.load(f)
-    stored = previous["config"]
-    if not isinstance(stored, dict):
-      raise TypeError(f"'config' is a {type(stored).__name__}")
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    if not allow_config_change:
-      raise ConfigChangedError(
-          f"{path} holds no readable config ({type(e).__name__}: {e}), so this run cannot be "
-          f"checked against it; {hint}") from None
-    logging.warning("%s holds no readable config (%s); continuing under the new config", path, e)
-    return {}, {"<run.json>": ("unreadable", "replaced")}
-  local = "local" in (stored.get("mesh", {}).get("mode"), config.get("mesh", {}).get("mode"))
-  changes = {field: change for field, change in config_changes(stored, config).items()
-             if (not _is_resumable(field) or (local and field in _LOCAL_MODE_FIELDS)) and
-             not (field in _ADDED_AT_DEFAULT and change == (_ABSENT, _ADDED_AT_DEFAULT[field]))}
-  if changes and not allow_config_change:
-    lines = "\n".join(f"  config.{field}: {json.dumps(old, default=str)} -> "
-                      f"{json.dumps(new, default=str)}" for field, (old, new) in changes.items())
-    raise ConfigChangedError(
-        f"{workdir} holds a run with a different config (run.json); resuming it would mix two "
-        f"experiments in one record. Differing fields (stored -> new):\n{lines}\nFix: {hint}. "
-        f"Fields that may change on resume: {', '.join(RESUMABLE_FIELDS)}.")
-  if changes:
-    print(f"{workdir}: continuing under a changed config (--allow_config_change): "
-          + ", ".join(f"config.{f}" for f in changes))
-  return previous, changes
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-  """Writes `path` through a temporary file and os.replace: readers see the old or the new file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def truncate_metrics(path: str, step: int | None) -> int:
-  """Cuts `metrics.jsonl` back to the records of a restored checkpoint; returns lines dropped.
-
-  Keeps, in order and byte for byte, the complete lines (newline-terminated) holding a JSON
-  record whose "step" is <= `step` (the step-0 validation record included); drops any line past
-  the checkpoint (logged before a crash, and about to be recomputed), a partial last line, and
-  anything unreadable. `step=None` (nothing restored: the run starts over) empties the file.
-  """
-  if not os.path.exists(path):
-    return 0
-  with open(path, "rb") as f:
-    data = f.read()
-  lines = data.split(b"\n")  # the last element is b"" or a line cut short
-  kept = []
-  for line in lines[:-1]:
-    try:
-      record = json.loads(line)
-      keep = step is not None and record["step"] <= step
-    except (ValueError, KeyError, TypeError):
-      keep = False
-    if keep:
-      kept.append(line + b"\n")
-  dropped = len(lines) - 1 - len(kept) + (lines[-1] != b"")
-  if dropped:
-    _write_atomically(path, b"".join(kept))
-  return dropped
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str):
-  """Holds an exclusive fcntl lock on `<workdir>/.lock` (which names the holder) for the block.
-
-  Raises WorkdirLockedError at once, naming the holder's pid, when another process holds it.
-  The kernel releases the lock when the holder exits, however it exits (SIGKILL included).
-  """
-  path = os.path.join(workdir, ".lock")
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-  try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.pread(fd, 256, 0).decode(errors="replace").split()
-      who = f"pid {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "a process"
-      raise WorkdirLockedError(
-          f"{workdir} is in use by another run ({who}, holding {path}); wait for it to finish "
-          "or stop it, or use another --workdir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-    try:
-      yield
-    finally:
-      os.ftruncate(fd, 0)
-  finally:
-    os.close(fd)  # releases the lock
-
-
 def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         allow_config_change: bool = False) -> list[dict]:
   """Trains `c.steps` RL steps in `workdir`, resuming from its latest checkpoint. Returns the
@@ -724,16 +551,17 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   validate_config(c)
   os.makedirs(workdir, exist_ok=True)
   lead = c.distributed.process_id == 0  # == jax.process_index() once distributed is initialised
-  with workdir_lock(workdir) if lead else contextlib.nullcontext():
+  with run_records.workdir_lock(workdir) if lead else contextlib.nullcontext():
     return _run(c, workdir, progress=progress, allow_config_change=allow_config_change)
 
 
 def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
          allow_config_change: bool) -> list[dict]:
   config = to_json(c)
-  previous, changes = _check_resume_config(workdir, config, allow_config_change)
+  previous, changes = run_records.check_resume_config(workdir, config, allow_config_change)
   fingerprint = checkpoint_fingerprint(c.model.checkpoint) if c.model.checkpoint else None
-  changes.update(check_checkpoint_fingerprint(workdir, previous, fingerprint, allow_config_change))
+  changes.update(run_records.check_checkpoint_fingerprint(workdir, previous, fingerprint,
+                                                         allow_config_change))
   mesh_lib.initialize_distributed(c.distributed.num_processes, c.distributed.process_id,
                                   c.distributed.coordinator)
   lead = jax.process_index() == 0
@@ -751,7 +579,7 @@ def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if lead:
-    dropped = truncate_metrics(metrics_path, start if restored is not None else None)
+    dropped = run_records.truncate_metrics(metrics_path, start if restored is not None else None)
     if dropped:
       print(f"{metrics_path}: dropped {dropped} line(s) logged after the restored step {start}")
     if start == 0 or start < c.steps:  # the run starts or extends: record what it runs
@@ -764,7 +592,8 @@ def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
         meta["config_changes"] = history
       if fingerprint is not None:
         meta["checkpoint_fingerprint"] = fingerprint
-      _write_atomically(os.path.join(workdir, "run.json"), json.dumps(meta, indent=1).encode())
+      run_records.write_atomically(os.path.join(workdir, "run.json"),
+                                   json.dumps(meta, indent=1).encode())
 
   records = []
   sinks = (writers.make_writers(c.logging, workdir, start_step=start,

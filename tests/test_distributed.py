@@ -728,17 +728,17 @@ def test_fsdp_rule_and_its_refusals():
 def test_mesh_shape_may_change_on_resume_except_in_local_mode(tmp_path):
   """Checkpoints restore onto any mesh: mesh.data / mesh.fsdp may differ from run.json's in exact
   mode; in local mode the device count changes the projection, so mesh.data may not."""
-  from proma_jax import train
+  from proma_jax import run_records
 
   def config(**mesh):
     return {"seed": 0, "mesh": dict(dict(data=2, mode="exact", fsdp=2, fsdp_min_size=0), **mesh)}
 
   (tmp_path / "run.json").write_text(json.dumps({"config": config()}))
-  _, changes = train._check_resume_config(str(tmp_path), config(data=4, fsdp=1), False)
+  _, changes = run_records.check_resume_config(str(tmp_path), config(data=4, fsdp=1), False)
   assert changes == {}
   (tmp_path / "run.json").write_text(json.dumps({"config": config(mode="local", fsdp=1)}))
-  with pytest.raises(train.ConfigChangedError, match=r"config\.mesh\.data: 2 -> 4"):
-    train._check_resume_config(str(tmp_path), config(mode="local", fsdp=1, data=4), False)
+  with pytest.raises(run_records.ConfigChangedError, match=r"config\.mesh\.data: 2 -> 4"):
+    run_records.check_resume_config(str(tmp_path), config(mode="local", fsdp=1, data=4), False)
 
 
 def test_invalid_mesh_config_names_the_field(tmp_path):

@@ -522,15 +522,17 @@ def test_checkpoint_fingerprint_follows_the_files_not_the_path(tmp_path, monkeyp
 
 
 def test_resume_refuses_a_checkpoint_whose_files_changed(tmp_path):
-  from proma_jax import train  # pylint: disable=import-outside-toplevel
+  from proma_jax import run_records  # pylint: disable=import-outside-toplevel
   old = {"model.safetensors": "aaaa", "config.json": "bbbb"}
   new = dict(old, **{"model.safetensors": "cccc"})
-  assert train.check_checkpoint_fingerprint(str(tmp_path), {}, new, False) == {}
-  assert train.check_checkpoint_fingerprint(str(tmp_path), {"checkpoint_fingerprint": old}, old,
-                                            False) == {}
-  with pytest.raises(train.ConfigChangedError, match=r"run\.json: the files of model\.checkpoint "
+  assert run_records.check_checkpoint_fingerprint(str(tmp_path), {}, new, False) == {}
+  assert run_records.check_checkpoint_fingerprint(str(tmp_path), {"checkpoint_fingerprint": old},
+                                                  old, False) == {}
+  with pytest.raises(run_records.ConfigChangedError,
+                     match=r"run\.json: the files of model\.checkpoint "
                      r"differ from those this run started from \(model\.safetensors\)"):
-    train.check_checkpoint_fingerprint(str(tmp_path), {"checkpoint_fingerprint": old}, new, False)
-  assert train.check_checkpoint_fingerprint(
+    run_records.check_checkpoint_fingerprint(str(tmp_path), {"checkpoint_fingerprint": old}, new,
+                                             False)
+  assert run_records.check_checkpoint_fingerprint(
       str(tmp_path), {"checkpoint_fingerprint": old}, new, True) == {
           "model.checkpoint (files)": (old, new)}

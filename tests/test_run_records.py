@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from proma_jax import train
+from proma_jax import run_records, train
 from proma_jax.checkpoint import IncompatibleCheckpointError
 from test_train import tiny_config
 
@@ -36,9 +36,9 @@ def logged_steps(workdir):
 
 def lock_is_free(workdir):
   try:
-    with train.workdir_lock(str(workdir)):
+    with run_records.workdir_lock(str(workdir)):
       return True
-  except train.WorkdirLockedError:
+  except run_records.WorkdirLockedError:
     return False
 
 
@@ -51,11 +51,11 @@ def test_config_changes_names_nested_missing_and_retyped_fields():
          "proma": {"relative_bound": None}, "gone": 1}
   new = {"algorithm": "grpo", "optim": {"lr": 1e-3, "b1": 0.9}, "model": {"d_model": 64.0},
          "proma": {"relative_bound": 0.5}, "added": {"x": True}}
-  assert train.config_changes(old, new) == {
+  assert run_records.config_changes(old, new) == {
       "algorithm": ("proma", "grpo"), "optim.lr": (3e-4, 1e-3),
       "proma.relative_bound": (None, 0.5), "gone": (1, "<absent>"),
       "added": ("<absent>", {"x": True})}
-  assert train.config_changes(new, new) == {}
+  assert run_records.config_changes(new, new) == {}
 
 
 def test_resume_accepts_task_fields_added_at_the_value_their_absence_meant(tmp_path):
@@ -66,11 +66,11 @@ def test_resume_accepts_task_fields_added_at_the_value_their_absence_meant(tmp_p
                                           "hf_dataset": None}}
   old = {"task": "gsm8k", "task_kwargs": {"train_path": "t.jsonl"}}
   (tmp_path / "run.json").write_text(json.dumps({"config": old}))
-  assert train._check_resume_config(str(tmp_path), new, False)[1] == {}
+  assert run_records.check_resume_config(str(tmp_path), new, False)[1] == {}
   skip = {**new, "task_kwargs": {**new["task_kwargs"], "too_long": "skip"}}
-  with pytest.raises(train.ConfigChangedError, match=r'config\.task_kwargs\.too_long: "<absent>" '
+  with pytest.raises(run_records.ConfigChangedError, match=r'config\.task_kwargs\.too_long: "<absent>" '
                                                      r'-> "skip"'):
-    train._check_resume_config(str(tmp_path), skip, False)
+    run_records.check_resume_config(str(tmp_path), skip, False)
 
 
 def test_truncate_metrics_keeps_the_checkpointed_prefix_byte_for_byte(tmp_path):
@@ -78,22 +78,22 @@ def test_truncate_metrics_keeps_the_checkpointed_prefix_byte_for_byte(tmp_path):
   head = b'{"step": 0, "val/accuracy": 0.5}\n{"step": 1, "loss": 1.25}\n{"step": 2, "loss": 0.5}\n'
   after = b'{"step": 3, "loss": 0.25}\nnot json\n{"no_step": 1}\n{"step": 4, "lo'
   path.write_bytes(head + after)
-  assert train.truncate_metrics(str(path), 2) == 4  # steps 3, the junk, the no-step, the partial
+  assert run_records.truncate_metrics(str(path), 2) == 4  # steps 3, the junk, the no-step, the partial
   assert path.read_bytes() == head
-  assert train.truncate_metrics(str(path), 2) == 0  # idempotent, file untouched
+  assert run_records.truncate_metrics(str(path), 2) == 0  # idempotent, file untouched
   assert path.read_bytes() == head
   path.write_bytes(head + b'{"step": 3, "lo')       # only a line cut short by a kill
-  train.truncate_metrics(str(path), 3)
+  run_records.truncate_metrics(str(path), 3)
   assert path.read_bytes() == head
-  train.truncate_metrics(str(path), None)           # nothing restored: the run starts over
+  run_records.truncate_metrics(str(path), None)           # nothing restored: the run starts over
   assert path.read_bytes() == b""
-  assert train.truncate_metrics(str(tmp_path / "absent.jsonl"), 3) == 0
+  assert run_records.truncate_metrics(str(tmp_path / "absent.jsonl"), 3) == 0
 
 
 def _hold_lock(workdir):
   """A subprocess holding `workdir`'s lock until its stdin closes."""
-  code = ("import sys; from proma_jax import train\n"
-          f"with train.workdir_lock({str(workdir)!r}):\n"
+  code = ("import sys; from proma_jax import run_records\n"
+          f"with run_records.workdir_lock({str(workdir)!r}):\n"
           "  print('locked', flush=True); sys.stdin.read()\n")
   proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True)
