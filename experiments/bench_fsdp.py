@@ -4,7 +4,7 @@ Compile only: for each model preset (random-weight shapes, cut to `--depths` lay
 count F (a ("data", "fsdp") mesh of shape (1, F), `mesh.fsdp_mesh(1, F)`) and variant of
 `experiments/bench_step.py` (plain = `optax.MultiSteps` around AdamW; proma_mat, intra, both_mat =
 PROMA from one forward and backward pass), the jitted microbatch step (params and optimizer state
-donated, their FSDP placement kept on the outputs as `train._compile` does) is lowered and compiled
+donated, their FSDP placement kept on the outputs as `trainer._compile` does) is lowered and compiled
 on ABSTRACT inputs: `jax.ShapeDtypeStruct`s carrying NamedShardings (params and optimizer state by
 `mesh.param_specs(..., min_size=mesh.FSDP_MIN_SIZE)`, the microbatch by `mesh.sequence_sharded`
 over both axes as the training loop places it; `--layout data` keeps the sequences of the
@@ -120,13 +120,13 @@ def compile_step(cfg, variant: str, fsdp: int, n_seq: int, seq_len: int, num_mic
   params, param_shards = abstract(nnx.to_pure_dict(abstract_state), mesh, fsdp)
   num_tokens = n_seq * seq_len * num_microbatches / 2  # a loss scale only: no shape depends on it
   constrain = None
-  if layout == "both":  # as train._microbatch_update_fn
+  if layout == "both":  # as trainer.microbatch_update_fn
     constrain = lambda s: mesh_lib.constrain_sequence_gradients(s, param_shards)
   tx, microbatch = bench_step.build_step(variant, graphdef, abstract_state, num_tokens,
                                          num_microbatches, constrain)
   opt_state, state_shards = abstract(jax.eval_shape(tx.init, params), mesh, fsdp)
   batch = jax.eval_shape(lambda: bench_step.make_batch(cfg, jax.random.PRNGKey(0), n_seq, seq_len))
-  # `layout` (LAYOUTS): "both" is the training loop's (train.Trainer.shard).
+  # `layout` (LAYOUTS): "both" is the training loop's (trainer.Trainer.shard).
   rows = mesh_lib.sequence_sharded(mesh, 0, n_seq if layout == "both" else None)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows), batch)
   step = jax.jit(microbatch, out_shardings=(param_shards, state_shards), donate_argnums=(0, 1))

@@ -66,10 +66,10 @@ TRAIN_VARIANTS = {"plain": "reinforce", "proma_mat": "proma", "intra": "proma_in
 
 def compiled_peak_train(variant, cfg, n_seq, seq_len, num_microbatches, fused=True,
                         scan_layers=True):
-  """The training loop's own jitted microbatch update (`train.make_microbatch_update`, which
+  """The training loop's own jitted microbatch update (`trainer.make_microbatch_update`, which
   donates params and opt_state) on the reverse task's policy with Qwen3-shaped layers, compiled
   for sequences of `seq_len` tokens. Its plain baseline is `microbatch_accumulation`."""
-  from proma_jax import policy as policy_lib, tasks, train
+  from proma_jax import policy as policy_lib, tasks, trainer as trainer_lib
   sys.path.insert(0, os.path.join(REPO, "configs"))
   import reverse  # noqa: E402
   c = reverse.get_config(TRAIN_VARIANTS[variant])
@@ -84,7 +84,7 @@ def compiled_peak_train(variant, cfg, n_seq, seq_len, num_microbatches, fused=Tr
   c.rollout.extra_new_tokens = seq_len - task.prompt_width - task.answer_width
   policy, params = policy_lib.make_policy(c)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  trainer = train.Trainer(c, policy, params)
+  trainer = trainer_lib.Trainer(c, policy, params)
   opt_state = jax.eval_shape(trainer.tx.init, params)
   length = policy.max_new_tokens
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jax.numpy.float32)

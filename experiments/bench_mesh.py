@@ -4,7 +4,7 @@
   .venv/bin/python experiments/bench_mesh.py --quick    # tiny model, proma only
 
 Forces 4 host CPU devices (XLA_FLAGS) before JAX starts. For each algorithm, number of devices D
-and mode, it builds the training code's jitted microbatch update (`train.make_microbatch_update`
+and mode, it builds the training code's jitted microbatch update (`trainer.make_microbatch_update`
 on a ("data",) mesh, exactly what `python -m proma_jax.train --config.mesh.data=D` runs) and times
 one optimizer step = `num_microbatches` calls on a synthetic microbatch (median of the repeats
 after a warm-up step). D=1 is the single-device path (no mesh), the baseline of both modes.
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from proma_jax import mesh as mesh_lib  # noqa: E402
 from proma_jax import policy as policy_lib  # noqa: E402
-from proma_jax import train  # noqa: E402
+from proma_jax import trainer as trainer_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -92,7 +92,7 @@ def run_one(algorithm: str, devices: int, mode: str, args) -> dict:
   c = bench_config(algorithm, args.quick, args.microbatch, args.num_microbatches)
   c.mesh.update(data=devices, mode=mode)
   policy, params = policy_lib.make_policy(c)
-  trainer = train.Trainer(c, policy, params)
+  trainer = trainer_lib.Trainer(c, policy, params)
   params = trainer.fresh_params()
   opt_state = trainer.init_opt_state(params, c.optim.lr)
   microbatches, num_tokens = synthetic_microbatches(policy, params, args.num_microbatches,

@@ -1,6 +1,6 @@
 """Where an RL step's time goes at the paper's batch shape, and the scanned optimizer step.
 
-One RL step of `proma_jax.train.Trainer` at 64 prompts x 8 samples = 512 sequences, 2 minibatches
+One RL step of `proma_jax.trainer.Trainer` at 64 prompts x 8 samples = 512 sequences, 2 minibatches
 of 256 = 32 microbatches of 8 (the paper: minibatches of 512 in 64 microbatches of 8), on the
 CPU-scale decoder of the sweep. For each algorithm, in one process:
 
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "configs"))
 from records import write_record  # noqa: E402
 
-from proma_jax import losses, train  # noqa: E402
+from proma_jax import losses, trainer as trainer_lib  # noqa: E402
 from proma_jax.config import ALGORITHMS  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def profile_update(loop_trainer, scan_trainer, lr: float, repeats: int) -> dict:
   m = c.train.num_microbatches
   params = loop_trainer.fresh_params()
   opt_state = loop_trainer.init_opt_state(params, lr)
-  examples = train.step_examples(c, loop_trainer.policy, 0, 0)
+  examples = trainer_lib.step_examples(c, loop_trainer.policy, 0, 0)
   key = jax.random.PRNGKey(0)
   from proma_jax import policy as policy_lib
   rollout = policy_lib.generate(loop_trainer.policy, params, examples, key,
@@ -89,13 +89,13 @@ def profile_update(loop_trainer, scan_trainer, lr: float, repeats: int) -> dict:
            "mask": rollout.response_mask_BxL, "old_logp": rollout.logprobs_BxL,
            "advantages": losses.group_advantages(jnp.asarray(scores.rewards_B),
                                                  c.rollout.group_size)}
-  minibatch = train._slice(batch, np.arange(len(examples) // c.train.num_minibatches))
+  minibatch = trainer_lib.slice_rows(batch, np.arange(len(examples) // c.train.num_minibatches))
   num_tokens = jnp.maximum(jnp.sum(minibatch["mask"]), 1.0)
   n = len(minibatch["tokens"])
   stacked = {k: v.reshape((m, -1) + v.shape[1:]) for k, v in minibatch.items()}
   rows = {k: [] for k in ("slice_s", "calls_s", "scan_s", "metrics_s")}
   for _ in range(repeats + 1):  # the first round compiles
-    micro, t_slice = timed(lambda: [train._slice(minibatch, idx)
+    micro, t_slice = timed(lambda: [trainer_lib.slice_rows(minibatch, idx)
                                     for idx in np.split(np.arange(n), m)])
     p, o = copy(params), copy(opt_state)
     start = time.perf_counter()
@@ -103,7 +103,7 @@ def profile_update(loop_trainer, scan_trainer, lr: float, repeats: int) -> dict:
       p, o, metrics = loop_trainer.microbatch_update(p, o, mb, num_tokens)
     jax.block_until_ready((p, o, metrics))
     t_calls = time.perf_counter() - start
-    _, t_metrics = timed(lambda: (train._transform_metrics(c.algorithm, o),
+    _, t_metrics = timed(lambda: (trainer_lib.transform_metrics(c.algorithm, o),
                                   losses.kl_step(minibatch["old_logp"], minibatch["old_logp"],
                                                  minibatch["mask"]),
                                   losses.masked_mean(minibatch["old_logp"], minibatch["mask"])))
@@ -121,7 +121,7 @@ def profile_update(loop_trainer, scan_trainer, lr: float, repeats: int) -> dict:
 
 def compile_seconds(task: str, algorithm: str, args, num_microbatches: int) -> float:
   c = paper_config(task, algorithm, args, True, num_microbatches)
-  trainer, _ = train._trainer_for(c)
+  trainer, _ = trainer_lib.trainer_for(c)
   params = trainer.init_params
   opt_state = jax.eval_shape(lambda p: trainer.init_opt_state(p, 1e-3), params)
   minibatch = c.rollout.prompts_per_step * c.rollout.group_size // c.train.num_minibatches
@@ -157,8 +157,8 @@ def main(argv=None):
   sequences = args.prompts * args.group
   machine = f"{jax.devices()[0].device_kind}, {os.cpu_count()} cpus"
   for algorithm in algorithms:
-    loop, _ = train._trainer_for(paper_config(args.task, algorithm, args, False))
-    scan, _ = train._trainer_for(paper_config(args.task, algorithm, args, True))
+    loop, _ = trainer_lib.trainer_for(paper_config(args.task, algorithm, args, False))
+    scan, _ = trainer_lib.trainer_for(paper_config(args.task, algorithm, args, True))
     times = {name: step_times(trainer, args.lr, args.repeats)
              for name, trainer in (("loop", loop), ("scan", scan))}
     record = {"bench": "rl_step", "task": args.task, "algorithm": algorithm, "machine": machine,

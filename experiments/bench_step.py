@@ -76,7 +76,7 @@ def build_step(variant, graphdef, abstract_state, num_tokens, num_microbatches,
   """(tx, microbatch_fn): microbatch_fn(params, opt_state, batch) -> (params, opt_state), pure dicts.
 
   `constrain_seq_grads` (FSDP benchmarks): applied to the per-sequence gradients before the
-  transform, as `train._microbatch_update_fn` applies `mesh.constrain_sequence_gradients`."""
+  transform, as `trainer.microbatch_update_fn` applies `mesh.constrain_sequence_gradients`."""
   inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5))
   if variant in ("plain", "grpo"):
     tx = optax.MultiSteps(inner, num_microbatches, use_grad_mean=False)

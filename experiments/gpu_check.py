@@ -1,7 +1,7 @@
 """One RL step of an algorithm, its microbatch update alone, and the sampler's speed, on
 random-weight Qwen3 shapes.
 
-Runs the training loop's own code (`train.Trainer.step`: chunked sampling with the KV cache and
+Runs the training loop's own code (`trainer.Trainer.step`: chunked sampling with the KV cache and
 `lax.while_loop`, log-prob passes, microbatch updates through the PROMA transforms) on a decoder
 of the `qwen3-0.6b` preset's widths and vocabulary with random weights, all-bf16, remat, chunked
 log-softmax. Prompts are word-arithmetic questions padded with a repeated instruction to about
@@ -43,8 +43,8 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from proma_jax import policy as policy_lib  # noqa: E402
-from proma_jax import sampling, tasks, train  # noqa: E402
-from proma_jax.config import base_config  # noqa: E402
+from proma_jax import sampling, tasks, trainer as trainer_lib  # noqa: E402
+from proma_jax.config import ALGORITHMS, base_config  # noqa: E402
 from proma_jax.models import decoder, presets  # noqa: E402
 from proma_jax.models.tokenizer import from_hf_dir  # noqa: E402
 from records import write_record  # noqa: E402
@@ -121,7 +121,7 @@ def check_sampler(args, c, policy, params) -> dict:
 
 
 def check_step(args, c, policy, params) -> dict:
-  trainer = train.Trainer(c, policy, params)
+  trainer = trainer_lib.Trainer(c, policy, params)
   state = trainer.fresh_params()
   opt_state = trainer.init_opt_state(state, c.optim.lr)
   t0 = time.perf_counter()
@@ -138,7 +138,7 @@ def check_step(args, c, policy, params) -> dict:
 
 
 def check_update(args, c, policy, params) -> dict:
-  trainer = train.Trainer(c, policy, params)
+  trainer = trainer_lib.Trainer(c, policy, params)
   state = trainer.fresh_params()
   opt_state = trainer.init_opt_state(state, c.optim.lr)
   rng = np.random.default_rng(0)
@@ -175,7 +175,7 @@ def main():
   parser.add_argument("--fused", type=int, default=1, choices=(0, 1), help="proma.fused")
   parser.add_argument("--seqs", type=int, default=8, help="--mode update: sequences per microbatch")
   parser.add_argument("--repeats", type=int, default=3, help="--mode update: timed calls")
-  parser.add_argument("--algorithm", choices=train.ALGORITHMS, default="proma")
+  parser.add_argument("--algorithm", choices=ALGORITHMS, default="proma")
   parser.add_argument("--layers", type=int, default=0, help="0: the preset's 28")
   parser.add_argument("--vocab_size", type=int, default=0, help="0: the preset's 151936")
   parser.add_argument("--prompts", type=int, default=8)

@@ -28,7 +28,7 @@ Scheduling: `--workers` processes, each fed one run at a time from one queue, so
 while runs are left. The queue is seed-major (every cell's seed 0, then seed 1, ...; the costliest
 arms first within a seed), so a sweep stopped part-way has paired seeds in every cell rather than
 all seeds of a few arms. A worker keeps the compiled step of every group (task, shape, arm) it
-has run (lr and seed are run-time inputs, `train._trainer_for`), so each compiles once per worker.
+has run (lr and seed are run-time inputs, `trainer.trainer_for`), so each compiles once per worker.
 """
 
 from __future__ import annotations

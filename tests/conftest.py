@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
 def warm_dir():
   """The warm-start cache of `test_train.tiny_config`, one directory for the whole pytest run:
   the first test process to need it trains it under a file lock, the others wait and load it
-  (it was trained once per xdist worker before). One path also lets `train._trainer_for` reuse
+  (it was trained once per xdist worker before). One path also lets `trainer.trainer_for` reuse
   the compiled trainers across test modules. Tests that change the SFT recipe get their own
   subdirectory of it (`sft.warm_start_dir`), trained by the one test that uses it."""
   path = pathlib.Path(tempfile.gettempdir()) / f"proma_jax_test_warm_start_{_RUN}"

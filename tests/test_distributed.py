@@ -320,18 +320,18 @@ def _optimizer_step(algorithm, minibatch=None, rng=None, fused=True, **mesh):
   from random initial params, the transform's metrics included)."""
   import jax
 
-  from proma_jax import policy as policy_lib, train
+  from proma_jax import policy as policy_lib, trainer as trainer_lib
   c = _tiny(algorithm, "unused", **mesh)
   c.proma.fused = fused
   c.train.update(num_minibatches=1)  # microbatches of 8 rows: one sequence per device on 2 x 4
   policy, params = policy_lib.make_policy(c)
-  trainer = train.Trainer(c, policy, params)
+  trainer = trainer_lib.Trainer(c, policy, params)
   minibatch = _random_minibatch(trainer, rng) if minibatch is None else minibatch
   params = trainer.fresh_params()
   params, opt_state, metrics = trainer.optimizer_step(
       params, trainer.init_opt_state(params, 1e-3), minibatch,
       trainer.place(np.float32(minibatch["mask"].sum())))
-  metrics.update(train._transform_metrics(algorithm, opt_state))
+  metrics.update(trainer_lib.transform_metrics(algorithm, opt_state))
   return trainer, minibatch, jax.tree.map(np.asarray, (params, metrics))
 
 
@@ -615,7 +615,7 @@ def test_local_intra_equals_its_per_device_definition(transforms_report):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, warm_dir):
   """Directory whose "single" holds the 1-device, 1-process reference run of proma, from the
-  shared warm start. Run in this (1-device) pytest process: `train._trainer_for` reuses the
+  shared warm start. Run in this (1-device) pytest process: `trainer.trainer_for` reuses the
   trainer that test_train compiled for the same config when both run in one worker."""
   from proma_jax import train
   directory = tmp_path_factory.mktemp("reference")

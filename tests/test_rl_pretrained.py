@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 
 from proma_jax import policy as policy_lib
-from proma_jax import tasks, train, writers
+from proma_jax import tasks, train, trainer as trainer_lib, writers
 from proma_jax.checkpoint import Checkpointer
 from proma_jax.config import base_config, validate_config
 from proma_jax.models import loading
@@ -118,7 +118,7 @@ def test_two_steps_record_finite_metrics_and_move_the_params(algorithm, tmp_path
   fixture's random weights never write a GSM8K answer, so the real reward is 0 everywhere, every
   advantage and gradient is zero and nothing would show that the params move. A hash of the text
   in [0, 1) differs between two sampled responses, so each group's advantages are non-zero. A new
-  name rather than a replaced "gsm8k" keeps the real task intact, also in `train._trainer_for`'s
+  name rather than a replaced "gsm8k" keeps the real task intact, also in `trainer.trainer_for`'s
   per-process cache, which keys trainers by config (task name included); the command-line test
   runs the real reward. One test per algorithm, not one per property, so that xdist never
   compiles an algorithm twice.
@@ -158,7 +158,7 @@ def test_two_steps_record_finite_metrics_and_move_the_params(algorithm, tmp_path
 
   assert max(r["grad/norm"] for r in records[1:]) > 0
   _, initial = policy_lib.make_policy(c)
-  template = {"params": initial, "opt_state": train.make_optimizer(c).init(initial)}
+  template = {"params": initial, "opt_state": trainer_lib.make_optimizer(c).init(initial)}
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
   step, state, _ = checkpointer.restore(template)
   checkpointer.close()

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from proma_jax import train
-from proma_jax.config import validate_config
+from proma_jax import trainer as trainer_lib
+from proma_jax.config import ALGORITHMS, validate_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
 import reverse  # noqa: E402
@@ -40,7 +41,7 @@ def read_metrics(workdir):
 # reinforce is grpo's loop with the unclipped loss (tests/test_losses.py); its whole RL runs are
 # tests/test_run_records.py's command-line runs (configs/reverse.py:reinforce).
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", [a for a in train.ALGORITHMS if a != "reinforce"])
+@pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "reinforce"])
 def test_each_algorithm_runs_two_steps(algorithm, warm_dir, tmp_path):
   """Each algorithm completes two RL steps and logs the interface metrics, all finite."""
   records = train.run(tiny_config(algorithm, warm_dir), str(tmp_path), progress=False)
@@ -247,7 +248,7 @@ def test_scanned_optimizer_step_equals_the_microbatch_loop(warm_dir):
   for scan in (False, True):
     c = tiny_config("proma", warm_dir)
     c.train.scan_microbatches = scan
-    trainer, _ = train._trainer_for(c)
+    trainer, _ = trainer_lib.trainer_for(c)
     init = trainer.init_params
     params = trainer.fresh_params()
     params, _, metrics = trainer.step(params, trainer.init_opt_state(params, 1e-3), 0, 0)
