@@ -164,11 +164,6 @@ class Checkpointer:
     self._manager.reload()
     return sorted(self._manager.all_steps())
 
-  def latest_step(self) -> int | None:
-    """The newest step with a finalised checkpoint directory, or None."""
-    steps = self.all_steps()
-    return steps[-1] if steps else None
-
   def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None) -> None:
     """Writes `state` (a pytree of arrays) and the JSON-able `meta` as the checkpoint of `step`.
 

@@ -106,12 +106,6 @@ def _sequence_spec(axis: int, axes: str | tuple[str, str] = DATA_AXIS) -> P:
   return P(*([None] * axis), axes)
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Every leaf replicated on every device of the mesh (each process supplies its own copy,
-  which must be the same on all processes)."""
-  return _device_put(tree, jax.tree.map(lambda _: replicated(mesh), tree))
-
-
 def _device_put(tree: Any, shardings: Any) -> Any:
   """`jax.device_put` leaf by leaf, where an array held by this process's devices only (e.g.
   restored onto one device) goes to a sharding spanning several processes through host memory:
@@ -288,10 +282,3 @@ def constrain_sequence_gradients(seq_grads: Any, param_shardings: Any) -> Any:
 
   return shardings_def.unflatten(
       [constrain(s, sh) for s, sh in zip(leaves, jax.tree.leaves(param_shardings))])
-
-
-def with_sequence_axis(specs: Any) -> Any:
-  """Specs of per-sequence stacks (n_seq, *leaf) of leaves with `specs`: the sequence axis over
-  "data", the leaf's own dimensions as the leaf is sharded."""
-  return jax.tree.map(lambda spec: P(DATA_AXIS, *spec), specs,
-                      is_leaf=lambda x: isinstance(x, P))

@@ -354,19 +354,3 @@ def read_events(logdir: str) -> list[event_pb2.Event]:
       events.append(event_pb2.Event.FromString(payload))
       pos += 16 + length
   return events
-
-
-def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
-  """{tag: [(step, value), ...]} of the scalars in `logdir`'s event files, raw, in file order.
-
-  Does not apply purge markers: after a resume, a step the killed attempt logged appears twice,
-  its first value being the one TensorBoard hides. Needs no TensorBoard install (see read_events).
-  """
-  scalars: dict[str, list[tuple[int, float]]] = {}
-  for event in read_events(logdir):
-    if event.WhichOneof("what") != "summary":
-      continue
-    for value in event.summary.value:
-      if value.WhichOneof("value") == "simple_value":
-        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-  return scalars

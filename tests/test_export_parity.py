@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from conftest import smollm2_gguf
+from helpers import smollm2_gguf
 from fixtures import make_export_fixtures as fixtures
 from proma_jax.models import forward_logits, loading
 

@@ -1,56 +1,12 @@
 """The fused path (PROMA inside the backward pass) equals the unfused one, variant by variant."""
 
-import os
-import sys
-
 import chex
 import jax
 import numpy as np
 import optax
 import pytest
 
-from proma_jax import policy as policy_lib, trainer as trainer_lib
-
-sys.path.insert(0, os.path.dirname(__file__))
-from test_train import tiny_config  # noqa: E402
-
-
-LR, STEPS = 1e-3, 2
-
-
-def random_minibatch(trainer, rng):
-  """Random tokens with left padding, a response mask with holes, varied advantages (one zero)."""
-  width, length = trainer.policy.prompt_width, trainer.policy.max_new_tokens
-  n = trainer.minibatch_rows
-  valid = np.ones((n, width + length), np.float32)
-  for row, pad in enumerate(rng.integers(0, width - 1, n)):
-    valid[row, :pad] = 0.0
-  advantages = rng.normal(size=n).astype(np.float32)
-  advantages[3] = 0.0
-  return {"tokens": rng.integers(1, trainer.policy.model_config.vocab_size,
-                                 (n, width + length)).astype(np.int32),
-          "valid": valid,
-          "mask": (rng.random((n, length)) < 0.8).astype(np.float32),
-          "old_logp": rng.normal(-2.0, 0.5, (n, length)).astype(np.float32),
-          "advantages": advantages}
-
-
-def optimizer_steps(c, fused, steps=STEPS, seed=0):
-  """(params, metrics) after `steps` optimizer steps of the config's microbatches from the same
-  random params and minibatches, fused or not; the transform's metrics included."""
-  c = c.copy_and_resolve_references()
-  c.proma.fused = fused
-  policy, params = policy_lib.make_policy(c)
-  trainer = trainer_lib.Trainer(c, policy, params)
-  rng = np.random.default_rng(seed)
-  params = trainer.fresh_params()
-  opt_state = trainer.init_opt_state(params, LR)
-  for _ in range(steps):
-    minibatch = random_minibatch(trainer, rng)
-    params, opt_state, metrics = trainer.optimizer_step(
-        params, opt_state, minibatch, trainer.place(np.float32(minibatch["mask"].sum())))
-  metrics = dict(metrics, **trainer_lib.transform_metrics(c.algorithm, opt_state))
-  return jax.tree.map(np.asarray, (params, metrics))
+from helpers import LR, STEPS, optimizer_steps, small
 
 
 def assert_params_close_in_bfloat16(fused, unfused):
@@ -82,14 +38,6 @@ def assert_fused_equals_unfused(c, reference=None):
   assert set(unfused[1]) <= set(fused[1]), (set(unfused[1]), set(fused[1]))
   chex.assert_trees_all_close({k: fused[1][k] for k in unfused[1]}, unfused[1], rtol=1e-4,
                               atol=1e-7)
-
-
-def small(algorithm, **proma):
-  c = tiny_config(algorithm, "unused")
-  c.model.update(n_layers=2)
-  c.train.update(num_minibatches=1, num_microbatches=4)
-  c.proma.update(proma)
-  return c
 
 
 # Each case compiles two training steps (30-100 s on 2 cores): one stays in the fast tier.

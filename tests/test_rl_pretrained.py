@@ -42,10 +42,10 @@ from proma_jax.checkpoint import Checkpointer
 from proma_jax.config import base_config, validate_config
 from proma_jax.models import loading
 from proma_jax.tasks import gsm8k
+from helpers import gsm8k_paths, read_scalars
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "tests" / "fixtures" / "hf" / "tiny_qwen3"
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 MAX_NEW_TOKENS = 8
 # The first GSM8K_RECORDS records of either file: their chat-template prompts take at most 461
 # tokens through the fixture's tokenizer (GSM8K's longest, 828, would make every log-prob pass
@@ -69,15 +69,6 @@ TINY = {
 }
 NEW_METRICS = ("reward/format", "reward/errors", "response/length", "response/length_max",
                "response/clipped_frac", "time/sample_s", "time/logprob_s", "time/update_s")
-
-
-def gsm8k_paths() -> tuple[str, str]:
-  paths = GSM8K / "train.jsonl", GSM8K / "test.jsonl"
-  missing = [str(p) for p in paths if not p.is_file()]
-  if missing:
-    pytest.skip(f"GSM8K data not found ({', '.join(missing)}): put the GSM8K JSONL files in "
-                f"{GSM8K}")
-  return str(paths[0]), str(paths[1])
 
 
 def read_records(workdir) -> list[dict]:
@@ -151,7 +142,7 @@ def test_two_steps_record_finite_metrics_and_move_the_params(algorithm, tmp_path
 
   logdir = os.path.join(workdir, writers.TENSORBOARD_DIR)
   assert any("tfevents" in name for name in os.listdir(logdir))
-  scalars = writers.read_scalars(logdir)
+  scalars = read_scalars(logdir)
   for key in ("val/accuracy", "reward/mean", "grad/norm", "response/length", "time/sample_s"):
     expected = [(r["step"], np.float32(r[key])) for r in records if key in r]
     assert [(step, np.float32(value)) for step, value in scalars[key]] == expected, key

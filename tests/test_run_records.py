@@ -19,7 +19,7 @@ import pytest
 
 from proma_jax import run_records, train
 from proma_jax.checkpoint import IncompatibleCheckpointError
-from test_train import tiny_config
+from helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

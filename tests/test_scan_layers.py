@@ -4,7 +4,6 @@ step, layer by layer, as the unscanned decoder; and every surface that meets the
 
 import dataclasses
 import os
-import sys
 
 import chex
 import jax
@@ -21,9 +20,7 @@ from proma_jax.models import loading, presets, stacked
 from proma_jax.models.decoder import make_model, token_logprobs
 from proma_jax.seqgrads import DenseFactors, DenseSequenceFactors
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_fused import optimizer_steps, small  # noqa: E402
-from test_train import read_metrics, tiny_config  # noqa: E402
+from helpers import optimizer_steps, read_metrics, small, tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 CFG = presets.preset("demo", vocab_size=40, max_len=32, n_layers=3)

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import sys
 
 import chex
 import jax
@@ -14,28 +13,7 @@ import pytest
 from proma_jax import train
 from proma_jax import trainer as trainer_lib
 from proma_jax.config import ALGORITHMS, validate_config
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
-import reverse  # noqa: E402
-
-
-def tiny_config(algorithm, warm_dir, steps=2):
-  """A config small enough to compile and run two RL steps in a few seconds."""
-  c = reverse.get_config(algorithm)
-  c.steps = steps
-  c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, mlp_dim=64)
-  c.rollout.update(prompts_per_step=8, group_size=2)
-  c.train.update(num_minibatches=2, num_microbatches=2)
-  c.sft.update(steps=200, batch_size=32, lr=3e-3, checkpoint_dir=str(warm_dir))
-  c.eval.update(every=2, num_examples=8)
-  c.checkpoint.every = 1
-  return c
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  return {r["step"]: r for r in records}  # the last record of a step wins
+from helpers import read_metrics, tiny_config
 
 
 # reinforce is grpo's loop with the unclipped loss (tests/test_losses.py); its whole RL runs are

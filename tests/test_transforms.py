@@ -1,4 +1,7 @@
-"""PROMA transforms against an independent float64 NumPy computation of docs/algorithm.md: "Accumulation PROMA", "Intra-microbatch PROMA"."""
+"""PROMA transforms against an independent float64 NumPy computation of docs/algorithm.md: "Accumulation PROMA", "Intra-microbatch PROMA".
+
+The float64 reference of accumulation PROMA (`np_accumulate`) is in tests/helpers.py, shared with
+tests/test_distributed.py."""
 
 import chex
 import jax
@@ -9,65 +12,10 @@ import pytest
 
 import proma_jax
 from proma_jax import projection
-
-# ---------------------------------------------------------------------------------------------
-# float64 NumPy reference of docs/algorithm.md#accumulation-proma, written from the math, leaf by leaf.
-
-
-def np_project(r, s, m, *, shrinkage, ridge, relative_bound, solver):
-  """R - shrinkage * P + M for one leaf, in float64."""
-  r = np.asarray(r, np.float64).reshape(-1)
-  m64 = np.asarray(m, np.float64).reshape(-1)
-  s = np.asarray(s, np.float64).reshape(s.shape[0], -1)
-  sh = s / (np.linalg.norm(s, axis=1, keepdims=True) + 1e-8)
-  if solver == "exact":
-    k = sh @ sh.T
-    w = np.linalg.solve(k + ridge * np.eye(len(k)), sh @ r)
-    p = w @ sh
-  else:
-    x = r.copy()
-    for _ in range(2):
-      for i in range(len(sh)):
-        x = x - (x @ sh[i]) * sh[i]
-    p = r - x
-  if relative_bound is not None and np.linalg.norm(p) > relative_bound * np.linalg.norm(m64):
-    p = p * relative_bound * np.linalg.norm(m64) / np.linalg.norm(p)
-  return r - shrinkage * p + m64
-
-
-def np_accumulate(ms, ss, *, shrinkage=1.0, ridge=1e-2, relative_bound=None, skip_fraction=0.0,
-                  solver="exact"):
-  """R after M microbatches; ms, ss: lists (over microbatches) of dicts leaf -> array / None."""
-  num = len(ms)
-  r = {k: np.zeros(np.size(v)) for k, v in ms[0].items()}
-  for idx, (m, s) in enumerate(zip(ms, ss)):
-    for k in m:
-      if idx >= 1 and idx >= skip_fraction * num and s[k] is not None:
-        r[k] = np_project(r[k], s[k], m[k], shrinkage=shrinkage, ridge=ridge,
-                          relative_bound=relative_bound, solver=solver)
-      else:
-        r[k] = r[k] + np.asarray(m[k], np.float64).reshape(-1)
-  return {k: v.reshape(np.shape(ms[0][k])) for k, v in r.items()}
-
+from helpers import SHAPES, correlated_microbatch, np_accumulate, params_like
 
 # ---------------------------------------------------------------------------------------------
 # Helpers.
-
-SHAPES = {"kernel": (6, 5), "bias": (5,), "frozen": (3,)}
-
-
-def correlated_microbatch(key, n_seq, noise=0.1):
-  """Strongly correlated sequence gradients S_i = base + noise * eps_i; M = sum_i A_i S_i."""
-  grads, seq = {}, {}
-  keys = jax.random.split(key, 2 * len(SHAPES) + 1)
-  adv = jax.random.normal(keys[-1], (n_seq,))
-  for j, (name, shape) in enumerate(SHAPES.items()):
-    base = jax.random.normal(keys[2 * j], shape)
-    s = base[None] + noise * jax.random.normal(keys[2 * j + 1], (n_seq, *shape))
-    seq[name] = s
-    grads[name] = -jnp.tensordot(adv, s, axes=1)
-  seq["frozen"] = None  # left unprojected
-  return grads, seq
 
 
 def run_microbatches(tx, params, batches, extra_name):
@@ -79,10 +27,6 @@ def run_microbatches(tx, params, batches, extra_name):
     updates, state = update(grads, state, params, extra)
     out.append((updates, state))
   return out
-
-
-def params_like():
-  return {k: jnp.zeros(v) for k, v in SHAPES.items()}
 
 
 # ---------------------------------------------------------------------------------------------

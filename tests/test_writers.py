@@ -17,6 +17,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from proma_jax import writers
+from helpers import read_scalars, tiny_config
 
 
 def test_tensorboard_round_trip_is_exact_at_float32(tmp_path):
@@ -32,14 +33,14 @@ def test_tensorboard_round_trip_is_exact_at_float32(tmp_path):
   for step, metrics in steps.items():
     for key, value in metrics.items():
       expected.setdefault(key, []).append((step, float(np.float32(value))))
-  assert writers.read_scalars(str(tmp_path)) == expected
+  assert read_scalars(str(tmp_path)) == expected
 
 
 def test_each_write_is_on_disk_before_close(tmp_path):
   writer = writers.TensorBoardWriter(str(tmp_path), purge_step=None)
   writer.write(1, {"a": 1.0})
   writer.write(2, {"a": 2.0})
-  assert writers.read_scalars(str(tmp_path)) == {"a": [(1, 1.0), (2, 2.0)]}
+  assert read_scalars(str(tmp_path)) == {"a": [(1, 1.0), (2, 2.0)]}
   writer.close()
 
 
@@ -51,7 +52,7 @@ def test_non_finite_and_non_numeric_values_are_skipped_with_one_warning_per_key(
     writer.write(3, {"a": -np.inf})  # nothing to write: no event at all
   writer.close()
 
-  assert writers.read_scalars(str(tmp_path)) == {"b": [(1, 1.0), (2, 2.0)]}
+  assert read_scalars(str(tmp_path)) == {"b": [(1, 1.0), (2, 2.0)]}
   warned = sorted(r.args[0] for r in caplog.records)
   assert warned == ["a", "c", "d"]
   summaries = [e for e in writers.read_events(str(tmp_path)) if e.WhichOneof("what") == "summary"]
@@ -77,7 +78,7 @@ def test_resumed_writer_starts_its_own_file_with_tensorboardx_purge_marker(tmp_p
   assert events[6].file_version == "brain.Event:2"
   assert events[7].session_log.status == event_pb2.SessionLog.START
   # The raw events, purge not applied: step 3 twice, the recomputed value last.
-  assert writers.read_scalars(str(tmp_path)) == {
+  assert read_scalars(str(tmp_path)) == {
       "loss": [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (3, 30.0)]}
 
 
@@ -88,7 +89,7 @@ def test_read_events_stops_at_a_record_cut_short(tmp_path):
   writer.close()
   (path,) = tmp_path.iterdir()
   path.write_bytes(path.read_bytes()[:-3])  # a kill in the middle of the last record
-  assert writers.read_scalars(str(tmp_path)) == {"a": [(1, 1.0)]}
+  assert read_scalars(str(tmp_path)) == {"a": [(1, 1.0)]}
 
 
 def test_make_writers_marks_each_start_purging_past_the_restored_step(tmp_path):
@@ -309,14 +310,13 @@ def test_make_writers_adds_wandb_when_a_project_is_set(wandb_offline, tmp_path):
   assert run["project"] == "proj" and run["entity"] == "team" and run["display_name"] == "r"
   assert run["config"]["update"]["seed"] == 0
   assert _history(records) == {1: {"a": 1.0}}
-  assert writers.read_scalars(str(tmp_path / "tensorboard")) == {"a": [(1, 1.0)]}
+  assert read_scalars(str(tmp_path / "tensorboard")) == {"a": [(1, 1.0)]}
 
 
 @pytest.mark.slow
 def test_training_logs_to_wandb_what_it_writes_to_metrics_jsonl(wandb_offline, tmp_path):
   """One RL step of the smallest config through proma_jax.train with an offline W&B run."""
   from proma_jax import train  # pylint: disable=g-import-not-at-top
-  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
   c = tiny_config("grpo", tmp_path / "warm", steps=1)
   c.sft.steps = 0  # no warm start to train: only the logging is under test
   c.rollout.update(prompts_per_step=2, group_size=2)
