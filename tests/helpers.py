@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from proma_jax import policy as policy_lib, train, writers
+from proma_jax import policy as policy_lib, trainer as trainer_lib, writers
 from proma_jax.checkpoint import Checkpointer
 from proma_jax.config import base_config
 from proma_jax.models import loading
@@ -168,7 +168,7 @@ def optimizer_steps(c, fused, steps=STEPS, seed=0):
   c = c.copy_and_resolve_references()
   c.proma.fused = fused
   policy, params = policy_lib.make_policy(c)
-  trainer = train.Trainer(c, policy, params)
+  trainer = trainer_lib.Trainer(c, policy, params)
   rng = np.random.default_rng(seed)
   params = trainer.fresh_params()
   opt_state = trainer.init_opt_state(params, LR)
@@ -176,7 +176,7 @@ def optimizer_steps(c, fused, steps=STEPS, seed=0):
     minibatch = random_minibatch(trainer, rng)
     params, opt_state, metrics = trainer.optimizer_step(
         params, opt_state, minibatch, trainer.place(np.float32(minibatch["mask"].sum())))
-  metrics = dict(metrics, **train._transform_metrics(c.algorithm, opt_state))
+  metrics = dict(metrics, **trainer_lib.transform_metrics(c.algorithm, opt_state))
   return jax.tree.map(np.asarray, (params, metrics))
 
 
