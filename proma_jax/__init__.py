@@ -1,13 +1,13 @@
 """proma_jax: Projected Microbatch Accumulation (PROMA, arXiv 2601.10498) in JAX/Optax."""
 
 from proma_jax.capture import (
-    Dense,
     DenseFactors,
     grads_and_dense_factors,
     policy_gradient_and_dense_factors,
     policy_gradient_and_fused_changes,
     policy_gradient_and_sequence_statistics,
 )
+from proma_jax.nn import Dense
 from proma_jax.seqgrads import (
     DenseSequenceFactors,
     choose_dense_path,

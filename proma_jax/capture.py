@@ -3,11 +3,11 @@
 This module only *captures*; the math that uses the captured factors lives in
 `projection.py` and knows nothing of the model (the kfac-jax split).
 
-A `Dense` layer is an `nnx.Linear` that, inside `nnx.capture`, records its input (`nnx.Intermediate`
-"dense_inputs") and adds a zero `nnx.Perturbation` ("dense_outputs") to its output. Differentiating
-the loss with respect to that perturbation gives the gradient with respect to the layer output, so
-the kernel gradient is `A^T G` with A the inputs and G the output gradients, token by token.
-Outside `nnx.capture` a `Dense` is exactly an `nnx.Linear`.
+A `Dense` layer (`proma_jax.nn`) is an `nnx.Linear` that, inside `nnx.capture`, records its input
+(`nnx.Intermediate` "dense_inputs") and adds a zero `nnx.Perturbation` ("dense_outputs") to its
+output. Differentiating the loss with respect to that perturbation gives the gradient with respect
+to the layer output, so the kernel gradient is `A^T G` with A the inputs and G the output
+gradients, token by token. Outside `nnx.capture` a `Dense` is exactly an `nnx.Linear`.
 """
 
 from __future__ import annotations
@@ -19,16 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from proma_jax import fused as fused_lib, seqgrads, transforms
+from proma_jax.nn import CALLS, INPUTS, OUTPUT_PERTURBATION, Dense
 from proma_jax.seqgrads import DenseFactors
-
-INPUTS = "dense_inputs"
-OUTPUT_PERTURBATION = "dense_outputs"
-CALLS = "dense_calls"
-
-
-def _is_capturing(module: nnx.Module) -> bool:
-  # `nnx.capture` installs `__captures__` on every module for the duration of the call.
-  return hasattr(module, "__captures__")
 
 
 class FusedSlotVariable(nnx.Variable):
@@ -36,22 +28,9 @@ class FusedSlotVariable(nnx.Variable):
   its `fused.FusedRule` as the metadata `rule` (static: it survives `nnx.split`, so scanned layers
   hand it to every layer)."""
 
-
-class Dense(nnx.Linear):
-  """`nnx.Linear` whose inputs and output gradients `grads_and_dense_factors` can capture, and
-  whose backward pass computes PROMA's change of R_W when `policy_gradient_and_fused_changes`
-  gives it a slot (`proma_slot`, a `FusedSlotVariable`)."""
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    slot = getattr(self, "proma_slot", None)
-    if slot is not None:
-      x = x.astype(self.dtype or x.dtype)
-      return fused_lib.fused_dense(slot.rule, x, self.kernel[...], slot.get_value())
-    if not _is_capturing(self):
-      return super().__call__(x)
-    self.sow(nnx.Intermediate, INPUTS, x, reduce_fn=lambda _, new: new, init_fn=lambda: None)
-    self.sow(nnx.Intermediate, CALLS, jnp.zeros((), jnp.int8))  # a tuple, one entry per call
-    return self.perturb(OUTPUT_PERTURBATION, super().__call__(x))
+  def dense(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """y = x W by `fused.fused_dense`, whose backward pass also gives the change of R_W."""
+    return fused_lib.fused_dense(self.rule, x, kernel, self.get_value())
 
 
 def _pure(tree: Any) -> Any:

@@ -8,7 +8,7 @@ pre-norm blocks
 with grouped-query attention (Qwen3: RMSNorm `q_norm`/`k_norm` over each head; then rotary positions) and
 a SwiGLU MLP `down_proj(silu(gate_proj(x)) * up_proj(x))`; final `norm`; logits from the tied
 embedding (`embed_tokens.attend`) or an untied `lm_head`. Every linear layer is a bias-free
-`capture.Dense` with a 2-D kernel (d_in, d_out), called once per forward pass, so that
+`nn.Dense` with a 2-D kernel (d_in, d_out), called once per forward pass, so that
 `capture.grads_and_dense_factors` sees each layer exactly once.
 
 Shapes: B batch, T query length, S key length (T without a cache, the cache length with one),
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from proma_jax.capture import Dense
+from proma_jax.nn import Dense
 from proma_jax.models import stacked
 
 # The dtype names ModelConfig.dtype and param_dtype (and a config's model.dtype fields) accept.
