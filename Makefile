@@ -12,11 +12,15 @@ DEMO_DIR ?= runs/demo
 	.venv/bin/pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: test demo
+.PHONY: test test-fast demo
 # Three workers on two cores: much of the suite waits on subprocesses and single-threaded
 # compiles (measured 8:30 against 9:23 with -n 2 on the 2-core box); worksteal balances the long tests.
 test: .venv/.installed
 	$(PY) -m pytest -q -n 3 --dist worksteal --durations=25
+
+# The tests not marked `slow`: a fast representative of each property, within 3 minutes on 2 cores.
+test-fast: .venv/.installed
+	$(PY) -m pytest -q -n 3 --dist worksteal -m "not slow"
 
 demo: .venv/.installed
 	$(PY) -m proma_jax.demo --workdir=$(DEMO_DIR)

@@ -32,7 +32,9 @@ def one_step(variant, n_seq=3, seq_len=12, num_microbatches=2):
 
 
 # proma_mf vs proma_mat is the same comparison without intra (tests/test_matrix_free.py checks the
-# matrix-free statistics against vmap sequence gradients); each pair costs ~40 s of compilation.
+# matrix-free statistics against vmap sequence gradients, in the fast tier); each pair costs ~40 s
+# of compilation.
+@pytest.mark.slow
 @pytest.mark.parametrize("matrix_free, materialised", [("both", "both_mat")])
 def test_matrix_free_and_materialised_variants_take_the_same_step(matrix_free, materialised):
   """The two dense paths are one projection: after a 2-microbatch step the params agree."""

@@ -22,7 +22,9 @@ def run(module, *args):
                         text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
-@pytest.mark.parametrize("module", ["proma_jax.train", "proma_jax.sft"])
+# Each command line is a subprocess (~8 s): train in the fast tier, sft in the slow one.
+@pytest.mark.parametrize("module", ["proma_jax.train",
+                                    pytest.param("proma_jax.sft", marks=pytest.mark.slow)])
 def test_stray_positional_arguments_are_refused(module, tmp_path):
   """An unquoted workdir with a space leaves a stray word: refused, not silently ignored."""
   args = ["--config=configs/reverse.py:grpo", "extra"]
@@ -44,7 +46,8 @@ def test_config_errors_are_one_line_naming_the_field(tmp_path):
   assert last.startswith("error: config.train.num_microbatches:"), last
 
 
-@pytest.mark.parametrize("module", ["proma_jax.train", "proma_jax.sft"])
+@pytest.mark.parametrize("module", ["proma_jax.train",
+                                    pytest.param("proma_jax.sft", marks=pytest.mark.slow)])
 def test_a_malformed_data_file_is_one_line_naming_the_file_and_line(module, tmp_path):
   """A task whose data cannot be used (`tasks.DataError`) is reported, not a traceback."""
   data = tmp_path / "my.jsonl"
@@ -145,6 +148,7 @@ def _run_dir(tmp_path, name="run"):
   return directory
 
 
+@pytest.mark.slow  # two report subprocesses; the in-process report errors below stay fast
 def test_report_out_under_a_file_is_one_line_naming_the_path(tmp_path):
   """`python -m proma_jax.report RUN --out FILE/results`: one line naming the path, exit 1; an
   --out that is itself a file is a usage error naming it."""

@@ -116,6 +116,7 @@ def test_bad_requests_are_refused(tmp_path):
     evaluate.run(c, str(tmp_path / "e"), workdir=str(tmp_path / "run"), step=4)
 
 
+@pytest.mark.slow  # a subprocess; tests/test_cli_errors.py keeps the command-line form fast
 def test_the_command_line_evaluates_and_names_problems(tmp_path):
   spec = str(FIXTURES / "tiny_qwen3")
   base = [sys.executable, "-m", "proma_jax.evaluate", f"--config={CONFIG}:proma",
@@ -132,6 +133,7 @@ def test_the_command_line_evaluates_and_names_problems(tmp_path):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # a 2-device subprocess beside the 1-device run
 def test_two_devices_give_the_one_device_responses(tmp_path):
   """--config.mesh.data=2 on two host devices: each sampling call split over both (6 examples in
   calls of 4 rows, the last filled up), the same greedy and sampled responses as one device."""

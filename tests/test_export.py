@@ -186,6 +186,7 @@ def test_a_changed_source_checkpoint_is_refused(tmp_path):
     export_cli.export_run(str(tmp_path / "run"), str(tmp_path / "out"))
 
 
+@pytest.mark.slow  # export subprocesses; the errors above are checked in process
 def test_the_command_line_names_the_problem(tmp_path):
   """`python -m proma_jax.export` prints one line naming a missing step, no traceback."""
   make_run(tmp_path / "run", str(FIXTURES / "tiny_qwen3"), steps=(1,))

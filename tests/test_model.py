@@ -65,7 +65,8 @@ def _cached_forward(graphdef, state, tokens_BxT, valid_BxT, prefill):
   return jnp.concatenate([prefill_logits, decode_logits_TxBxV.transpose(1, 0, 2)], axis=1)
 
 
-@pytest.mark.parametrize("tie_embeddings", [True, False])
+# The untied head in the slow tier (test_chunked_logprobs_equal_full_vocabulary keeps it fast).
+@pytest.mark.parametrize("tie_embeddings", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_kv_cache_forward_equals_full_forward(tie_embeddings):
   """Prefill + token-by-token decode through the KV cache gives the full forward's logits at every
   position, with left-padded rows and a masked (post-EOS-like) tail."""

@@ -116,6 +116,9 @@ def _smollm2_reference() -> tuple[dict, dict[str, np.ndarray]]:
     return record, dict(f)
 
 
+# The SmolLM2 tests load the 135M model (20-30 s per test process): slow. The fast tier keeps
+# its GGUF tokenizer (tests/test_tokenizer.py) and the tiny fixtures' logits above.
+@pytest.mark.slow
 def test_smollm2_tokenizer_and_chat_prompt_equal_reference(smollm2):
   """Ids with digits split one by one (llama.cpp's "smollm" pre-tokenizer, the original
   tokenizer.json), the rendered chat prompt and its ids."""
@@ -128,6 +131,7 @@ def test_smollm2_tokenizer_and_chat_prompt_equal_reference(smollm2):
   assert tok.encode(text) == record["chat_ids"]
 
 
+@pytest.mark.slow
 def test_smollm2_logits_equal_transformers(smollm2):
   """float32 logits at the last positions of a left-padded batch; argmax at every real one."""
   (model, _), (_, arrays) = smollm2, _smollm2_reference()

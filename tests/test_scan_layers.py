@@ -56,7 +56,8 @@ def test_stacked_params_are_the_unscanned_params_stacked():
     stacked.stack_layers(mixed)
 
 
-@pytest.mark.parametrize("remat", [False, True])
+# With remat in the slow tier (tests/test_model.py checks remat blocks in the fast one).
+@pytest.mark.parametrize("remat", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_scanned_logprobs_and_gradients_equal_unscanned(remat):
   flat, scanned = both_layouts(remat=remat)
   tokens, valid = batch()
@@ -185,7 +186,7 @@ def test_fsdp_never_shards_the_layer_axis():
   assert not stacked.is_stacked_path(("layers", 3, "mlp", "kernel"))
 
 
-@pytest.mark.parametrize("name", ["tiny_qwen3", "tiny_llama"])
+@pytest.mark.parametrize("name", ["tiny_qwen3", pytest.param("tiny_llama", marks=pytest.mark.slow)])
 def test_loaders_stack_the_checkpoint_layers(name):
   """Pretrained checkpoints load scanned by default: the tensors of the unscanned load, stacked,
   and the same logits."""
@@ -232,7 +233,10 @@ def _trainer_steps(algorithm, scan, fused):
   return stacked.stack_layers(params), metrics
 
 
-@pytest.mark.parametrize("fused", [True, pytest.param(False, marks=pytest.mark.slow)])
+# Two compiled training steps per layout: slow. The fast tier keeps the scanned log-probs,
+# gradients, layerwise changes and transform above, and tests/test_fused.py's fused step.
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [True, False])
 def test_scanned_training_equals_unscanned(fused):
   """Two optimizer steps of the RL loop's proma update on 3 layers, scanned and not: the same
   params (stacked) and metrics. Accumulation-PROMA has no random range finder, so the

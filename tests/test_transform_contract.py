@@ -43,7 +43,8 @@ def _params(dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("param_dtype, grad_dtype", [
-    (jnp.bfloat16, jnp.bfloat16),   # bf16 params and gradients
+    pytest.param(jnp.bfloat16, jnp.bfloat16,  # bf16 params and gradients
+                 marks=pytest.mark.slow),
     (jnp.float32, jnp.bfloat16),    # fp32 master params, bf16 compute gradients
 ])
 def test_low_precision_trees_match_multisteps(param_dtype, grad_dtype):
