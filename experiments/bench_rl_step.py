@@ -79,17 +79,8 @@ def profile_update(loop_trainer, scan_trainer, lr: float, repeats: int) -> dict:
   m = c.train.num_microbatches
   params = loop_trainer.fresh_params()
   opt_state = loop_trainer.init_opt_state(params, lr)
-  examples = trainer_lib.step_examples(c, loop_trainer.policy, 0, 0)
-  key = jax.random.PRNGKey(0)
-  from proma_jax import policy as policy_lib
-  rollout = policy_lib.generate(loop_trainer.policy, params, examples, key,
-                                temperature=c.rollout.temperature)
-  scores = policy_lib.score(loop_trainer.policy, rollout, examples)
-  batch = {"tokens": rollout.tokens_BxT, "valid": rollout.valid_BxT,
-           "mask": rollout.response_mask_BxL, "old_logp": rollout.logprobs_BxL,
-           "advantages": losses.group_advantages(jnp.asarray(scores.rewards_B),
-                                                 c.rollout.group_size)}
-  minibatch = trainer_lib.slice_rows(batch, np.arange(len(examples) // c.train.num_minibatches))
+  batch, _, _ = loop_trainer.rollout(params, 0, 0, jax.random.PRNGKey(0))
+  minibatch = trainer_lib.slice_rows(batch, np.arange(loop_trainer.minibatch_rows))._asdict()
   num_tokens = jnp.maximum(jnp.sum(minibatch["mask"]), 1.0)
   n = len(minibatch["tokens"])
   stacked = {k: v.reshape((m, -1) + v.shape[1:]) for k, v in minibatch.items()}

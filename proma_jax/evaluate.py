@@ -83,13 +83,6 @@ def load_policy(c: ml_collections.ConfigDict, *, checkpoint: str | None = None,
           f"{workdir} step {step}")
 
 
-def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
-  """The config's device mesh (`mesh.data` x `mesh.fsdp`), or None for one device."""
-  if c.mesh.fsdp > 1:
-    return mesh_lib.fsdp_mesh(c.mesh.data, c.mesh.fsdp)
-  return mesh_lib.data_mesh(c.mesh.data) if c.mesh.data > 1 else None
-
-
 def on_mesh(params: dict, mesh: jax.sharding.Mesh, c: ml_collections.ConfigDict) -> dict:
   """`params` placed as training places them: replicated, or FSDP-sharded with mesh.fsdp > 1."""
   specs = mesh_lib.param_specs(params, c.mesh.fsdp, min_size=c.mesh.fsdp_min_size,
@@ -219,7 +212,7 @@ def run(c: ml_collections.ConfigDict, out: str, *, checkpoint: str | None = None
   policy, params, source = load_policy(c, checkpoint=checkpoint, workdir=workdir, step=step)
   if batch_size is not None:
     policy = policy._replace(sample_batch=batch_size)
-  mesh = make_mesh(c)
+  mesh = mesh_lib.make_mesh(c)
   if mesh is not None:
     params = on_mesh(params, mesh, c)
   n = c.eval.num_examples if num_examples is None else num_examples

@@ -44,6 +44,7 @@ import re
 from typing import Any, Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -192,6 +193,14 @@ def fsdp_mesh(data: int, fsdp: int) -> Mesh:
     raise ValueError(f"config.mesh: a {jax.process_count()}-process run must use all {available} "
                      f"devices, got data {data} x fsdp {fsdp} = {n}")
   return Mesh(np.array(jax.devices()[:n]).reshape(data, fsdp), (DATA_AXIS, FSDP_AXIS))
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh | None:
+  """The run's mesh: `fsdp_mesh` of config.mesh.data x config.mesh.fsdp devices with fsdp > 1,
+  else `data_mesh` of config.mesh.data > 1 devices, else None (one device, nothing placed)."""
+  if config.mesh.fsdp > 1:
+    return fsdp_mesh(config.mesh.data, config.mesh.fsdp)
+  return data_mesh(config.mesh.data) if config.mesh.data > 1 else None
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int = FSDP_MIN_SIZE,

@@ -76,7 +76,7 @@ def _fsdp_shardings(config: ml_collections.ConfigDict):
   None."""
   if config.mesh.fsdp <= 1:
     return None
-  mesh = mesh_lib.fsdp_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = mesh_lib.make_mesh(config)
   return lambda path, shape: jax.sharding.NamedSharding(mesh, mesh_lib.fsdp_spec(
       tuple(shape), config.mesh.fsdp, config.mesh.fsdp_min_size,
       layer_axis=stacked.is_stacked_path(path)))

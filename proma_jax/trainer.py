@@ -1,18 +1,22 @@
-"""The compiled RL step of a config: the optimizer, the microbatch and minibatch updates, and
-`Trainer`, which runs one RL step (rollout, log-prob passes, optimizer steps, metrics).
+"""The RL step of a config: the optimizer, the compiled microbatch and minibatch updates, and
+`Trainer`, which holds them and runs one RL step.
 
-Every algorithm runs on one code path (docs/algorithm.md#the-problem): the same rollouts, advantages,
-data order, token-mean normalisation (exact across microbatches), AdamW with global-norm clipping,
-and the same microbatch accumulator (`proma_jax.transforms`; the baselines accumulate with
-projection off). They differ only in the microbatch gradient function and the extra inputs.
+  Trainer.step      rollout -> kl/init -> learn -> the step's metrics
+  Trainer.rollout   the step's prompts sampled and scored: a `Batch` (tokens, valid, mask,
+                    old_logp, advantages) with group advantages
+  Trainer.learn     num_epochs x num_minibatches optimizer steps on the batch, each accumulating
+                    num_microbatches microbatches (`optimizer_step`), with its KL and entropy
+
+Every algorithm takes this one code path; its row of `proma_jax.algorithms.TABLE` supplies the
+transform, the microbatch gradient function and the metrics (docs/algorithm.md#the-problem).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +25,10 @@ import numpy as np
 import optax
 
 import proma_jax
-from proma_jax import losses
+from proma_jax import algorithms, losses
 from proma_jax import mesh as mesh_lib
 from proma_jax import policy as policy_lib
-from proma_jax import sft
+from proma_jax import sft, tasks
 from proma_jax.config import to_json, validate_config
 from proma_jax.models import stacked as stacked_lib
 
@@ -46,16 +50,7 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
   # Scanned layers: each layer of a stacked leaf is projected as its own leaf.
   shared["stacked"] = stacked_lib.stacked_paths
   accumulation, intra = proma_options(c)
-  if c.algorithm == "proma":
-    return proma_jax.proma_accumulation(inner, m, **dataclasses.asdict(accumulation), **shared)
-  if c.algorithm == "proma_intra":
-    return proma_jax.proma_intra(inner, m, **dataclasses.asdict(intra), **shared)
-  if c.algorithm == "proma_both":
-    i = dataclasses.asdict(intra)
-    return proma_jax.proma_both(inner, m, intra_shrinkage=i.pop("shrinkage"), **i,
-                                **dataclasses.asdict(accumulation), **shared)
-  # Baselines: the same accumulator, state and metrics with projection off.
-  return proma_jax.microbatch_accumulation(inner, m, **shared)
+  return algorithms.TABLE[c.algorithm].transform(inner, m, accumulation, intra, **shared)
 
 
 def proma_options(c: ml_collections.ConfigDict) -> tuple[proma_jax.AccumulationOptions | None,
@@ -67,16 +62,12 @@ def proma_options(c: ml_collections.ConfigDict) -> tuple[proma_jax.AccumulationO
       skip_fraction=p.skip_fraction, solver=p.solver)
   intra = proma_jax.IntraOptions(rank=p.rank, shrinkage=p.intra_shrinkage,
                                  power_iters=p.power_iters, seed=p.range_finder_seed)
-  return ({"proma": (accumulation, None), "proma_intra": (None, intra),
-           "proma_both": (accumulation, intra)}.get(c.algorithm, (None, None)))
+  row = algorithms.TABLE[c.algorithm]
+  return accumulation if row.accumulation else None, intra if row.intra else None
 
 
 def _local_mode(c: ml_collections.ConfigDict) -> bool:
   return c.mesh.data > 1 and c.mesh.mode == "local"
-
-
-def _is_dense_kernel(path) -> bool:
-  return jax.tree_util.keystr(path).endswith("['kernel']")
 
 
 def make_microbatch_update(c: ml_collections.ConfigDict, policy: policy_lib.Policy,
@@ -135,101 +126,37 @@ def _compile(c: ml_collections.ConfigDict, update, mesh, stacked: bool, placemen
 
 
 def microbatch_update_fn(c: ml_collections.ConfigDict, policy: policy_lib.Policy,
-                          tx: optax.GradientTransformationExtraArgs, placement=None):
+                         tx: optax.GradientTransformationExtraArgs, placement=None):
   """The pure (params, opt_state, microbatch, num_tokens) -> (params, opt_state, metrics) of
-  `c.algorithm`: the microbatch's gradient (and PROMA statistics), the transform, apply_updates.
-  With `placement` (FSDP), the per-sequence gradients are resharded like the params before the
-  transform (`mesh_lib.constrain_sequence_gradients`)."""
-  algorithm = c.algorithm
-  if algorithm == "grpo":
-    policy_loss = losses.get_policy_loss("grpo", eps_low=c.grpo.eps_low, eps_high=c.grpo.eps_high,
-                                         dual_clip=c.grpo.dual_clip)
-  else:
-    policy_loss = losses.get_policy_loss("reinforce")
-
-  def response_logp(model, mb):
-    return policy_lib.response_logprobs(model, mb["tokens"], mb["valid"], mb["mask"].shape[1])[0]
-
-  def loss_of_logp(logp, mb, num_tokens):
-    return policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], num_tokens)
-
-  def loss_on_model(model, mb, num_tokens):
-    return loss_of_logp(response_logp(model, mb), mb, num_tokens)
-
-  def objectives_of_logp(logp, mb, num_tokens):  # f_i, advantage-free (docs/algorithm.md#the-problem)
-    return losses.sequence_ratio(logp, mb["old_logp"], mb["mask"], num_tokens)
-
-  def objectives_and_metrics(model, mb, num_tokens):  # f_i and the loss's metrics, one forward
-    logp = response_logp(model, mb)
-    return objectives_of_logp(logp, mb, num_tokens), loss_of_logp(logp, mb, num_tokens)[1]
-
-  # Per-sequence gradients vmap the model: no cuDNN attention there (`policy_lib.vmappable`).
-  vmap_policy = (policy_lib.vmappable(policy) if algorithm in ("proma", "proma_both")
-                 else policy)
-
-  def sequence_grads(params, mb, num_tokens):
-    def f_i(params, seq):
-      one = jax.tree.map(lambda x: x[None], seq)
-      model = policy_lib.bind(vmap_policy, params)
-      return objectives_of_logp(response_logp(model, one), one, num_tokens)[0]
-
-    seqs = {k: mb[k] for k in ("tokens", "valid", "mask", "old_logp")}
-    loss, grads, seq_grads = proma_jax.policy_gradient_and_sequence_gradients(
-        f_i, params, seqs, mb["advantages"])
-    if c.proma.scope == "dense":
-      seq_grads = jax.tree_util.tree_map_with_path(
-          lambda path, s: s if _is_dense_kernel(path) else None, seq_grads)
-    return loss, grads, seq_grads
-
-  def factor_grads(params, mb, num_tokens):
-    # The REINFORCE loss is -sum_i A_i f_i: one backward pass gives its gradient and the
-    # advantage-free factors (capture.policy_gradient_and_dense_factors).
-    (loss, metrics), grads, factors = proma_jax.policy_gradient_and_dense_factors(
-        lambda m, b: objectives_and_metrics(m, b, num_tokens), policy_lib.bind(policy, params), mb,
-        mb["advantages"], token_mask=mb["valid"], has_aux=True)
-    return loss, metrics, grads, factors
-
+  `c.algorithm`: the microbatch's gradient (and PROMA statistics) by its row's gradient function
+  (`algorithms.fused_gradients` for a projecting row with proma.fused), the transform,
+  apply_updates. With `placement` (FSDP), the per-sequence gradients are resharded like the
+  params before the transform (`mesh_lib.constrain_sequence_gradients`)."""
+  row = algorithms.TABLE[c.algorithm]
   accumulation, intra = proma_options(c)
+  objective = algorithms.Objective(
+      policy=policy,
+      # Per-sequence gradients vmap the model: no cuDNN attention there (`policy_lib.vmappable`).
+      sequence_policy=policy_lib.vmappable(policy) if row.accumulation else policy,
+      policy_loss=losses.get_policy_loss(row.loss, **row.loss_options(c)),
+      scope=c.proma.scope, num_microbatches=c.train.num_microbatches,
+      accumulation=accumulation, intra=intra,
+      param_shardings=None if placement is None else placement[0])
+  gradients = algorithms.fused_gradients if row.projects and c.proma.fused else row.gradients
+  return functools.partial(_microbatch_update, objective, gradients, tx)
 
-  def fused_changes(params, opt_state, mb, num_tokens):
-    # Every PROMA variant: each dense kernel's change of R from inside its backward pass
-    # (docs/algorithm.md#fused-statistics); other leaves' S_i (scope "all") by vmap.
-    (loss, metrics), grads, seq_grads, fused = proma_jax.policy_gradient_and_fused_changes(
-        lambda m, b: objectives_and_metrics(m, b, num_tokens), policy_lib.bind(policy, params), mb,
-        mb["advantages"], proma_jax.find_proma_state(opt_state),
-        num_microbatches=c.train.num_microbatches, accumulation=accumulation, intra=intra,
-        token_mask=mb["valid"], has_aux=True, scope=c.proma.scope,
-        sequence_model=policy_lib.bind(vmap_policy, params),
-        param_shardings=None if placement is None else placement[0])
-    extra = dict(fused=fused)
-    if accumulation is not None:
-      extra["seq_grads"] = seq_grads
-    return loss, metrics, grads, extra
 
-  def update(params, opt_state, mb, num_tokens):
-    extra, metrics = {}, {}
-    if algorithm in ("reinforce", "grpo"):
-      (loss, metrics), grads = jax.value_and_grad(
-          lambda p: loss_on_model(policy_lib.bind(policy, p), mb, num_tokens), has_aux=True)(params)
-    elif c.proma.fused:
-      loss, metrics, grads, extra = fused_changes(params, opt_state, mb, num_tokens)
-    elif algorithm == "proma":
-      loss, grads, extra["seq_grads"] = sequence_grads(params, mb, num_tokens)
-    elif algorithm == "proma_intra":
-      loss, metrics, grads, extra["factors"] = factor_grads(params, mb, num_tokens)
-    else:  # proma_both: gradient, factors and dense S_i from one pass, other leaves' S_i by vmap
-      (loss, metrics), grads, extra["seq_grads"], extra["factors"] = (
-          proma_jax.policy_gradient_and_sequence_statistics(
-              lambda m, b: objectives_and_metrics(m, b, num_tokens),
-              policy_lib.bind(vmap_policy, params), mb, mb["advantages"], token_mask=mb["valid"],
-              has_aux=True, scope=c.proma.scope))
-    if placement is not None and "seq_grads" in extra:
-      extra["seq_grads"] = mesh_lib.constrain_sequence_gradients(extra["seq_grads"], placement[0])
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, dict(metrics, **{"loss": loss})
-
-  return update
+def _microbatch_update(objective: algorithms.Objective, gradients: algorithms.GradientFn,
+                       tx: optax.GradientTransformationExtraArgs, params, opt_state, mb: dict,
+                       num_tokens):
+  """One microbatch through `gradients` and the transform: (params, opt_state, metrics)."""
+  loss, metrics, grads, extra = gradients(objective, params, opt_state, mb, num_tokens)
+  if objective.param_shardings is not None and "seq_grads" in extra:
+    extra["seq_grads"] = mesh_lib.constrain_sequence_gradients(extra["seq_grads"],
+                                                               objective.param_shardings)
+  updates, opt_state = tx.update(grads, opt_state, params, **extra)
+  params = optax.apply_updates(params, updates)
+  return params, opt_state, dict(metrics, **{"loss": loss})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +175,45 @@ def step_examples(c: ml_collections.ConfigDict, policy: policy_lib.Policy, step:
 _HELDOUT_SEED = 2**31 - 1_000_003
 
 
-def slice_rows(tree: dict, idx: np.ndarray) -> dict:
-  return {k: v[idx] for k, v in tree.items()}
+def slice_rows(tree, idx: np.ndarray):
+  """The rows `idx` of every leaf of `tree` (a `Batch`, or a microbatch dict of its arrays)."""
+  return jax.tree.map(lambda x: x[idx], tree)
+
+
+def minibatch_rows(c: ml_collections.ConfigDict, key: jax.Array, num_rows: int) -> list[np.ndarray]:
+  """The rows of each optimizer step of an RL step: every one of `c.train.num_epochs` epochs
+  passes over the batch in a fresh order (epoch 0's is the one-epoch order), split into
+  `c.train.num_minibatches` minibatches."""
+  order_key = jax.random.fold_in(key, 1)
+  return [idx for epoch in range(c.train.num_epochs) for idx in np.split(
+      np.asarray(jax.random.permutation(
+          order_key if epoch == 0 else jax.random.fold_in(order_key, epoch), num_rows)),
+      c.train.num_minibatches)]
+
+
+class Batch(NamedTuple):
+  """A rollout as the optimizer steps read it: B sequences of T = P + L tokens, L response tokens.
+
+  `_asdict()` is the microbatch dict the compiled updates take (`algorithms`); `slice_rows` takes
+  minibatches of it.
+  """
+  tokens: jax.Array      # (B, T) int32 prompt then response; pad_id after EOS
+  valid: jax.Array       # (B, T) 1 at real prompt tokens and response tokens up to the first EOS
+  mask: jax.Array        # (B, L) the response columns of `valid`
+  old_logp: jax.Array    # (B, L) log-probs of the response tokens under the sampling params
+  advantages: jax.Array  # (B,) group-normalised rewards (`losses.group_advantages`)
+
+  @property
+  def response_len(self) -> int:
+    """L, static: the width of the response mask (not a leaf, so never traced or sliced)."""
+    return self.mask.shape[1]
+
+
+class _Clock:
+  """Seconds a step spends in its log-prob passes (time/logprob_s)."""
+
+  def __init__(self):
+    self.logprob_s = 0.0
 
 
 class Trainer:
@@ -262,10 +226,7 @@ class Trainer:
   def __init__(self, c: ml_collections.ConfigDict, policy: policy_lib.Policy, init_params: dict):
     validate_config(c)
     self.c = c
-    if c.mesh.fsdp > 1:
-      self.mesh = mesh_lib.fsdp_mesh(c.mesh.data, c.mesh.fsdp)
-    else:
-      self.mesh = mesh_lib.data_mesh(c.mesh.data) if c.mesh.data > 1 else None
+    self.mesh = mesh_lib.make_mesh(c)
     self.policy, self.init_params = policy, self.place(init_params)
     self.tx = make_optimizer(c)
     placement = None
@@ -277,15 +238,8 @@ class Trainer:
     self.minibatch_update = make_minibatch_update(c, policy, self.tx, self.mesh, placement)
     batch = c.rollout.prompts_per_step * c.rollout.group_size
     self.minibatch_rows = batch // c.train.num_minibatches
-    self.stats_rows = self.minibatch_rows // c.train.num_microbatches
-
-    def stats(params, tokens, valid, response_len):  # one chunk of stats_rows rows at a time
-      model = policy_lib.bind(policy, params)
-      chunks = [x.reshape((-1, self.stats_rows) + x.shape[1:]) for x in (tokens, valid)]
-      out = jax.lax.map(lambda tv: policy_lib.response_logprobs(model, *tv, response_len), chunks)
-      return tuple(x.reshape((-1,) + x.shape[2:]) for x in out)
-
-    self._stats = jax.jit(stats, static_argnums=3)
+    self.logprob_rows = self.minibatch_rows // c.train.num_microbatches
+    self._logprobs_and_entropy = jax.jit(self._chunked_logprobs_and_entropy, static_argnums=3)
     self.val_examples = policy.task.val_examples(c.eval.num_examples, seed=c.eval.seed)
     # In-distribution held-out: other draws of the train split (from a seed no step uses; a
     # task with few distinct prompts repeats some training prompts).
@@ -301,13 +255,21 @@ class Trainer:
       out["val_id/accuracy"] = policy_lib.greedy_accuracy(self.policy, params, self.val_id_examples)
     return out
 
-  def stats(self, params: dict, tokens_BxT, valid_BxT, response_len: int):
+  def _chunked_logprobs_and_entropy(self, params, tokens, valid, response_len: int):
+    """The traced body of `logprobs_and_entropy`: `logprob_rows` rows at a time (`lax.map`)."""
+    model = policy_lib.bind(self.policy, params)
+    chunks = [x.reshape((-1, self.logprob_rows) + x.shape[1:]) for x in (tokens, valid)]
+    out = jax.lax.map(lambda tv: policy_lib.response_logprobs(model, *tv, response_len), chunks)
+    return tuple(x.reshape((-1,) + x.shape[2:]) for x in out)
+
+  def logprobs_and_entropy(self, params: dict, tokens_BxT, valid_BxT, response_len: int):
     """(logp_BxL, entropy_BxL) of the responses (B a multiple of the minibatch), one compiled call
     per minibatch of rows that maps over chunks of a microbatch's rows (`lax.map`): memory stays
     that of a microbatch whatever the batch, and one program serves the whole batch and its
     minibatches."""
     rows = min(len(tokens_BxT), self.minibatch_rows)
-    parts = [self._stats(params, tokens_BxT[i:i + rows], valid_BxT[i:i + rows], response_len)
+    parts = [self._logprobs_and_entropy(params, tokens_BxT[i:i + rows], valid_BxT[i:i + rows],
+                                        response_len)
              for i in range(0, len(tokens_BxT), rows)]
     if len(parts) == 1:
       return parts[0]
@@ -341,8 +303,9 @@ class Trainer:
             else mesh_lib.shard_sequences(microbatch, self.mesh, axis))
 
   def optimizer_step(self, params: dict, opt_state, minibatch: dict, num_tokens):
-    """One optimizer step on a minibatch: its M microbatches (consecutive rows) accumulated by
-    the transform. (params, opt_state, metrics summed over the microbatches)."""
+    """One optimizer step on a minibatch (a dict of `Batch`'s arrays): its M microbatches
+    (consecutive rows) accumulated by the transform. (params, opt_state, metrics summed over the
+    microbatches)."""
     m = self.c.train.num_microbatches
     if self.c.train.scan_microbatches:  # one compiled call (make_minibatch_update)
       stacked = {k: v.reshape((m, -1) + v.shape[1:]) for k, v in minibatch.items()}
@@ -355,81 +318,96 @@ class Trainer:
         metrics[k] = metrics.get(k, 0.0) + v
     return params, opt_state, metrics
 
-  def step(self, params: dict, opt_state, step: int, seed: int):
+  def rollout(self, params: dict, step: int, seed: int,
+              key: jax.Array) -> tuple[Batch, tasks.Scores, np.ndarray]:
+    """The step's rollout under `params`: group_size responses to each of its prompts
+    (`step_examples`), sampled with `key`, scored, with group advantages. (batch, scores,
+    ended_B: whether each response emitted EOS)."""
     c, policy = self.c, self.policy
+    examples = step_examples(c, policy, step, seed)
+    sampled = policy_lib.generate(policy, params, examples, key, temperature=c.rollout.temperature)
+    scores = policy_lib.score(policy, sampled, examples)
+    advantages = losses.group_advantages(jnp.asarray(scores.rewards_B), c.rollout.group_size)
+    batch = Batch(tokens=sampled.tokens_BxT, valid=sampled.valid_BxT,
+                  mask=sampled.response_mask_BxL, old_logp=sampled.logprobs_BxL,
+                  advantages=advantages)
+    jax.block_until_ready(batch)
+    ended = np.any((policy_lib.response_tokens(sampled) == policy.tokenizer.eos_id)
+                   & (np.asarray(batch.mask) > 0), axis=1)
+    return batch, scores, ended
+
+  def _timed_logprobs(self, params: dict, batch: Batch, clock: _Clock):
+    """`logprobs_and_entropy` of `batch` under `params`, its seconds added to `clock`."""
+    jax.block_until_ready(params)  # the updates dispatched before count as update time
+    start = time.perf_counter()
+    out = jax.block_until_ready(
+        self.logprobs_and_entropy(params, batch.tokens, batch.valid, batch.response_len))
+    clock.logprob_s += time.perf_counter() - start
+    return out
+
+  def learn(self, params: dict, opt_state, batch: Batch, key: jax.Array, clock: _Clock):
+    """The optimizer steps of one RL step on `batch` (`minibatch_rows`), with each minibatch's
+    kl/step, kl/step_k3 (log-probs before and after its step), entropy and the transform's
+    metrics. (params, opt_state, {metric: [one value per optimizer step]})."""
+    sums: dict[str, list] = {}
+    for idx in minibatch_rows(self.c, key, len(batch.tokens)):
+      mb = slice_rows(batch, idx)
+      num_tokens = self.place(jnp.maximum(jnp.sum(mb.mask), 1.0))
+      logp_before, entropy = self._timed_logprobs(params, mb, clock)
+      params, opt_state, step_metrics = self.optimizer_step(params, opt_state, mb._asdict(),
+                                                            num_tokens)
+      step_metrics = dict(step_metrics)
+      logp_after, _ = self._timed_logprobs(params, mb, clock)
+      step_metrics["kl/step"] = losses.kl_step(logp_before, logp_after, mb.mask)
+      step_metrics["kl/step_k3"] = losses.kl_step_k3(logp_before, logp_after, mb.mask)
+      step_metrics["entropy"] = losses.masked_mean(entropy, mb.mask)
+      for k, v in dict(step_metrics, **transform_metrics(self.c.algorithm, opt_state)).items():
+        sums.setdefault(k, []).append(v)
+    return params, opt_state, sums
+
+  def step(self, params: dict, opt_state, step: int, seed: int):
+    """One RL step: the rollout (`rollout`), its kl/init against the initial params, the
+    optimizer steps (`learn`) and the step's metrics. (params, opt_state, metrics)."""
     t0 = time.perf_counter()
     key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-    examples = step_examples(c, policy, step, seed)
-    rollout = policy_lib.generate(policy, params, examples, key, temperature=c.rollout.temperature)
-    scores = policy_lib.score(policy, rollout, examples)
-    advantages = losses.group_advantages(jnp.asarray(scores.rewards_B), c.rollout.group_size)
-    batch = {"tokens": rollout.tokens_BxT, "valid": rollout.valid_BxT,
-             "mask": rollout.response_mask_BxL, "old_logp": rollout.logprobs_BxL,
-             "advantages": advantages}
-    jax.block_until_ready(batch)
+    batch, scores, ended = self.rollout(params, step, seed, key)
     t1 = time.perf_counter()
-    length = batch["mask"].shape[1]
-    logprob_s = 0.0
-
-    def timed_stats(params, tokens, valid):
-      nonlocal logprob_s
-      jax.block_until_ready(params)  # the updates dispatched before count as update time
-      start = time.perf_counter()
-      out = jax.block_until_ready(self.stats(params, tokens, valid, length))
-      logprob_s += time.perf_counter() - start
-      return out
-
-    logp_init, _ = timed_stats(self.init_params, batch["tokens"], batch["valid"])
-    kl_init = losses.kl_step(batch["old_logp"], logp_init, batch["mask"])
-    # Each epoch passes over the rollout batch in a fresh order (epoch 0's is the one-epoch order).
-    order_key = jax.random.fold_in(key, 1)
-    minibatches = [idx for epoch in range(c.train.num_epochs) for idx in np.split(
-        np.asarray(jax.random.permutation(
-            order_key if epoch == 0 else jax.random.fold_in(order_key, epoch), len(examples))),
-        c.train.num_minibatches)]
-    sums: dict[str, list] = {}
-    for mb_idx in minibatches:
-      mb = slice_rows(batch, mb_idx)
-      num_tokens = self.place(jnp.maximum(jnp.sum(mb["mask"]), 1.0))
-      logp_before, entropy = timed_stats(params, mb["tokens"], mb["valid"])
-      params, opt_state, step_metrics = self.optimizer_step(params, opt_state, mb, num_tokens)
-      step_metrics = dict(step_metrics)
-      logp_after, _ = timed_stats(params, mb["tokens"], mb["valid"])
-      step_metrics["kl/step"] = losses.kl_step(logp_before, logp_after, mb["mask"])
-      step_metrics["kl/step_k3"] = losses.kl_step_k3(logp_before, logp_after, mb["mask"])
-      step_metrics["entropy"] = losses.masked_mean(entropy, mb["mask"])
-      for k, v in dict(step_metrics, **transform_metrics(c.algorithm, opt_state)).items():
-        sums.setdefault(k, []).append(v)
+    clock = _Clock()
+    logp_init, _ = self._timed_logprobs(self.init_params, batch, clock)
+    kl_init = losses.kl_step(batch.old_logp, logp_init, batch.mask)
+    params, opt_state, sums = self.learn(params, opt_state, batch, key, clock)
     jax.block_until_ready(params)
     t2 = time.perf_counter()
 
     metrics = {k: float(np.mean([float(x) for x in v])) for k, v in sums.items()}
     metrics["kl/step_max"] = float(np.max([float(x) for x in sums["kl/step"]]))
-    lengths = np.asarray(jnp.sum(batch["mask"], axis=1))
-    ended = np.any((policy_lib.response_tokens(rollout) == policy.tokenizer.eos_id)
-                   & (np.asarray(batch["mask"]) > 0), axis=1)
-    metrics.update({
-        "reward/mean": float(np.mean(scores.rewards_B)),
-        "reward/format": float(np.mean(scores.formatted_B)),
-        "reward/errors": float(scores.errors),
-        "kl/init": float(kl_init),
-        "response/length": float(np.mean(lengths)),
-        "response/length_max": float(np.max(lengths)),
-        # Responses that reached max_new_tokens without emitting EOS.
-        "response/clipped_frac": float(np.mean(~ended)),
-        "time/sample_s": t1 - t0, "time/logprob_s": logprob_s,
-        "time/update_s": t2 - t1 - logprob_s, "time/step_s": t2 - t0,
-    })
+    metrics.update(_rollout_metrics(batch, scores, ended, kl_init))
+    metrics.update({"time/sample_s": t1 - t0, "time/logprob_s": clock.logprob_s,
+                    "time/update_s": t2 - t1 - clock.logprob_s, "time/step_s": t2 - t0})
     return params, opt_state, metrics
 
 
+def _rollout_metrics(batch: Batch, scores: tasks.Scores, ended_B: np.ndarray,
+                     kl_init) -> dict[str, float]:
+  """reward/*, kl/init (the rollout's KL from the initial params) and response/*."""
+  lengths = np.asarray(jnp.sum(batch.mask, axis=1))
+  return {
+      "reward/mean": float(np.mean(scores.rewards_B)),
+      "reward/format": float(np.mean(scores.formatted_B)),
+      "reward/errors": float(scores.errors),
+      "kl/init": float(kl_init),
+      "response/length": float(np.mean(lengths)),
+      "response/length_max": float(np.max(lengths)),
+      # Responses that reached max_new_tokens without emitting EOS.
+      "response/clipped_frac": float(np.mean(~ended_B)),
+  }
+
+
 def transform_metrics(algorithm: str, opt_state) -> dict:
-  """grad/norm for every algorithm; the scalar proma/* metrics for the PROMA variants."""
-  metrics = proma_jax.proma_metrics(opt_state)
-  keep = ["grad/norm"] + ([k for k in metrics if k.count("/") == 1 and k.startswith("proma/")]
-                          if algorithm.startswith("proma") else [])
+  """The transform metrics `algorithm` reports (its row's `metrics`: grad/norm, and for the PROMA
+  variants the scalar proma/* metrics)."""
   # Copies: the state's own buffers are donated to the next microbatch update.
-  return {k: jnp.copy(metrics[k]) for k in keep}
+  return {k: jnp.copy(v) for k, v in algorithms.TABLE[algorithm].metrics(opt_state).items()}
 
 
 _RUNTIME_FIELDS = ("seed", "steps", "optim.lr", "checkpoint", "logging")
