@@ -215,7 +215,8 @@ def _check_model(check: _Checks, c: ml_collections.ConfigDict) -> None:
     check.integer(f"model.{field}", 1)
   mo = c.model
   check.need(mo.n_heads % mo.n_kv_heads == 0, "model.n_kv_heads",
-             f"{mo.n_kv_heads} does not divide model.n_heads={mo.n_heads} (grouped-query attention)")
+             f"{mo.n_kv_heads} does not divide model.n_heads={mo.n_heads} "
+             "(grouped-query attention)")
   check.need(mo.head_dim % 2 == 0, "model.head_dim",
              f"must be even (rotary embedding), got {mo.head_dim}")
   for field in ("dtype", "param_dtype"):
@@ -230,8 +231,8 @@ def _check_model(check: _Checks, c: ml_collections.ConfigDict) -> None:
   check.need(mo.attention_impl in (None, "xla", "cudnn"), "model.attention_impl",
              f"must be None, 'xla' or 'cudnn', got {mo.attention_impl!r}")
   check.need(mo.checkpoint is not None or c.task not in tasks.TEXT_TASKS, "model.checkpoint",
-             f"task {c.task!r} is a text task for pretrained tokenizers; set a checkpoint (a Hugging "
-             "Face directory or a .gguf file)")
+             f"task {c.task!r} is a text task for pretrained tokenizers; set a checkpoint (a "
+             "Hugging Face directory or a .gguf file)")
   if mo.checkpoint is None:
     return
   check.need(isinstance(mo.checkpoint, str) and bool(mo.checkpoint), "model.checkpoint",
@@ -290,8 +291,8 @@ def _check_mesh(check: _Checks, c: ml_collections.ConfigDict) -> None:
   check.need(m.fsdp == 1 or m.mode == "exact", "mesh.mode",
              f"an FSDP mesh (mesh.fsdp={m.fsdp}) runs in exact mode only, got {m.mode!r}")
   check.need(microbatch % m.data == 0, "mesh.data",
-             f"{m.data} does not divide the microbatch of {microbatch} sequences, which are sharded "
-             "over the mesh.data devices")
+             f"{m.data} does not divide the microbatch of {microbatch} sequences, which are "
+             "sharded over the mesh.data devices")
   check.choice("mesh.mode", mesh_lib.MODES)
   check.integer("distributed.num_processes", 1)
   # One process sees every device now (with several, only after jax.distributed starts, later):

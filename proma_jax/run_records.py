@@ -139,6 +139,21 @@ def write_atomically(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
+def write_run_json(workdir: str, meta: dict, previous: dict, changes: dict[str, tuple[Any, Any]],
+                   start: int, fingerprint: dict | None) -> None:
+  """Writes `<workdir>/run.json`: `meta` (what the run is, its config), the config changes of
+  the previous run.json with this start's `changes` appended ("config_changes", where any), and
+  the checkpoint's file fingerprint (`check_checkpoint_fingerprint`)."""
+  history = list(previous.get("config_changes", []))
+  if changes:
+    history.append({"step": start, "changes": {f: list(v) for f, v in changes.items()}})
+  if history:
+    meta["config_changes"] = history
+  if fingerprint is not None:
+    meta["checkpoint_fingerprint"] = fingerprint
+  write_atomically(os.path.join(workdir, "run.json"), json.dumps(meta, indent=1).encode())
+
+
 def truncate_metrics(path: str, step: int | None) -> int:
   """Cuts `metrics.jsonl` back to the records of a restored checkpoint; returns lines dropped.
 

@@ -1,15 +1,9 @@
-"""RL fine-tuning: rollout -> advantages -> minibatches -> microbatches -> transform -> optimizer.
+"""The RL run and its command line: `run` trains a config's steps in a workdir, resuming it.
 
-Every algorithm runs on one code path (docs/algorithm.md#the-problem): the same rollouts, advantages,
-data order, token-mean normalisation (exact across microbatches), AdamW with global-norm clipping,
-and the same microbatch accumulator (`proma_jax.transforms`; the baselines accumulate with
-projection off). They differ only in the microbatch gradient function and the extra inputs:
-
-  reinforce    unclipped ratio objective -sum A_i r_it / N
-  grpo         PPO ratio clipping (eps 0.2/0.2) with dual clip 3
-  proma        reinforce gradient + accumulation projection with vmap sequence gradients
-  proma_intra  reinforce gradient + intra projection with captured dense factors
-  proma_both   both projections
+Each RL step is rollout -> advantages -> minibatches -> microbatches -> transform -> optimizer
+(`proma_jax.trainer.Trainer.step`), one code path for every algorithm; `proma_jax.algorithms.TABLE`
+holds what differs between reinforce, grpo, proma, proma_intra and proma_both. This module keeps
+the run around the steps: resume, metrics, evaluation, checkpoints and signals.
 
   python -m proma_jax.train --config=configs/arith.py:proma --workdir=runs/arith_proma \
       --config.steps=50 --config.optim.lr=3e-4
@@ -121,6 +115,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
 
 def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
          allow_config_change: bool) -> list[dict]:
+  """`run` once the workdir is locked: resume checks, restore, run records, then the steps."""
   config = to_json(c)
   previous, changes = run_records.check_resume_config(workdir, config, allow_config_change)
   fingerprint = checkpoint_fingerprint(c.model.checkpoint) if c.model.checkpoint else None
@@ -130,34 +125,18 @@ def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
                                   c.distributed.coordinator)
   lead = jax.process_index() == 0
   trainer, warm_summary = trainer_lib.trainer_for(c)
-  params = trainer.fresh_params()
-  opt_state, start = trainer.init_opt_state(params, c.optim.lr), 0
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.max_to_keep)
-  # A run saved with the other layer layout (model.scan_layers) restores too.
-  restored = stacked_lib.restore_either_layout(checkpointer,
-                                               {"params": params, "opt_state": opt_state})
-  if restored is not None:
-    start, state, _ = restored
-    params, opt_state = trainer.place((state["params"], state["opt_state"]))
-    print(f"resuming {workdir} from step {start}")
+  params, opt_state, restored, checkpointer = _restore(trainer, c, workdir)
+  start = 0 if restored is None else restored
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if lead:
-    dropped = run_records.truncate_metrics(metrics_path, start if restored is not None else None)
+    dropped = run_records.truncate_metrics(metrics_path, restored)
     if dropped:
       print(f"{metrics_path}: dropped {dropped} line(s) logged after the restored step {start}")
     if start == 0 or start < c.steps:  # the run starts or extends: record what it runs
-      history = list(previous.get("config_changes", []))
-      if changes:
-        history.append({"step": start, "changes": {f: list(v) for f, v in changes.items()}})
       meta = {"algorithm": c.algorithm, "task": c.task, "lr": c.optim.lr, "seed": c.seed,
               "warm_start": warm_summary, "config": config}
-      if history:
-        meta["config_changes"] = history
-      if fingerprint is not None:
-        meta["checkpoint_fingerprint"] = fingerprint
-      run_records.write_atomically(os.path.join(workdir, "run.json"),
-                                   json.dumps(meta, indent=1).encode())
+      run_records.write_run_json(workdir, meta, previous, changes, start, fingerprint)
 
   records = []
   sinks = (writers.make_writers(c.logging, workdir, start_step=start,
@@ -176,28 +155,53 @@ def _run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool,
 
     if start == 0:
       write({"step": 0, **trainer.evaluate(params)})
-    bar = tqdm.tqdm(range(start, c.steps), initial=start, total=c.steps, file=sys.stdout,
-                    desc=f"{c.task}/{c.algorithm}", disable=not (progress and lead),
-                    mininterval=1.0)
-    last_val = None
-    step = start
-    for step in bar:
-      params, opt_state, metrics = trainer.step(params, opt_state, step, c.seed)
-      done = step + 1
-      if done % c.eval.every == 0 or done == c.steps:
-        metrics.update(trainer.evaluate(params))
-        last_val = metrics["val/accuracy"]
-      write(dict(step=done, **metrics))
-      bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", kl=f"{metrics['kl/step']:.1e}",
-                      val="-" if last_val is None else f"{last_val:.2f}")
-      if done % c.checkpoint.every == 0 or done == c.steps or stop.signal is not None:
-        checkpointer.save(done, {"params": params, "opt_state": opt_state}, {"step": done})
-      if stop.signal is not None:
-        checkpointer.close()
-        print(f"stopped at step {done}; rerun the same command to resume")
-        sys.exit(128 + stop.signal)
+    _train_steps(c, trainer, checkpointer, (params, opt_state), start, write, stop,
+                 progress=progress and lead)
   checkpointer.close()
   return records
+
+
+def _restore(trainer: trainer_lib.Trainer, c: ml_collections.ConfigDict, workdir: str):
+  """(params, opt_state, the restored step or None, the checkpointer): the latest checkpoint's
+  state in `workdir` placed on the trainer's mesh, else fresh params and optimizer state."""
+  params = trainer.fresh_params()
+  opt_state = trainer.init_opt_state(params, c.optim.lr)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), c.checkpoint.max_to_keep)
+  # A run saved with the other layer layout (model.scan_layers) restores too.
+  restored = stacked_lib.restore_either_layout(checkpointer,
+                                               {"params": params, "opt_state": opt_state})
+  if restored is None:
+    return params, opt_state, None, checkpointer
+  start, state, _ = restored
+  params, opt_state = trainer.place((state["params"], state["opt_state"]))
+  print(f"resuming {workdir} from step {start}")
+  return params, opt_state, start, checkpointer
+
+
+def _train_steps(c: ml_collections.ConfigDict, trainer: trainer_lib.Trainer, checkpointer,
+                 state: tuple, start: int, write, stop: _StopRequested, *, progress: bool):
+  """Steps `start`..c.steps from `state` = (params, opt_state): each step's metrics written
+  (with the evaluation every eval.every steps and at the end), a checkpoint every
+  checkpoint.every steps, at the end, and after a signal, which then exits."""
+  params, opt_state = state
+  bar = tqdm.tqdm(range(start, c.steps), initial=start, total=c.steps, file=sys.stdout,
+                  desc=f"{c.task}/{c.algorithm}", disable=not progress, mininterval=1.0)
+  last_val = None
+  for step in bar:
+    params, opt_state, metrics = trainer.step(params, opt_state, step, c.seed)
+    done = step + 1
+    if done % c.eval.every == 0 or done == c.steps:
+      metrics.update(trainer.evaluate(params))
+      last_val = metrics["val/accuracy"]
+    write(dict(step=done, **metrics))
+    bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", kl=f"{metrics['kl/step']:.1e}",
+                    val="-" if last_val is None else f"{last_val:.2f}")
+    if done % c.checkpoint.every == 0 or done == c.steps or stop.signal is not None:
+      checkpointer.save(done, {"params": params, "opt_state": opt_state}, {"step": done})
+    if stop.signal is not None:
+      checkpointer.close()
+      print(f"stopped at step {done}; rerun the same command to resume")
+      sys.exit(128 + stop.signal)
 
 
 def main():
