@@ -84,6 +84,7 @@ def test_summary_is_the_records_numbers(tmp_path):
   assert summary["tokens_per_s"] > 0
 
 
+@pytest.mark.slow  # three evaluations; tests/test_export.py checks the export bit for bit, fast
 def test_a_run_and_its_export_evaluate_alike(tmp_path):
   spec = str(FIXTURES / "tiny_qwen3")
   make_run(tmp_path / "run", spec, steps=(1,))
