@@ -11,10 +11,8 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from proma_jax import capture, projection, tasks, writers
+from proma_jax import capture, projection, tasks
 from proma_jax import mesh as mesh_lib
-from proma_jax.models import decoder
-from proma_jax.models.loading import checkpoint_config
 
 ALGORITHMS = ("reinforce", "grpo", "proma", "proma_intra", "proma_both")
 
@@ -211,6 +209,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
 
 def _check_model(check: _Checks, c: ml_collections.ConfigDict) -> None:
   """model.*: the tiny decoder's shape, dtypes and flags; a checkpoint's header and positions."""
+  # The models and writers are imported where used, not at the top: they need the `models` and
+  # `logging` extras, while `import proma_jax.config` needs the core alone.
+  from proma_jax.models.decoder import DTYPES  # pylint: disable=import-outside-toplevel
   for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
     check.integer(f"model.{field}", 1)
   mo = c.model
@@ -220,7 +221,7 @@ def _check_model(check: _Checks, c: ml_collections.ConfigDict) -> None:
   check.need(mo.head_dim % 2 == 0, "model.head_dim",
              f"must be even (rotary embedding), got {mo.head_dim}")
   for field in ("dtype", "param_dtype"):
-    check.choice(f"model.{field}", sorted(decoder.DTYPES))
+    check.choice(f"model.{field}", sorted(DTYPES))
   check.boolean("model.tie_embeddings")
   check.integer("model.seed", 0)
   check.boolean("model.remat")
@@ -238,6 +239,7 @@ def _check_model(check: _Checks, c: ml_collections.ConfigDict) -> None:
   check.need(isinstance(mo.checkpoint, str) and bool(mo.checkpoint), "model.checkpoint",
              f"must be a path or None, got {mo.checkpoint!r}")
   try:  # the header only: a missing file or unsupported model fails here, before any compile
+    from proma_jax.models.loading import checkpoint_config  # pylint: disable=import-outside-toplevel
     max_len = checkpoint_config(mo.checkpoint).max_len
     max_len = mo.max_len or max_len
   except ValueError as e:  # CheckpointError
@@ -340,6 +342,7 @@ def _check_optimizer(check: _Checks) -> None:
 
 def _check_evaluation_and_records(check: _Checks, c: ml_collections.ConfigDict) -> None:
   """logging.*, eval.*, checkpoint.* and sft.* (the warm start)."""
+  from proma_jax import writers  # pylint: disable=import-outside-toplevel
   writers.validate_logging_config(c.logging)
   check.integer("eval.every", 1)
   check.integer("eval.num_examples", 1)
