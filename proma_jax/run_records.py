@@ -1,7 +1,7 @@
 """The records of a run in its workdir, and the checks that keep one workdir one experiment.
 
-  run.json        the config (and checkpoint fingerprint) a run started from: a resumed run must
-                  match it except in RESUMABLE_FIELDS (`check_resume_config`,
+  run.json        the config (and checkpoint fingerprint) a run started from (`write_run_json`):
+                  a resumed run must match it except in RESUMABLE_FIELDS (`check_resume_config`,
                   `check_checkpoint_fingerprint`), else ConfigChangedError names every change
   metrics.jsonl   cut back to the restored checkpoint's step on resume (`truncate_metrics`)
   .lock           held by the one run using the workdir (`workdir_lock`, WorkdirLockedError)
