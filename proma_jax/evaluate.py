@@ -41,6 +41,7 @@ from ml_collections import config_flags
 from proma_jax import cli, runs, sampling, tasks
 from proma_jax import mesh as mesh_lib
 from proma_jax import policy as policy_lib
+from proma_jax import trainer as trainer_lib
 from proma_jax.models import stacked
 from proma_jax.config import validate_config
 
@@ -81,13 +82,6 @@ def load_policy(c: ml_collections.ConfigDict, *, checkpoint: str | None = None,
   shardings = jax.tree.map(lambda x: x.sharding, params)
   return (policy, jax.tree.map(jax.device_put, run_params, shardings),
           f"{workdir} step {step}")
-
-
-def on_mesh(params: dict, mesh: jax.sharding.Mesh, c: ml_collections.ConfigDict) -> dict:
-  """`params` placed as training places them: replicated, or FSDP-sharded with mesh.fsdp > 1."""
-  specs = mesh_lib.param_specs(params, c.mesh.fsdp, min_size=c.mesh.fsdp_min_size,
-                               layer_axis=stacked.is_stacked_name)
-  return mesh_lib.place(params, mesh, specs)
 
 
 def _sample(policy, params, examples, key, desc: str, *, greedy: bool, temperature: float,
@@ -214,7 +208,7 @@ def run(c: ml_collections.ConfigDict, out: str, *, checkpoint: str | None = None
     policy = policy._replace(sample_batch=batch_size)
   mesh = mesh_lib.make_mesh(c)
   if mesh is not None:
-    params = on_mesh(params, mesh, c)
+    params = mesh_lib.place(params, mesh, trainer_lib.placement_specs(params, c))
   n = c.eval.num_examples if num_examples is None else num_examples
   examples = policy.task.examples(split, n, seed=c.eval.seed)
   summary, records = evaluate(policy, params, examples, samples=samples,

@@ -216,6 +216,14 @@ class _Clock:
     self.logprob_s = 0.0
 
 
+def placement_specs(tree: Any, c: ml_collections.ConfigDict) -> Any:
+  """The PartitionSpec of each leaf of `tree` (params, optimizer state) on the run's mesh:
+  replicated, or with mesh.fsdp > 1 by the FSDP rule (`mesh_lib.param_specs`, the layer axis of
+  stacked leaves never sharded). Shared by training and `proma_jax.evaluate`."""
+  return mesh_lib.param_specs(tree, c.mesh.fsdp, min_size=c.mesh.fsdp_min_size,
+                              layer_axis=stacked_lib.is_stacked_name)
+
+
 class Trainer:
   """The compiled functions of a config; `step` advances params and opt_state by one RL step.
 
@@ -293,8 +301,7 @@ class Trainer:
     return mesh_lib.place(tree, self.mesh, self._specs(tree))  # fsdp 1: every spec is P()
 
   def _specs(self, tree):
-    return mesh_lib.param_specs(tree, self.c.mesh.fsdp, min_size=self.c.mesh.fsdp_min_size,
-                                layer_axis=stacked_lib.is_stacked_name)
+    return placement_specs(tree, self.c)
 
   def shard(self, microbatch: dict, axis: int = 0) -> dict:
     """A microbatch's sequences (along `axis`) sharded over the mesh, this process feeding its
