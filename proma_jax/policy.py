@@ -330,7 +330,7 @@ def score(policy: Policy, rollout: sampling.Rollout,
   return tasks.score_responses(policy.tokenizer, response_tokens(rollout),
                                np.asarray(rollout.response_mask_BxL),
                                [ex.answer for ex in examples], policy.task.reward_fn,
-                               policy.task.format_fn)
+                               policy.task.format_fn, policy.task.batch_reward_fn)
 
 
 def rewards(policy: Policy, rollout: sampling.Rollout, examples: list[tasks.Example]) -> np.ndarray:

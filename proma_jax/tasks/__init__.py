@@ -2,7 +2,8 @@
 
 Usage:
   task = get_task("arith")   # or "reverse", "sort", "jsonl" (train_path=...); text tasks for
-                             # pretrained tokenizers: "gsm8k" (train_path, test_path), "word_arith"
+                             # pretrained tokenizers: "gsm8k" (train_path, test_path), "word_arith",
+                             # code: "mbpp" (path; val on HumanEval), "humaneval" (evaluation)
   tokenizer = CharTokenizer()
   batch = task.train_examples(64, seed=0)
   prompts_BxP, valid_BxP = encode_prompts(tokenizer, [ex.prompt for ex in batch], task.prompt_width)
@@ -33,6 +34,7 @@ from proma_jax.tasks.base import (
 )
 from proma_jax.tasks.gsm8k import gsm8k_task
 from proma_jax.tasks.jsonl import jsonl_task, load_jsonl
+from proma_jax.tasks.mbpp import humaneval_task, mbpp_task
 from proma_jax.tasks.sequence import reverse_task, sequence_task, sort_task
 from proma_jax.tasks.tokenizer import (
     BOS,
@@ -51,10 +53,12 @@ TASKS: dict[str, Callable[..., Task]] = {
     "jsonl": jsonl_task,
     "gsm8k": gsm8k_task,
     "word_arith": word_arith_task,
+    "mbpp": mbpp_task,
+    "humaneval": humaneval_task,
 }
 
 # Tasks of plain text for pretrained tokenizers: they need `config.model.checkpoint`.
-TEXT_TASKS = ("gsm8k", "word_arith")
+TEXT_TASKS = ("gsm8k", "word_arith", "mbpp", "humaneval")
 
 
 def get_task(name: str, **kwargs) -> Task:
@@ -82,8 +86,10 @@ __all__ = [
     "extract_final_answer",
     "get_task",
     "gsm8k_task",
+    "humaneval_task",
     "jsonl_task",
     "load_jsonl",
+    "mbpp_task",
     "normalize_number",
     "number_reward",
     "reverse_task",

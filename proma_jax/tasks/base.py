@@ -35,6 +35,9 @@ class Example(NamedTuple):
 
 # (response_text, terminated, answer) -> reward.
 RewardFn = Callable[[str, bool, str], float]
+# (response_texts, terminated, answers) -> one reward per response, computed together (e.g. the code
+# tasks run a batch of programs in parallel).
+BatchRewardFn = Callable[[Sequence[str], Sequence[bool], Sequence[str]], Sequence[float]]
 # (response_text, terminated) -> whether the response has the requested answer format.
 FormatFn = Callable[[str, bool], bool]
 # (split, n, rng) -> n examples of that split.
@@ -91,23 +94,44 @@ class Scores(NamedTuple):
   errors: int
 
 
+def _batch_values(batch_reward_fn: BatchRewardFn, decoded: list[tuple[str, bool]],
+                  answers: Sequence[str]) -> list:
+  """The batch reward function's values, one per response; a call that raises or returns the
+  wrong number of values gives that exception for every response."""
+  try:
+    values = list(batch_reward_fn([text for text, _ in decoded], [ok for _, ok in decoded],
+                                  list(answers)))
+    if len(values) != len(decoded):
+      raise ValueError(f"the batch reward function gave {len(values)} rewards for "
+                       f"{len(decoded)} responses")
+  except Exception as error:  # pylint: disable=broad-except
+    return [error] * len(decoded)
+  return values
+
+
 def score_responses(tokenizer, response_BxL: np.ndarray, mask_BxL: np.ndarray,
                     answers: Sequence[str], reward_fn: RewardFn = reward,
-                    format_fn: FormatFn | None = None) -> Scores:
+                    format_fn: FormatFn | None = None,
+                    batch_reward_fn: BatchRewardFn | None = None) -> Scores:
   """Rewards and format flags of sampled responses, never raising on a reward function's error.
 
   A reward function that raises (or returns something that is not a finite number) scores 0 for
   that response and is counted in `Scores.errors`, with a warning naming the first error, so one
-  bad response or bug in a user's reward never stops a run. See `decode_responses` for how tokens
-  become (text, well_formed).
+  bad response or bug in a user's reward never stops a run. With `batch_reward_fn` the rewards
+  come from one call of it instead of `reward_fn` per response (a call that raises scores the
+  whole batch 0). See `decode_responses` for how tokens become (text, well_formed).
   """
   decoded = decode_responses(tokenizer, response_BxL, mask_BxL)
   if len(decoded) != len(answers):
     raise ValueError(f"{len(decoded)} responses but {len(answers)} answers")
+  batch = _batch_values(batch_reward_fn, decoded, answers) if batch_reward_fn else None
   rewards, formatted, errors, first_error = [], [], 0, None
-  for (text, ok), answer in zip(decoded, answers):
+  for i, ((text, ok), answer) in enumerate(zip(decoded, answers)):
     try:
-      value = float(reward_fn(text, ok, answer))
+      value = batch[i] if batch is not None else reward_fn(text, ok, answer)
+      if isinstance(value, Exception):
+        raise value
+      value = float(value)
       if not np.isfinite(value):
         raise ValueError(f"reward {value} is not finite")
     except Exception as error:  # pylint: disable=broad-except
@@ -152,6 +176,9 @@ class Task:
       split, the shortest response length that can earn reward; None for text tasks (the config
       sets `rollout.max_new_tokens`).
     reward_fn: (response_text, terminated, answer) -> reward.
+    batch_reward_fn: (response_texts, terminated, answers) -> rewards, used instead of `reward_fn`
+      when scoring a batch (the code tasks run their programs in parallel); None: `reward_fn`
+      per response.
     format_fn: (response_text, terminated) -> whether the response has the requested answer
       format (reported as `reward/format`); None: terminated with EOS.
     answer_fn: response_text -> the answer the reward reads from it (e.g. the final number), or
@@ -178,6 +205,7 @@ class Task:
   format_fn: FormatFn | None = None
   answer_fn: Callable[[str], str | None] | None = None
   fit_prompts: FitPromptsFn | None = None
+  batch_reward_fn: BatchRewardFn | None = None
 
   def examples(self, split: str, n: int, seed: int) -> list[Example]:
     """`n` examples of `split`, a deterministic function of (split, seed)."""
