@@ -6,7 +6,9 @@ Questions are "What is 7 - 3? Answer with just the number." with one-digit opera
 through SmolLM2's chat template; reward 1 when the last number of the response is the answer.
 Measured on 64 problems (experiments/README.md): greedy accuracy 55% (train split) and 58% (val
 split); sampled at temperature 1, 10% of responses earn reward, so RL has room to move it. There
-are only 200 distinct problems: val draws them with another seed, so it overlaps train.
+are only 200 distinct problems (155 once 3 + 5 and 5 + 3 count as one): val draws from a
+held-out fifth of them that train never sees (`arithmetic.held_out`; the runs of
+results/smollm2_arith/ predate it, their val overlapped train).
 Two-digit operands (`--config.task_kwargs.train_digits='(1, 2)'`) start at 11-16% greedy and 1.6%
 sampled.
 

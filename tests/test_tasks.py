@@ -258,3 +258,67 @@ def test_jsonl_task_validates_its_options_naming_the_field(tmp_path, kwargs, fie
   kwargs = {"train_path": _records_with_one_long_prompt(tmp_path, length=10), **kwargs}
   with pytest.raises(ValueError, match=field):
     tasks.get_task("jsonl", **kwargs)
+
+
+def _problem(prompt: str) -> tuple[int, str, int]:
+  """(a, op, b) of an arith prompt "12+35=" or a word_arith prompt "What is 12 + 35? ..."."""
+  import re  # pylint: disable=import-outside-toplevel
+  a, op, b = re.search(r"(\d+) ?([-+*]) ?(\d+)", prompt).groups()
+  return int(a), op, int(b)
+
+
+@pytest.mark.parametrize("name", ["word_arith", "arith"])
+@pytest.mark.parametrize("kwargs", [
+    dict(train_digits=(1, 1), val_digits=(1, 1), ops="+-*"),   # the same range: 300 problems
+    dict(train_digits=(1, 2), val_digits=(2, 2), ops="+-"),    # word_arith's default ranges
+    dict(train_digits=(2, 2), val_digits=(2, 2), ops="+-*", val_fraction=0.5),
+])
+def test_overlapping_digit_ranges_give_disjoint_splits(name, kwargs):
+  """Where train and val operand ranges overlap, val draws only held-out problems and train never
+  does: no val problem, nor its commuted form for + and *, is ever drawn for train, whatever the
+  seeds. On the 1-digit space every problem is enumerated: the two splits partition it, and val
+  holds about val_fraction of it."""
+  task = tasks.get_task(name, **kwargs)
+  train = {_problem(ex.prompt) for seed in range(4) for ex in task.train_examples(3000, seed)}
+  val = {_problem(ex.prompt) for seed in range(4) for ex in task.val_examples(1000, seed)}
+  commuted = {(b, op, a) for a, op, b in val if op in "+*"}
+  assert train and val and not train & (val | commuted)
+  a, op, b = zip(*(train | val))
+  fraction = kwargs.get("val_fraction", 0.2)
+  np.testing.assert_array_equal(tasks.arithmetic.held_out(a, op, b, fraction),
+                                [p in val for p in train | val])
+  if kwargs["val_digits"] == (1, 1):
+    assert train | val == {(a, op, b) for a in range(10) for op in "+-*" for b in range(10)}
+    assert 0.1 < len(val) / 300 < 0.3
+
+
+def test_held_out_set_is_fixed_by_the_problem_alone():
+  """A problem's split depends on neither the seed, the other enabled operations nor the operand
+  order of a commutative operation; disjoint digit ranges draw exactly as before (no holdout)."""
+  a_N = np.arange(0, 100).repeat(100)
+  b_N = np.tile(np.arange(0, 100), 100)
+  for op in "+-*":
+    mask_N = tasks.arithmetic.held_out(a_N, op * a_N.size, b_N, 0.2)
+    assert 0.18 < mask_N.mean() < 0.22
+    if op in "+*":
+      np.testing.assert_array_equal(mask_N, tasks.arithmetic.held_out(b_N, op * a_N.size, a_N, 0.2))
+  only_plus = tasks.get_task("word_arith", ops="+", train_digits=(1, 2), val_digits=(1, 2))
+  plus_minus = tasks.get_task("word_arith", ops="+-", train_digits=(1, 2), val_digits=(1, 2))
+  val_plus = {ex.prompt for ex in only_plus.val_examples(500, seed=0)}
+  train_plus_minus = {ex.prompt for ex in plus_minus.train_examples(3000, seed=1)}
+  assert not val_plus & train_plus_minus
+  rng = np.random.default_rng([0, 1])  # Task.examples' rng for ("val", seed 0)
+  assert [_problem(ex.prompt) for ex in tasks.get_task("arith").val_examples(50, seed=0)] == \
+      tasks.arithmetic.sample_problems(rng, 50, (100, 999), "+-")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(val_fraction=0.0), r"val_fraction: must be a number strictly between 0 and 1"),
+    (dict(val_fraction=True), r"val_fraction: must be a number strictly between 0 and 1"),
+    (dict(train_digits=(1, 1), val_digits=(1, 1), ops="+", val_fraction=1e-6),
+     r"val_fraction: .* leave no val problem"),
+])
+def test_val_fraction_is_checked_naming_the_field(kwargs, match):
+  for name in ("word_arith", "arith"):
+    with pytest.raises(ValueError, match=rf"config\.task_kwargs\.{match}"):
+      tasks.get_task(name, **kwargs)
