@@ -5,7 +5,7 @@ layer's inputs A, its output gradients G, its slice R_W of the accumulator and a
 `fused_dense`, a `jax.custom_vjp` of y = x W, takes R_W (and those scalars) as a primal input and
 returns through R_W's cotangent the accumulator's change
 
-    change_W = M'_W - project * shrinkage * P_bounded(R_W)      (`transforms.microbatch_change`)
+    change_W = M'_W - project * shrinkage * P_bounded(R_W)      (`leaf_change.microbatch_change`)
 
 computed in the layer's own backward step. Differentiating with respect to R therefore gives the
 changes of every fused kernel, layer by layer, and each layer's per-sequence gradients S_i live
@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from proma_jax import seqgrads, transforms
+from proma_jax import leaf_change, seqgrads
 from proma_jax.seqgrads import DenseFactors, DenseSequenceFactors
 
 
@@ -48,8 +48,8 @@ class FusedRule(NamedTuple):
                 gathers whole S_i. None: the compiler's choice.
   """
 
-  accumulation: transforms.AccumulationOptions | None
-  intra: transforms.IntraOptions | None
+  accumulation: leaf_change.AccumulationOptions | None
+  intra: leaf_change.IntraOptions | None
   dense_path: str = "auto"
   stack_sharding: jax.sharding.NamedSharding | None = None
 
@@ -59,7 +59,7 @@ class FusedSlot(NamedTuple):
 
   accumulator:        R_W (d_in, d_out) float32. Its cotangent is the change of R_W.
   metrics:            (2,) zeros. Its cotangent is (||shrinkage * P_bounded||, intra fraction).
-  key:                the intra range finder's key for this leaf (`transforms.range_finder_keys`).
+  key:                the intra range finder's key for this leaf (`leaf_change.range_finder_keys`).
   cotangent_weights:  (n_seq,) c_i of `capture.sequence_cotangents`: the backward pass carries
                       sum_i c_i f_i, so G_i = dy_i / c_i are the rows of grad f_i.
   advantages:         (n_seq,) A_i: with materialised S_i, M_W = -sum_i A_i S_i in float32.
@@ -123,7 +123,7 @@ def kernel_change(rule: FusedRule, slot: FusedSlot, x: jax.Array, dy: jax.Array,
   BLOCK_BYTES at a time (on an FSDP mesh: the whole stack, sharded like W) and the loss gradient
   is M_W = -sum_i A_i S_i in float32; matrix-free, M_W = scale * dkernel (the backward's own
   product). M_W is rounded to W's storage dtype as the unfused path's gradient is; then
-  `transforms.microbatch_change`, the same per-leaf function the transform runs on unfused leaves.
+  `leaf_change.microbatch_change`, the same per-leaf function the transform runs on unfused leaves.
   """
   n_seq, d_in, d_out = x.shape[0], x.shape[-1], dy.shape[-1]
   c_n = slot.cotangent_weights
@@ -165,5 +165,5 @@ def kernel_change(rule: FusedRule, slot: FusedSlot, x: jax.Array, dy: jax.Array,
       m_ixo = -seqgrads.dense_combination(slot.advantages, seq_grads)
     m_ixo = m_ixo.astype(dkernel.dtype).astype(jnp.float32)
   factors = None if rule.intra is None else DenseFactors(masked_a_nxi, g_nxo)
-  return transforms.microbatch_change(slot.accumulator, m_ixo, seq_grads, factors, slot.key,
-                                      slot.project, rule.accumulation, rule.intra)
+  return leaf_change.microbatch_change(slot.accumulator, m_ixo, seq_grads, factors, slot.key,
+                                       slot.project, rule.accumulation, rule.intra)
