@@ -10,6 +10,7 @@ experiments/bench_sandbox.py's, not a timed test.
 import json
 import os
 import pathlib
+import sys
 import time
 
 import pytest
@@ -142,6 +143,17 @@ def test_as_root_there_is_no_network():
       "try:\n  s.connect(('1.1.1.1', 80))\n  REACHED = True\nexcept OSError:\n  REACHED = False\n",
       "assert not REACHED")
   assert result.passed, result
+
+
+def test_as_root_an_interpreter_the_uid_cannot_read_is_refused_not_run_as_root():
+  home = os.path.dirname(os.path.realpath(sys.executable))
+  while home != "/" and os.stat(home).st_mode & 0o001:
+    home = os.path.dirname(home)
+  if not ROOT or home == "/":
+    pytest.skip("needs root and a test interpreter under a directory other users cannot enter")
+  with pytest.raises(code.SandboxError, match="cannot run sandboxed programs under an "
+                     "unprivileged uid"):
+    code.run_program(ADD, ADD_TESTS, python=sys.executable)
 
 
 def test_results_keep_the_order_of_the_jobs_and_bad_arguments_are_refused():

@@ -43,6 +43,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import secrets
@@ -123,6 +124,14 @@ def run_program(program: str, tests: str, *, setup: str = "", limits: Limits | N
   if timeout_s is not None:
     limits = dataclasses.replace(limits, timeout_s=timeout_s)
   source = f"{setup}\n{program}" if setup else program
+  python = python or default_python()
+  if os.geteuid() == 0:
+    _check_runs_unprivileged(python, uid_base)
+  return _run_program(source, tests, limits, python, uid_base)
+
+
+def _run_program(source: str, tests: str, limits: Limits, python: str,
+                 uid_base: int) -> ExecutionResult:
   with contextlib.ExitStack() as stack:
     uid = stack.enter_context(_uid_slot(uid_base)) if os.geteuid() == 0 else None
     # base/ (0711: passable, not listable) holds the job file and the outputs; base/work/ is
@@ -131,7 +140,7 @@ def run_program(program: str, tests: str, *, setup: str = "", limits: Limits | N
     stack.callback(shutil.rmtree, base, ignore_errors=True)
     os.chmod(base, 0o711)
     os.mkdir(os.path.join(base, "work"), 0o700)
-    return _run_in(base, source, tests, limits, uid, python or default_python())
+    return _run_in(base, source, tests, limits, uid, python)
 
 
 def run_programs(jobs: Sequence[tuple[str, str]], *, setups: Sequence[str] | None = None,
@@ -159,6 +168,25 @@ def default_python() -> str:
       if os.access(path, os.X_OK) and os.stat(os.path.realpath(path)).st_mode & 0o005 == 0o005:
         return path
   return sys.executable
+
+
+class SandboxError(RuntimeError):
+  """The sandbox cannot run programs as it must (e.g. no interpreter an unprivileged uid can run)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _check_runs_unprivileged(python: str, uid_base: int) -> None:
+  """As root, programs run under a uid of their own, which must be able to run `python` and
+  import its standard library; checked once per interpreter with a probe program. Raises
+  SandboxError rather than run untrusted code as root."""
+  probe = _run_program("import collections, ctypes, functools, heapq, itertools, math, re\n",
+                       "", Limits(), python, uid_base)
+  if not probe.passed or "uid" not in probe.isolation:
+    raise SandboxError(
+        f"{python} cannot run sandboxed programs under an unprivileged uid ({probe.message}; "
+        f"stderr: {probe.stderr.strip()[-300:]!r}): as root the sandbox needs an interpreter "
+        "whose files any user can read, e.g. the system python3 (apt-get install python3), "
+        "passed as python=...")
 
 
 @contextlib.contextmanager
