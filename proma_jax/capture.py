@@ -12,25 +12,18 @@ gradients, token by token. Outside `nnx.capture` a `Dense` is exactly an `nnx.Li
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from proma_jax import fused as fused_lib, seqgrads, transforms
+from proma_jax import fused as fused_lib, fused_slots, leaf_change, seqgrads
+# Importable from here too: the `Dense` layer of a fused kernel holds one.
+from proma_jax.fused_slots import FusedSlotVariable  # noqa: F401  pylint: disable=unused-import
 from proma_jax.nn import CALLS, INPUTS, OUTPUT_PERTURBATION, Dense
 from proma_jax.seqgrads import DenseFactors
-
-
-class FusedSlotVariable(nnx.Variable):
-  """A `Dense` layer's `fused.FusedSlot` while `policy_gradient_and_fused_changes` runs it, with
-  its `fused.FusedRule` as the metadata `rule` (static: it survives `nnx.split`, so scanned layers
-  hand it to every layer)."""
-
-  def dense(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """y = x W by `fused.fused_dense`, whose backward pass also gives the change of R_W."""
-    return fused_lib.fused_dense(self.rule, x, kernel, self.get_value())
+from proma_jax.transform_state import ProMAState
 
 
 def _pure(tree: Any) -> Any:
@@ -255,45 +248,49 @@ def policy_gradient_and_sequence_statistics(
   """
   if scope not in SEQUENCE_SCOPES:
     raise ValueError(f"unknown scope {scope!r}; expected one of {SEQUENCE_SCOPES}")
-  n_seq = advantages_n.shape[0]
   out, grads, factors = policy_gradient_and_dense_factors(
       objectives_fn, model, batch, advantages_n, token_mask=token_mask, has_aux=has_aux)
 
   paths_grads, grads_def = jax.tree_util.tree_flatten_with_path(grads)
   factor_leaves = grads_def.flatten_up_to(factors)
   grad_leaves = [g for _, g in paths_grads]
-  seq_leaves = []
+  seq_leaves = [None] * len(grad_leaves)
   for idx, ((path, g), f) in enumerate(zip(paths_grads, factor_leaves)):
-    if f is None:
-      seq_leaves.append(None)
-      continue
-    t = _tokens_per_sequence(jax.tree_util.keystr(path), f.activations.shape[-2], n_seq)
-    lead, (d_in, d_out) = g.shape[:-2], g.shape[-2:]  # lead: (L,) for scanned layers
-    if seqgrads.choose_dense_path(n_seq, t, d_in, d_out, dense_path) == "matrix_free":
-      segment_ids = jnp.repeat(jnp.arange(n_seq, dtype=jnp.int32), t)
-      seq_leaves.append(seqgrads.DenseSequenceFactors(f.activations, f.output_grads, segment_ids,
-                                                      n_seq))
-    else:  # (n_seq, d_in, d_out), or (n_seq, L, d_in, d_out) for scanned layers
-      s_nxixo = jnp.einsum("...bti,...bto->b...io", f.activations.reshape(*lead, n_seq, t, d_in),
-                           f.output_grads.reshape(*lead, n_seq, t, d_out),
-                           preferred_element_type=jnp.float32)
-      seq_leaves.append(s_nxixo)
-      grad_leaves[idx] = (-jnp.tensordot(advantages_n.astype(jnp.float32), s_nxixo, axes=1)
-                          ).astype(g.dtype)
-
+    if f is not None:
+      seq_leaves[idx], grad_leaves[idx] = _dense_sequence_statistics(path, g, f, advantages_n,
+                                                                     dense_path)
   other = [idx for idx, f in enumerate(factor_leaves) if f is None]
-  if scope == "all" and other:
-    def seq_objective_fn(m, b):
-      return _unpack(objectives_fn(m, b), has_aux)[0]
-
-    for idx, s in zip(other, _vmap_sequence_gradients(seq_objective_fn, model, batch, other)):
-      seq_leaves[idx] = s
+  if scope == "all":
+    seq_leaves = _vmap_sequence_gradients(objectives_fn, has_aux, model, batch, other, seq_leaves)
   return (out, grads_def.unflatten(grad_leaves), grads_def.unflatten(seq_leaves), factors)
 
 
-def _vmap_sequence_gradients(seq_objective_fn, model: nnx.Module, batch: Any,
-                             indices: list[int]) -> list[jax.Array]:
-  """Stacked per-sequence gradients of f_i w.r.t. the param leaves at `indices` (flattened order)."""
+def _dense_sequence_statistics(path, g: jax.Array, f: DenseFactors, advantages_n: jax.Array,
+                               dense_path: str) -> tuple[Any, jax.Array]:
+  """(seq_grads leaf, grads leaf) of one dense kernel from its factors, by the route
+  `seqgrads.choose_dense_path` picks: a `DenseSequenceFactors` and the gradient `g` unchanged, or
+  the stacked S_i and the kernel gradient -sum_i A_i S_i made from them."""
+  n_seq = advantages_n.shape[0]
+  t = _tokens_per_sequence(jax.tree_util.keystr(path), f.activations.shape[-2], n_seq)
+  lead, (d_in, d_out) = g.shape[:-2], g.shape[-2:]  # lead: (L,) for scanned layers
+  if seqgrads.choose_dense_path(n_seq, t, d_in, d_out, dense_path) == "matrix_free":
+    segment_ids = jnp.repeat(jnp.arange(n_seq, dtype=jnp.int32), t)
+    return seqgrads.DenseSequenceFactors(f.activations, f.output_grads, segment_ids, n_seq), g
+  # (n_seq, d_in, d_out), or (n_seq, L, d_in, d_out) for scanned layers
+  s_nxixo = jnp.einsum("...bti,...bto->b...io", f.activations.reshape(*lead, n_seq, t, d_in),
+                       f.output_grads.reshape(*lead, n_seq, t, d_out),
+                       preferred_element_type=jnp.float32)
+  return s_nxixo, (-jnp.tensordot(advantages_n.astype(jnp.float32), s_nxixo, axes=1)
+                   ).astype(g.dtype)
+
+
+def _vmap_sequence_gradients(objectives_fn, has_aux: bool, model: nnx.Module, batch: Any,
+                             indices: list[int], seq_leaves: list) -> list:
+  """`seq_leaves` with the stacked per-sequence gradients of f_i (`objectives_fn` without its aux)
+  at the param leaves at `indices` (flattened order), by `jax.vmap(jax.grad(f_i))`; unchanged
+  when `indices` is empty."""
+  if not indices:
+    return seq_leaves
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   leaves, params_def = jax.tree.flatten(nnx.to_pure_dict(params))
 
@@ -304,10 +301,13 @@ def _vmap_sequence_gradients(seq_objective_fn, model: nnx.Module, batch: Any,
     state = jax.tree.map(lambda x: x, params)
     nnx.replace_by_pure_dict(state, params_def.unflatten(full))
     one = jax.tree.map(lambda x: x[None], sequence)
-    return seq_objective_fn(nnx.merge(graphdef, state, rest), one)[0]
+    return _unpack(objectives_fn(nnx.merge(graphdef, state, rest), one), has_aux)[0][0]
 
   chosen = [leaves[idx] for idx in indices]
-  return jax.vmap(jax.grad(objective), in_axes=(None, 0))(chosen, batch)
+  seq_leaves = list(seq_leaves)
+  for idx, s in zip(indices, jax.vmap(jax.grad(objective), in_axes=(None, 0))(chosen, batch)):
+    seq_leaves[idx] = s
+  return seq_leaves
 
 
 def dense_calls(fn: Callable[[nnx.Module], Any], model: nnx.Module) -> dict[tuple, int]:
@@ -329,21 +329,12 @@ def dense_calls(fn: Callable[[nnx.Module], Any], model: nnx.Module) -> dict[tupl
 
 
 def policy_gradient_and_fused_changes(
-    objectives_fn: Callable[[nnx.Module, Any], Any],
-    model: nnx.Module,
-    batch: Any,
-    advantages_n: jax.Array,
-    proma_state: transforms.ProMAState,
-    *,
-    num_microbatches: int,
-    accumulation: transforms.AccumulationOptions | None = None,
-    intra: transforms.IntraOptions | None = None,
-    token_mask: jax.Array | None = None,
-    has_aux: bool = False,
-    scope: str = "all",
-    dense_path: str = "auto",
-    sequence_model: nnx.Module | None = None,
-    param_shardings: Any = None,
+    objectives_fn: Callable[[nnx.Module, Any], Any], model: nnx.Module, batch: Any,
+    advantages_n: jax.Array, proma_state: ProMAState, *, num_microbatches: int,
+    accumulation: leaf_change.AccumulationOptions | None = None,
+    intra: leaf_change.IntraOptions | None = None, token_mask: jax.Array | None = None,
+    has_aux: bool = False, scope: str = "all", dense_path: str = "auto",
+    sequence_model: nnx.Module | None = None, param_shardings: Any = None,
 ) -> tuple[Any, dict, dict, dict]:
   """The fused path: one forward and backward pass in which every `Dense` kernel computes its
   change of PROMA's accumulator inside its own backward step (`proma_jax.fused`).
@@ -379,98 +370,30 @@ def policy_gradient_and_fused_changes(
     `fused` has a `transforms.FusedLeaf` (the metrics) at those kernels and None elsewhere;
     `seq_grads` the vmap path's S_i (None at fused kernels). Call it under `jax.jit`.
   """
+  _check_fused_options(scope, accumulation, intra)
+  c_n, scale = sequence_cotangents(advantages_n)
+  weighted = _weighted_objective(objectives_fn, c_n, has_aux)
+  layout = fused_slots.fused_layout(model, dense_calls(lambda m: weighted(m, batch), model))
+  slot_and_rule = fused_slots.slot_maker(
+      layout, fused_lib.FusedRule(accumulation, intra, dense_path), proma_state, num_microbatches,
+      (c_n, advantages_n, scale, token_mask), param_shardings)
+  grad_leaves, fused_leaves, (f_n, aux) = fused_slots.fused_gradients(
+      weighted, batch, layout, slot_and_rule, proma_state, scale)
+  vmapped = layout.other_idx if (scope == "all" and accumulation is not None
+                                 and accumulation.projects) else []
+  seq_leaves = _vmap_sequence_gradients(
+      objectives_fn, has_aux, model if sequence_model is None else sequence_model, batch, vmapped,
+      [None] * len(layout.leaves))
+  loss = -jnp.sum(advantages_n.astype(jnp.float32) * jax.lax.stop_gradient(f_n))
+  unflatten = layout.params_def.unflatten
+  return (((loss, aux) if has_aux else loss), unflatten(grad_leaves), unflatten(seq_leaves),
+          unflatten(fused_leaves))
+
+
+def _check_fused_options(scope: str, accumulation, intra) -> None:
+  """A known scope, and a PROMA variant to fuse (accumulation or intra options)."""
   if scope not in SEQUENCE_SCOPES:
     raise ValueError(f"unknown scope {scope!r}; expected one of {SEQUENCE_SCOPES}")
   if accumulation is None and intra is None:
     raise ValueError("the fused path needs accumulation or intra options (a PROMA variant); "
                      "plain accumulation has nothing to fuse")
-  rule = fused_lib.FusedRule(accumulation, intra, dense_path)
-  c_n, scale = sequence_cotangents(advantages_n)
-  weighted = _weighted_objective(objectives_fn, c_n, has_aux)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  paths_leaves, params_def = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))
-  leaves = [leaf for _, leaf in paths_leaves]
-  index = {tuple(k.key for k in path): i for i, (path, _) in enumerate(paths_leaves)}
-
-  calls = dense_calls(lambda m: weighted(m, batch), model)
-  twice = [path for path, n in calls.items() if n > 1]
-  if twice:
-    raise ValueError(f"Dense layer(s) {twice} are called more than once in one forward pass; the "
-                     "fused path would add one change of R per call. Use the unfused path "
-                     "(seq_grads=/factors=; config proma.fused=False)")
-  fused_paths = {path: index[path + ("kernel",)] for path, n in calls.items() if n == 1}
-  if not fused_paths:
-    raise ValueError("the fused path found no proma_jax.Dense layer that the objective calls, so "
-                     "there is nothing to fuse; build the model's dense layers with "
-                     "proma_jax.Dense, or use the unfused path (config proma.fused=False)")
-  fused_idx = sorted(fused_paths.values())
-  position = {idx: pos for pos, idx in enumerate(fused_idx)}  # leaf index -> slot position
-  sharding_leaves = (None if param_shardings is None
-                     else params_def.flatten_up_to(param_shardings))
-
-  stacked_leaf = {idx: leaves[idx].ndim == 3 for idx in fused_paths.values()}  # (L, d_in, d_out)
-
-  def rule_of(idx):
-    if sharding_leaves is None:
-      return rule
-    sharding = sharding_leaves[idx]
-    spec = tuple(sharding.spec) + (None,) * (leaves[idx].ndim - len(sharding.spec))
-    layer_spec = spec[1:] if stacked_leaf[idx] else spec  # one layer's kernel inside the scan
-    return rule._replace(stack_sharding=jax.sharding.NamedSharding(
-        sharding.mesh, jax.sharding.PartitionSpec(None, *layer_spec)))
-
-  def slot_of(idx, r, metrics):
-    common = (c_n, advantages_n, scale, token_mask, project)
-    if not stacked_leaf[idx]:
-      return fused_lib.FusedSlot(r, metrics, keys[idx], *common)
-    # Scanned layers: every field gets the layer axis, so that `models.stacked.scan` hands each
-    # layer its slice (the shared fields are broadcast; they are a few numbers per sequence).
-    n_layers = r.shape[0]
-    common = [None if x is None else jnp.broadcast_to(x, (n_layers, *jnp.shape(x)))
-              for x in common]
-    return fused_lib.FusedSlot(r, metrics, transforms.layer_keys(keys[idx], n_layers), *common)
-
-  other_idx = [i for i in range(len(leaves)) if i not in position]
-  r_leaves = params_def.flatten_up_to(proma_state.accumulator)
-  keys = transforms.range_finder_keys(0 if intra is None else intra.seed, proma_state.count,
-                                      len(leaves))
-  project = transforms.projects_now(
-      proma_state.microbatch, num_microbatches,
-      0.0 if accumulation is None else accumulation.skip_fraction)
-  def run(other_leaves, fused_rs, fused_metrics):
-    full = list(leaves)
-    for i, value in zip(other_idx, other_leaves):
-      full[i] = value
-    state = jax.tree.map(lambda x: x, params)
-    nnx.replace_by_pure_dict(state, params_def.unflatten(full))
-    m = nnx.merge(graphdef, state, rest)
-    for path, module in nnx.iter_modules(m):
-      idx = fused_paths.get(tuple(path))
-      if idx is not None:
-        pos = position[idx]
-        module.proma_slot = FusedSlotVariable(slot_of(idx, fused_rs[pos], fused_metrics[pos]),
-                                              rule=rule_of(idx))
-    return weighted(m, batch)
-
-  other = [leaves[i] for i in other_idx]
-  rs = [r_leaves[i] for i in fused_idx]
-  zeros = [jnp.zeros(leaves[i].shape[:-2] + (2,), jnp.float32) for i in fused_idx]
-  (other_grads, changes, metrics), (f_n, aux) = jax.grad(run, argnums=(0, 1, 2), has_aux=True)(
-      other, rs, zeros)
-
-  grad_leaves = [None] * len(leaves)
-  for i, g in zip(other_idx, other_grads):
-    grad_leaves[i] = (scale * g).astype(g.dtype)
-  fused_leaves = [None] * len(leaves)
-  for i, change, metric in zip(fused_idx, changes, metrics):
-    grad_leaves[i] = change
-    fused_leaves[i] = transforms.FusedLeaf(metric[..., 0], metric[..., 1])
-  seq_leaves = [None] * len(leaves)
-  if scope == "all" and accumulation is not None and accumulation.projects and other_idx:
-    seq_objective_fn = lambda m, b: _unpack(objectives_fn(m, b), has_aux)[0]
-    for i, s in zip(other_idx, _vmap_sequence_gradients(
-        seq_objective_fn, model if sequence_model is None else sequence_model, batch, other_idx)):
-      seq_leaves[i] = s
-  loss = -jnp.sum(advantages_n.astype(jnp.float32) * jax.lax.stop_gradient(f_n))
-  return (((loss, aux) if has_aux else loss), params_def.unflatten(grad_leaves),
-          params_def.unflatten(seq_leaves), params_def.unflatten(fused_leaves))

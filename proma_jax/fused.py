@@ -15,7 +15,7 @@ The rule is nonlinear in its incoming cotangent (it solves a system built from i
 `jax.grad` through it, never `jax.vmap`, `jax.jvp` or a second derivative. A kernel used twice in
 one forward pass would sum two changes; `capture.policy_gradient_and_fused_changes` refuses it.
 
-This module is pure JAX; `capture.py` wires it into the model's `Dense` layers.
+This module is pure JAX; `fused_slots.py` places it in the model's `Dense` layers.
 """
 
 from __future__ import annotations

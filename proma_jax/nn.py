@@ -35,7 +35,7 @@ class Dense(nnx.Linear):
   """`nnx.Linear` whose inputs and output gradients `capture.grads_and_dense_factors` can capture,
   and whose backward pass computes PROMA's change of R_W when
   `capture.policy_gradient_and_fused_changes` gives it a slot (`proma_slot`, a
-  `capture.FusedSlotVariable`)."""
+  `fused_slots.FusedSlotVariable`)."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
     slot = getattr(self, "proma_slot", None)

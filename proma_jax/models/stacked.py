@@ -10,7 +10,7 @@ checkpoint files, the Hugging Face and GGUF loaders and older runs' checkpoints 
 `scan` runs a stacked module under `nnx.capture` too: Flax's capture cannot see through a scan
 (flax#5571), so the captures of the block's modules (sown intermediates, perturbations) are carried
 in and out of the scan explicitly, each with the layer axis leading. Every other `nnx.Variable`
-of the stacked module (a `capture.FusedSlotVariable`, for instance) must have the layer axis
+of the stacked module (a `fused_slots.FusedSlotVariable`, for instance) must have the layer axis
 leading too: it is sliced like the parameters (its metadata, static, reaches every layer).
 """
 
