@@ -11,7 +11,7 @@ them up to a few bucket sizes (`proma_jax.policy.encode`).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,61 +71,106 @@ def sample(graphdef: nnx.GraphDef, params: nnx.State, prompt_BxP: jax.Array,
                      eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=1.0)
   """
   model = separate_layers(nnx.merge(graphdef, params))  # decoding is faster unscanned
-  b, p = prompt_BxP.shape
-  t_total = p + max_new_tokens
-  if t_total > model.cfg.max_len:
+  p = prompt_BxP.shape[1]
+  _check_sampling(model.cfg.max_len, p, max_new_tokens, temperature, greedy, top_p)
+  prompt_valid_BxP = prompt_valid_BxP.astype(bool)
+  choose = functools.partial(_choose_token, key=key, temperature=temperature, greedy=greedy,
+                             top_p=top_p)
+
+  def not_finished(state: _Decoding):
+    return (state.step < max_new_tokens) & ~jnp.all(state.done_B)
+
+  def decode_step(state: _Decoding) -> _Decoding:
+    return _decode_step(model, state, choose, p, eos_id, pad_id)
+
+  final = jax.lax.while_loop(not_finished, decode_step,
+                             _prefill(model, prompt_BxP, prompt_valid_BxP, max_new_tokens, pad_id))
+  return Rollout(
+      tokens_BxT=jnp.concatenate([prompt_BxP.astype(jnp.int32), final.tokens_BxL], axis=1),
+      valid_BxT=jnp.concatenate([prompt_valid_BxP.astype(jnp.float32), final.mask_BxL], axis=1),
+      response_mask_BxL=final.mask_BxL,
+      logprobs_BxL=final.logp_BxL)
+
+
+class _Decoding(NamedTuple):
+  """The state of `sample`'s decode loop after `step` tokens (L = max_new_tokens).
+
+  cache:       the KV cache of the prompt and the tokens so far.
+  logits_BxV:  float32 logits of the next token.
+  position_B:  each row's position of the next token (its number of real tokens so far).
+  done_B:      the rows that have emitted EOS.
+  tokens_BxL, mask_BxL, logp_BxL: the response so far, as `Rollout`'s fields.
+  """
+
+  step: jax.Array
+  cache: Any
+  logits_BxV: jax.Array
+  position_B: jax.Array
+  done_B: jax.Array
+  tokens_BxL: jax.Array
+  mask_BxL: jax.Array
+  logp_BxL: jax.Array
+
+
+def _check_sampling(max_len: int, p: int, max_new_tokens: int, temperature: float, greedy: bool,
+                    top_p: float) -> None:
+  """`sample`'s static arguments against the model's positions and their valid ranges."""
+  if p + max_new_tokens > max_len:
     raise ValueError(f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds "
-                     f"ModelConfig.max_len={model.cfg.max_len}")
+                     f"ModelConfig.max_len={max_len}")
   if not greedy and temperature <= 0:
     raise ValueError(f"temperature must be positive for sampling, got {temperature}")
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
-  prompt_valid_BxP = prompt_valid_BxP.astype(bool)
+
+def _prefill(model, prompt_BxP: jax.Array, prompt_valid_BxP: jax.Array, max_new_tokens: int,
+             pad_id: int) -> _Decoding:
+  """The decode loop's first state: the prompts run once into a cache of P + max_new_tokens
+  slots, and the logits of the first response token."""
+  b, p = prompt_BxP.shape
   # Prefill: the head runs on the last prompt position only; a (B, P, V) float32 array of every
   # position's logits would be 20 GB at 64 x 512 tokens of Qwen3's 151936-token vocabulary.
   x_BxPxD, cache = model.hidden_states(prompt_BxP, positions_from_valid(prompt_valid_BxP),
-                                       prompt_valid_BxP, cache=init_cache(model.cfg, b, t_total),
+                                       prompt_valid_BxP,
+                                       cache=init_cache(model.cfg, b, p + max_new_tokens),
                                        cache_index=0)
   last_logits_BxV = model.logits(x_BxPxD[:, -1:])[:, 0]
+  return _Decoding(jnp.int32(0), cache, last_logits_BxV,
+                   jnp.sum(prompt_valid_BxP, axis=1, dtype=jnp.int32), jnp.zeros((b,), bool),
+                   jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+                   jnp.zeros((b, max_new_tokens), jnp.float32),
+                   jnp.zeros((b, max_new_tokens), jnp.float32))
 
-  def not_finished(state):
-    step, _, _, _, done_B, _, _, _ = state
-    return (step < max_new_tokens) & ~jnp.all(done_B)
 
-  def decode_step(state):
-    step, cache, logits_BxV, position_B, done_B, tokens_BxL, mask_BxL, logp_BxL = state
-    if greedy:
-      token_B = jnp.argmax(logits_BxV, axis=-1)
-    else:
-      scaled_BxV = logits_BxV / temperature
-      if top_p < 1:
-        scaled_BxV = top_p_logits(scaled_BxV, top_p)
-      token_B = jax.random.categorical(jax.random.fold_in(key, step), scaled_BxV)
-    alive_B = ~done_B
-    token_B = jnp.where(alive_B, token_B, pad_id).astype(jnp.int32)
-    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None],
-                                 axis=-1)[:, 0]
-    tokens_BxL = tokens_BxL.at[:, step].set(token_B)
-    mask_BxL = mask_BxL.at[:, step].set(alive_B.astype(jnp.float32))
-    logp_BxL = logp_BxL.at[:, step].set(jnp.where(alive_B, logp_B, 0.0))
-    done_B = done_B | (token_B == eos_id)
-    next_logits_Bx1xV, cache = model(token_B[:, None], position_B[:, None], alive_B[:, None],
-                                     cache=cache, cache_index=p + step)
-    return (step + 1, cache, next_logits_Bx1xV[:, 0].astype(jnp.float32), position_B + 1, done_B, tokens_BxL,
-            mask_BxL, logp_BxL)
+def _choose_token(logits_BxV: jax.Array, step: jax.Array, *, key: jax.Array, temperature: float,
+                  greedy: bool, top_p: float) -> jax.Array:
+  """The next token of each row: argmax, or a draw from top_p(softmax(logits / temperature))
+  with `fold_in(key, step)`."""
+  if greedy:
+    return jnp.argmax(logits_BxV, axis=-1)
+  scaled_BxV = logits_BxV / temperature
+  if top_p < 1:
+    scaled_BxV = top_p_logits(scaled_BxV, top_p)
+  return jax.random.categorical(jax.random.fold_in(key, step), scaled_BxV)
 
-  init = (jnp.int32(0), cache, last_logits_BxV,
-          jnp.sum(prompt_valid_BxP, axis=1, dtype=jnp.int32), jnp.zeros((b,), bool),
-          jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-          jnp.zeros((b, max_new_tokens), jnp.float32), jnp.zeros((b, max_new_tokens), jnp.float32))
-  _, _, _, _, _, tokens_BxL, mask_BxL, logp_BxL = jax.lax.while_loop(
-      not_finished, decode_step, init)
-  return Rollout(
-      tokens_BxT=jnp.concatenate([prompt_BxP.astype(jnp.int32), tokens_BxL], axis=1),
-      valid_BxT=jnp.concatenate([prompt_valid_BxP.astype(jnp.float32), mask_BxL], axis=1),
-      response_mask_BxL=mask_BxL,
-      logprobs_BxL=logp_BxL)
+
+def _decode_step(model, state: _Decoding, choose, p: int, eos_id: int, pad_id: int) -> _Decoding:
+  """One token per row (pad_id once a row is done), recorded and fed back through the cache."""
+  step = state.step
+  token_B = choose(state.logits_BxV, step)
+  alive_B = ~state.done_B
+  token_B = jnp.where(alive_B, token_B, pad_id).astype(jnp.int32)
+  logp_B = jnp.take_along_axis(jax.nn.log_softmax(state.logits_BxV, axis=-1), token_B[:, None],
+                               axis=-1)[:, 0]
+  tokens_BxL = state.tokens_BxL.at[:, step].set(token_B)
+  mask_BxL = state.mask_BxL.at[:, step].set(alive_B.astype(jnp.float32))
+  logp_BxL = state.logp_BxL.at[:, step].set(jnp.where(alive_B, logp_B, 0.0))
+  done_B = state.done_B | (token_B == eos_id)
+  next_logits_Bx1xV, cache = model(token_B[:, None], state.position_B[:, None], alive_B[:, None],
+                                   cache=state.cache, cache_index=p + step)
+  return _Decoding(step + 1, cache, next_logits_Bx1xV[:, 0].astype(jnp.float32),
+                   state.position_B + 1, done_B, tokens_BxL, mask_BxL, logp_BxL)
 
 
 def top_p_logits(logits_BxV: jax.Array, top_p: float) -> jax.Array:
