@@ -31,18 +31,36 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
   c.algorithm = algorithm
   c.seed = 0
   c.steps = 40                         # RL steps; each = one rollout batch
+  c.model = _model_section()
+  c.rollout = _rollout_section()
+  c.train = _train_section()
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-4, b1=0.9, b2=0.99, weight_decay=0.0, max_grad_norm=1.0))
+  c.grpo = ml_collections.ConfigDict(dict(eps_low=0.2, eps_high=0.2, dual_clip=3.0))
+  c.proma = _proma_section()
+  c.mesh = _mesh_section()
+  c.distributed = _distributed_section()
+  c.eval = _eval_section()
+  c.logging = _logging_section()
+  c.checkpoint = ml_collections.ConfigDict(dict(every=10, max_to_keep=3))
+  c.sft = _sft_section()
+  return c
 
-  # The tiny decoder trained from scratch (architecture fields below), or with `checkpoint` set,
-  # a pretrained one: a Hugging Face directory, a .gguf file, package:<module>/<file>, or a hub
-  # name hf:ORG/NAME[@REVISION] that huggingface_hub fetches into its cache (HF_HUB_OFFLINE=1:
-  # the cache only); see `proma_jax.models.resolve_checkpoint`. A checkpoint
-  # brings its own architecture and
-  # tokenizer, and skips the supervised warm start; of the fields below only dtype, param_dtype,
-  # remat, logits_chunk, attention_impl, scan_layers and max_len apply to it. scan_layers: the
-  # layers' parameters stacked and run by one lax.scan (compiled once, whatever the depth). max_len: the longest prompt +
-  # response allowed (None: the checkpoint's max_position_embeddings; the tiny decoder's is the
-  # task's longest prompt + max_new_tokens).
-  c.model = ml_collections.ConfigDict(dict(
+
+def _model_section() -> ml_collections.ConfigDict:
+  """config.model: the tiny decoder trained from scratch (its architecture fields), or with
+  `checkpoint` set, a pretrained one.
+
+  checkpoint: a Hugging Face directory, a .gguf file, package:<module>/<file>, or a hub name
+  hf:ORG/NAME[@REVISION] that huggingface_hub fetches into its cache (HF_HUB_OFFLINE=1: the cache
+  only); see `proma_jax.models.resolve_checkpoint`. A checkpoint brings its own architecture and
+  tokenizer, and skips the supervised warm start; of the fields below only dtype, param_dtype,
+  remat, logits_chunk, attention_impl, scan_layers and max_len apply to it. scan_layers: the
+  layers' parameters stacked and run by one lax.scan (compiled once, whatever the depth).
+  max_len: the longest prompt + response allowed (None: the checkpoint's
+  max_position_embeddings; the tiny decoder's is the task's longest prompt + max_new_tokens).
+  """
+  return ml_collections.ConfigDict(dict(
       checkpoint=ml_collections.FieldReference(None, str),
       d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=192,
       tie_embeddings=True, dtype="float32", param_dtype="float32", seed=0,
@@ -50,71 +68,97 @@ def base_config(task: str, algorithm: str) -> ml_collections.ConfigDict:
       scan_layers=True,
       max_len=ml_collections.FieldReference(None, int)))
 
-  # Sampling. max_new_tokens: response tokens (EOS included); None for the character tasks means
-  # their longest answer + extra_new_tokens. Pretrained policies: prompts are rendered with the
-  # tokenizer's chat template (chat_template=True and the tokenizer has one), left-padded to a
-  # multiple of `bucket` tokens (at most max_prompt_tokens), and sampled sample_batch sequences
-  # per call (0: all at once). top_p < 1 is nucleus sampling.
-  c.rollout = ml_collections.ConfigDict(dict(
+
+def _rollout_section() -> ml_collections.ConfigDict:
+  """config.rollout: sampling.
+
+  max_new_tokens: response tokens (EOS included); None for the character tasks means their
+  longest answer + extra_new_tokens. Pretrained policies: prompts are rendered with the
+  tokenizer's chat template (chat_template=True and the tokenizer has one), left-padded to a
+  multiple of `bucket` tokens (at most max_prompt_tokens), and sampled sample_batch sequences per
+  call (0: all at once). top_p < 1 is nucleus sampling.
+  """
+  return ml_collections.ConfigDict(dict(
       prompts_per_step=16, group_size=4, temperature=1.0, extra_new_tokens=2,
       max_new_tokens=ml_collections.FieldReference(None, int), max_prompt_tokens=512, bucket=64,
       top_p=1.0, chat_template=True, sample_batch=0))
 
-  # One RL step: the rollout batch is split into `num_minibatches` optimizer steps (later ones are
-  # off-policy), each made of `num_microbatches` microbatches accumulated by the same code path;
-  # num_epochs > 1 passes over the batch again in a fresh order (PPO epochs).
-  # scan_microbatches: each optimizer step's microbatches run in one compiled call (a lax.scan);
-  # False calls the compiled microbatch update once per microbatch (same result, more dispatch).
-  c.train = ml_collections.ConfigDict(dict(num_minibatches=2, num_microbatches=4, num_epochs=1,
-                                           scan_microbatches=True))
 
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=3e-4, b1=0.9, b2=0.99, weight_decay=0.0, max_grad_norm=1.0))
+def _train_section() -> ml_collections.ConfigDict:
+  """config.train: one RL step.
 
-  c.grpo = ml_collections.ConfigDict(dict(eps_low=0.2, eps_high=0.2, dual_clip=3.0))
+  The rollout batch is split into `num_minibatches` optimizer steps (later ones are off-policy),
+  each made of `num_microbatches` microbatches accumulated by the same code path; num_epochs > 1
+  passes over the batch again in a fresh order (PPO epochs). scan_microbatches: each optimizer
+  step's microbatches run in one compiled call (a lax.scan); False calls the compiled microbatch
+  update once per microbatch (same result, more dispatch).
+  """
+  return ml_collections.ConfigDict(dict(num_minibatches=2, num_microbatches=4, num_epochs=1,
+                                        scan_microbatches=True))
 
-  # fused: every dense kernel's PROMA statistics are computed and used inside that layer's
-  # backward pass (one layer's S_i alive at a time; docs/algorithm.md#fused-statistics); False:
-  # the stacked statistics of every layer are handed to the transform after the backward pass.
-  c.proma = ml_collections.ConfigDict(dict(
+
+def _proma_section() -> ml_collections.ConfigDict:
+  """config.proma: the projections' knobs (docs/algorithm.md).
+
+  fused: every dense kernel's PROMA statistics are computed and used inside that layer's backward
+  pass (one layer's S_i alive at a time; docs/algorithm.md#fused-statistics); False: the stacked
+  statistics of every layer are handed to the transform after the backward pass.
+  """
+  return ml_collections.ConfigDict(dict(
       shrinkage=1.0, ridge=1e-2, relative_bound=ml_collections.FieldReference(None, float),
       skip_fraction=0.0, solver="exact", scope="all",
       rank=10, intra_shrinkage=1.0, power_iters=1, range_finder_seed=0, fused=True))
 
-  # Data parallelism (proma_jax.mesh): `data` devices on a ("data",) mesh, each microbatch's
-  # sequences sharded over them, params replicated. mode "exact": the single-device projection,
-  # collectives inserted by the compiler; "local": each device projects against its own sequences,
-  # one psum per microbatch (an approximation for accumulation-PROMA; the paper's data-parallel
-  # intra variant). data=1 is the single-device path.
-  # fsdp > 1: a ("data", "fsdp") mesh of data x fsdp devices; params, optimizer state and the
-  # PROMA accumulator sharded over "fsdp" ZeRO-3 style (each leaf of >= fsdp_min_size elements
-  # along its largest divisible dimension; `proma_jax.mesh.param_specs`), each microbatch's
-  # sequences over "data" and "fsdp" together where they divide (else over "data") for every
-  # algorithm; proma and proma_both then reshard their per-sequence gradients like the params
-  # (`proma_jax.mesh.constrain_sequence_gradients`, an all-to-all over "fsdp"); exact mode, one
-  # process or several.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, mode="exact", fsdp=1, fsdp_min_size=2**14))
-  # Multi-process runs: the same command started once per process with its process_id; process 0
-  # writes metrics; checkpoints are written collectively (orbax: each process its shards).
-  c.distributed = ml_collections.ConfigDict(dict(
+
+def _mesh_section() -> ml_collections.ConfigDict:
+  """config.mesh: data parallelism (proma_jax.mesh).
+
+  `data` devices on a ("data",) mesh, each microbatch's sequences sharded over them, params
+  replicated. mode "exact": the single-device projection, collectives inserted by the compiler;
+  "local": each device projects against its own sequences, one psum per microbatch (an
+  approximation for accumulation-PROMA; the paper's data-parallel intra variant). data=1 is the
+  single-device path.
+
+  fsdp > 1: a ("data", "fsdp") mesh of data x fsdp devices; params, optimizer state and the PROMA
+  accumulator sharded over "fsdp" ZeRO-3 style (each leaf of >= fsdp_min_size elements along its
+  largest divisible dimension; `proma_jax.mesh.param_specs`), each microbatch's sequences over
+  "data" and "fsdp" together where they divide (else over "data") for every algorithm; proma and
+  proma_both then reshard their per-sequence gradients like the params
+  (`proma_jax.mesh.constrain_sequence_gradients`, an all-to-all over "fsdp"); exact mode, one
+  process or several.
+  """
+  return ml_collections.ConfigDict(dict(data=1, mode="exact", fsdp=1, fsdp_min_size=2**14))
+
+
+def _distributed_section() -> ml_collections.ConfigDict:
+  """config.distributed: multi-process runs. The same command is started once per process with
+  its process_id; process 0 writes metrics; checkpoints are written collectively (orbax: each
+  process its shards)."""
+  return ml_collections.ConfigDict(dict(
       num_processes=1, process_id=0, coordinator="127.0.0.1:12355"))
 
-  # Greedy accuracy on num_examples val prompts ("val/accuracy") and, with in_distribution, on as
-  # many held-out draws of the train split ("val_id/accuracy").
-  c.eval = ml_collections.ConfigDict(dict(every=5, num_examples=128, seed=12345,
-                                          in_distribution=True))
-  # Experiment logging besides <workdir>/metrics.jsonl: TensorBoard event files under
-  # <workdir>/tensorboard, and Weights & Biases when wandb_project is set (`pip install wandb`;
-  # wandb_mode "offline" needs no network, "disabled" turns it off).
-  c.logging = ml_collections.ConfigDict(dict(
+
+def _eval_section() -> ml_collections.ConfigDict:
+  """config.eval: greedy accuracy on num_examples val prompts ("val/accuracy") and, with
+  in_distribution, on as many held-out draws of the train split ("val_id/accuracy")."""
+  return ml_collections.ConfigDict(dict(every=5, num_examples=128, seed=12345,
+                                        in_distribution=True))
+
+
+def _logging_section() -> ml_collections.ConfigDict:
+  """config.logging: experiment logging besides <workdir>/metrics.jsonl. TensorBoard event files
+  under <workdir>/tensorboard, and Weights & Biases when wandb_project is set (`pip install
+  wandb`; wandb_mode "offline" needs no network, "disabled" turns it off)."""
+  return ml_collections.ConfigDict(dict(
       tensorboard=True, wandb_project=ml_collections.FieldReference(None, str),
       wandb_entity=ml_collections.FieldReference(None, str), wandb_mode="online"))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=10, max_to_keep=3))
 
-  # Supervised warm start, shared by every RL run of the same task and model (cached on disk).
-  c.sft = ml_collections.ConfigDict(dict(
+
+def _sft_section() -> ml_collections.ConfigDict:
+  """config.sft: the supervised warm start, shared by every RL run of the same task and model
+  (cached on disk)."""
+  return ml_collections.ConfigDict(dict(
       steps=300, batch_size=64, lr=3e-3, seed=0, checkpoint_dir="checkpoints/warm_start"))
-  return c
 
 
 def to_json(c: ml_collections.ConfigDict) -> dict:
@@ -147,6 +191,12 @@ def _non_finite_fields(node, prefix: str = "") -> list[tuple[str, Any]]:
   if isinstance(node, float) and not math.isfinite(node):
     return [(prefix[:-1], node)]
   return []
+
+
+def _one_of(options) -> str:
+  """`options` as prose: "None, 'xla' or 'cudnn'"."""
+  names = [repr(option) for option in options]
+  return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 class _Checks:
@@ -211,7 +261,8 @@ def _check_model(check: _Checks, c: ml_collections.ConfigDict) -> None:
   """model.*: the tiny decoder's shape, dtypes and flags; a checkpoint's header and positions."""
   # The models and writers are imported where used, not at the top: they need the `models` and
   # `logging` extras, while `import proma_jax.config` needs the core alone.
-  from proma_jax.models.decoder import DTYPES  # pylint: disable=import-outside-toplevel
+  from proma_jax.models.decoder import (  # pylint: disable=import-outside-toplevel
+      ATTENTION_IMPLS, DTYPES)
   for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim"):
     check.integer(f"model.{field}", 1)
   mo = c.model
@@ -229,8 +280,8 @@ def _check_model(check: _Checks, c: ml_collections.ConfigDict) -> None:
   check.integer("model.logits_chunk", 0)
   if mo.max_len is not None:
     check.integer("model.max_len", 1)
-  check.need(mo.attention_impl in (None, "xla", "cudnn"), "model.attention_impl",
-             f"must be None, 'xla' or 'cudnn', got {mo.attention_impl!r}")
+  check.need(mo.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+             f"must be {_one_of(ATTENTION_IMPLS)}, got {mo.attention_impl!r}")
   check.need(mo.checkpoint is not None or c.task not in tasks.TEXT_TASKS, "model.checkpoint",
              f"task {c.task!r} is a text task for pretrained tokenizers; set a checkpoint (a "
              "Hugging Face directory or a .gguf file)")

@@ -33,9 +33,9 @@ from flax import nnx
 from proma_jax.nn import Dense
 from proma_jax.models import stacked
 
-# The dtype names ModelConfig.dtype and param_dtype (and a config's model.dtype fields) accept.
+# What ModelConfig.dtype and param_dtype, and attention_impl, accept (and a config's model fields).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
 _INIT = nnx.initializers.normal(stddev=0.02)
 
 
@@ -93,8 +93,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.scan_layers must be True or False, got {self.scan_layers!r}")
     if not (isinstance(self.logits_chunk, int) and self.logits_chunk >= 0):
       raise ValueError(f"ModelConfig.logits_chunk must be an integer >= 0, got {self.logits_chunk!r}")
-    if self.attention_impl not in _ATTENTION_IMPLS:
-      raise ValueError(f"ModelConfig.attention_impl must be one of {_ATTENTION_IMPLS}, "
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
                        f"got {self.attention_impl!r}")
     if self.rope_scaling is not None:
       if len(self.rope_scaling) != 4 or not all(v > 0 for v in self.rope_scaling):
