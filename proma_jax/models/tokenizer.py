@@ -341,19 +341,36 @@ def from_gguf_metadata(meta: Mapping[str, Any], source: str | None = None) -> HF
   tokens, user-defined ones (4) plain added tokens. Raises ValueError naming a missing key or an
   unsupported tokenizer model or pre-tokenizer.
   """
-
-  def get(key: str) -> Any:
-    if key not in meta:
-      raise ValueError(f"GGUF metadata has no {key}")
-    return meta[key]
-
-  model = get("tokenizer.ggml.model")
+  model = _gguf_get(meta, "tokenizer.ggml.model")
   if model != "gpt2":
     raise ValueError(f"GGUF tokenizer model {model!r} (tokenizer.ggml.model) is not supported; "
                      "only 'gpt2' (byte-level BPE)")
-  tokens = list(get("tokenizer.ggml.tokens"))
+  tokens = list(_gguf_get(meta, "tokenizer.ggml.tokens"))
+  backend = _gguf_backend(meta, tokens)
+  ids = _gguf_special_ids(meta, len(tokens))
+  special_tokens = {key: tokens[index] for key, index in ids.items() if index is not None}
+  pad_id = ids["eos_token"] if ids["pad_token"] is None else ids["pad_token"]
+  chat_template = meta.get("tokenizer.chat_template")
+  template_source = None
+  if chat_template is not None:
+    template_source = ("GGUF metadata tokenizer.chat_template" if source is None
+                       else f"{source} (GGUF metadata tokenizer.chat_template)")
+  return HFTokenizer(backend, ids["eos_token"], pad_id, ids["bos_token"], chat_template,
+                     special_tokens, bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                     template_source)
+
+
+def _gguf_get(meta: Mapping[str, Any], key: str) -> Any:
+  if key not in meta:
+    raise ValueError(f"GGUF metadata has no {key}")
+  return meta[key]
+
+
+def _gguf_backend(meta: Mapping[str, Any], tokens: list[str]) -> tokenizers.Tokenizer:
+  """The byte-level BPE of GGUF metadata: vocabulary `tokens`, its merges and pre-tokenizer, and
+  its control (special) and user-defined added tokens."""
   merges = []
-  for merge in get("tokenizer.ggml.merges"):
+  for merge in _gguf_get(meta, "tokenizer.ggml.merges"):
     pair = tuple(merge.split(" "))
     if len(pair) != 2:
       raise ValueError(f"GGUF merge {merge!r} is not two tokens separated by one space")
@@ -372,25 +389,22 @@ def from_gguf_metadata(meta: Mapping[str, Any], source: str | None = None) -> HF
   backend.add_tokens([
       tokenizers.AddedToken(token, special=False, normalized=False)
       for token, kind in zip(tokens, token_types) if kind == GGUF_USER_DEFINED])
+  return backend
+
+
+def _gguf_special_ids(meta: Mapping[str, Any], vocab_size: int) -> dict[str, int | None]:
+  """{"bos_token", "eos_token", "unk_token", "pad_token"} -> its id in GGUF metadata, or None;
+  an id outside the vocabulary or a missing EOS raises ValueError."""
 
   def token_id(key: str) -> int | None:
     index = meta.get(f"tokenizer.ggml.{key}")
-    if index is not None and not 0 <= index < len(tokens):
+    if index is not None and not 0 <= index < vocab_size:
       raise ValueError(f"GGUF tokenizer.ggml.{key} {index} is outside the vocabulary "
-                       f"[0, {len(tokens)})")
+                       f"[0, {vocab_size})")
     return index
 
   ids = {"bos_token": token_id("bos_token_id"), "eos_token": token_id("eos_token_id"),
          "unk_token": token_id("unknown_token_id"), "pad_token": token_id("padding_token_id")}
   if ids["eos_token"] is None:
     raise ValueError("GGUF metadata has no tokenizer.ggml.eos_token_id")
-  special_tokens = {key: tokens[index] for key, index in ids.items() if index is not None}
-  pad_id = ids["eos_token"] if ids["pad_token"] is None else ids["pad_token"]
-  chat_template = meta.get("tokenizer.chat_template")
-  template_source = None
-  if chat_template is not None:
-    template_source = ("GGUF metadata tokenizer.chat_template" if source is None
-                       else f"{source} (GGUF metadata tokenizer.chat_template)")
-  return HFTokenizer(backend, ids["eos_token"], pad_id, ids["bos_token"], chat_template,
-                     special_tokens, bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-                     template_source)
+  return ids
