@@ -245,6 +245,43 @@ def _fit(records: dict[str, list[_Record]], sources: dict[str, str], instruction
   return fitted
 
 
+def _check_options(train_path, test_path, hf_dataset, max_examples, too_long: str) -> None:
+  """`gsm8k_task`'s arguments: max_examples, too_long, and one source (both paths or a dataset)."""
+  if max_examples is not None and (isinstance(max_examples, bool) or
+                                   not isinstance(max_examples, (int, np.integer)) or
+                                   max_examples < 1):
+    raise ValueError(f"config.task_kwargs.max_examples: must be None or an integer >= 1, got "
+                     f"{max_examples!r}")
+  check_too_long(too_long)
+  if ((train_path is None) != (test_path is None) or
+      (train_path is not None and hf_dataset is not None)):
+    raise ValueError(
+        "gsm8k needs either both config.task_kwargs.train_path and config.task_kwargs.test_path "
+        "(GSM8K JSONL files) or config.task_kwargs.hf_dataset (e.g. 'openai/gsm8k'), not both; "
+        f"got train_path={train_path!r}, test_path={test_path!r}, hf_dataset={hf_dataset!r}")
+
+
+def _split_records(train_path, test_path, hf_dataset: str | None, max_examples: int | None
+                   ) -> tuple[dict[str, str], dict[str, list[_Record]]]:
+  """({split: source name}, {split: records}) of the train and val splits: from the two JSONL
+  files, or from the Hugging Face dataset's "train" and "test" splits (`HF_DATASET` when
+  `hf_dataset` is None)."""
+  if train_path is not None:
+    sources = {"train": os.fspath(train_path), "val": os.fspath(test_path)}
+    records = {split: _records(sources[split],
+                               _file_records(path, f"task_kwargs.{field}"), max_examples)
+               for split, path, field in (("train", train_path, "train_path"),
+                                          ("val", test_path, "test_path"))}
+  else:
+    name = hf_dataset or HF_DATASET
+    loaded = _load_hf(hf_dataset) if hf_dataset is not None else _load_default()
+    sources = {"train": f"{name}[train]", "val": f"{name}[test]"}
+    records = {split: _records(sources[split], enumerate(loaded[part], start=1), max_examples,
+                               unit="record")
+               for split, part in (("train", "train"), ("val", "test"))}
+  return sources, records
+
+
 def gsm8k_task(
     train_path: str | os.PathLike | None = None,
     test_path: str | os.PathLike | None = None,
@@ -274,31 +311,8 @@ def gsm8k_task(
   Each call of `sample` draws `n` distinct records (with replacement only if `n` exceeds the
   split's size), a deterministic function of the task's seeded rng.
   """
-  if max_examples is not None and (isinstance(max_examples, bool) or
-                                   not isinstance(max_examples, (int, np.integer)) or
-                                   max_examples < 1):
-    raise ValueError(f"config.task_kwargs.max_examples: must be None or an integer >= 1, got "
-                     f"{max_examples!r}")
-  check_too_long(too_long)
-  if ((train_path is None) != (test_path is None) or
-      (train_path is not None and hf_dataset is not None)):
-    raise ValueError(
-        "gsm8k needs either both config.task_kwargs.train_path and config.task_kwargs.test_path "
-        "(GSM8K JSONL files) or config.task_kwargs.hf_dataset (e.g. 'openai/gsm8k'), not both; "
-        f"got train_path={train_path!r}, test_path={test_path!r}, hf_dataset={hf_dataset!r}")
-  if train_path is not None:
-    sources = {"train": os.fspath(train_path), "val": os.fspath(test_path)}
-    records = {split: _records(sources[split],
-                               _file_records(path, f"task_kwargs.{field}"), max_examples)
-               for split, path, field in (("train", train_path, "train_path"),
-                                          ("val", test_path, "test_path"))}
-  else:
-    name = hf_dataset or HF_DATASET
-    loaded = _load_hf(hf_dataset) if hf_dataset is not None else _load_default()
-    sources = {"train": f"{name}[train]", "val": f"{name}[test]"}
-    records = {split: _records(sources[split], enumerate(loaded[part], start=1), max_examples,
-                               unit="record")
-               for split, part in (("train", "train"), ("val", "test"))}
+  _check_options(train_path, test_path, hf_dataset, max_examples, too_long)
+  sources, records = _split_records(train_path, test_path, hf_dataset, max_examples)
 
   def fit_prompts(prompt_lengths: PromptLengthsFn, max_prompt_tokens: int) -> SampleFn:
     return _sampler(_fit(records, sources, instruction, too_long, prompt_lengths,
