@@ -5,6 +5,11 @@
   python experiments/sweep.py --out runs/sweep --shapes base --arms reinforce,grpo,proma \\
       --lrs 1e-4,3e-4 --seeds 0,1 --steps 60            # one grid from the flags
   python experiments/report_paper.py results/paper/runs --out results/paper
+  python experiments/sweep.py --plan smollm2_lr --out runs/smollm2_paper \
+      --summaries results/smollm2_paper/runs --write_lr results/smollm2_paper/lr.json
+  python experiments/sweep.py --plan smollm2 --out runs/smollm2_paper \
+      --summaries results/smollm2_paper/runs --time_budget 480   # one slice of the GPU plan
+                                                                 # (experiments/gpu_smollm2_paper.sh)
 
 A run is one (task, shape, arm, lr, seed). An arm is an algorithm plus config overrides (ARMS: e.g.
 `proma_rb0.5` is PROMA with the author's relative_bound 0.5, `grpo_2ep` GRPO with 2 PPO epochs so
@@ -13,11 +18,24 @@ prompts x 8 samples = 512 sequences, 2 minibatches of 256 = 32 microbatches of 8
 task starts from the same warm start, sees the same prompts and sampling keys per (seed, step), and
 records in its run directory `overrides.json`, the exact config overrides it ran with.
 
+Learning rates from a probe: a plan's grid may name an `lr_file` instead of `lrs` (`smollm2`
+reads results/smollm2_paper/lr.json). `--write_lr PATH`, once every run of the sweep is
+summarised, chooses one learning rate from those runs by `choose_lr` (the largest learning rate
+at which every probed arm learned and kept its validation accuracy) and writes it with the
+evidence to PATH; `--lr_file` reads another file, and `--lrs` / `--seeds` given with --plan
+replace the plan's own.
+
 Resuming: a run is finished when its summary (`--summaries/<task>/<shape>/<arm>/lr<lr>_seed<seed>
 .json`, small: per-step curves and validation points) exists, so a sweep resumes from summaries
 committed to the repository even on a fresh machine without `runs/`; a run interrupted mid-way
 resumes from its last checkpoint in `--out` when that is still there. `--commit_every S` commits
 new summaries to git every S seconds (and at the end).
+
+Slices: `--time_budget S` starts no run after S seconds, nor one expected to end after S seconds
+(expected: the longest summarised run of its task, shape and arm, compilation included; a group
+never run before is scaled from another arm's by ARM_COST), and `--max_runs N` starts at most N
+runs; the sweep then waits for the runs it started and exits, and the next call resumes. So one
+call bounded by the clock (a GPU lease) finishes whole runs and loses none mid-way.
 
 Errors a user can fix (an unknown task, arm or shape, an --override that is not field=JSON or names
 no config field, an unreadable summary, a full disk or an unwritable --out in the sweep or in a
@@ -86,7 +104,21 @@ SHAPES = {
 # Named grids: each a list of sub-grids (every combination of its lists).
 _LRS = [3e-5, 1e-4, 3e-4, 1e-3]
 _SEEDS = [0, 1, 2, 3]
+# The SmolLM2 plans (configs/smollm2_paper.py, 30 RL steps): the learning-rate probe first (grpo
+# and proma, seed 0, lr 1e-6 to 3e-5), then the comparison at the probe's learning rate
+# (--write_lr). The probe's runs at the chosen lr are the main plan's grpo and proma seed-0 runs
+# (same overrides), so they are not run twice.
+SMOLLM2_LR_FILE = "results/smollm2_paper/lr.json"
+SMOLLM2_ARMS = ["reinforce", "grpo", "proma", "proma_intra", "proma_both", "grpo_4ep"]
 PLANS = {
+    "smollm2_lr": [
+        dict(tasks=["smollm2_paper"], shapes=["paper"], arms=["grpo", "proma"],
+             lrs=[1e-6, 3e-6, 1e-5, 3e-5], seeds=[0]),
+    ],
+    "smollm2": [
+        dict(tasks=["smollm2_paper"], shapes=["paper"], arms=SMOLLM2_ARMS, lr_file=SMOLLM2_LR_FILE,
+             seeds=_SEEDS),
+    ],
     "paper": [
         dict(tasks=["reverse", "arith"], shapes=["paper"],
              arms=["reinforce", "grpo", "proma", "proma_intra", "proma_both", "proma_rb0.5",
@@ -96,6 +128,9 @@ PLANS = {
              arms=["grpo", "proma"], lrs=[1e-4, 3e-4], seeds=_SEEDS),
     ],
 }
+# RL steps per run of a plan, unless --steps is given (60 for a grid from the flags).
+PLAN_STEPS = {"smollm2_lr": 30, "smollm2": 30}
+DEFAULT_STEPS = 60
 
 # Relative cost of a step, for scheduling the slowest groups first.
 ARM_COST = {"proma_both": 4, "proma_intra": 2.5, "proma": 1.2, "proma_rb0.5": 1.2, "grpo_2ep": 2,
@@ -263,12 +298,51 @@ def _numbers(option: str, text: str, kind: type) -> list:
                      f"{example}") from None
 
 
+def read_lr_file(path: str) -> float:
+  """The learning rate recorded in `path` by --write_lr; SweepError naming the file otherwise."""
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    lr = record["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+      raise ValueError(f"'lr' is {lr!r}, not a positive number")
+    return float(lr)
+  except FileNotFoundError:
+    raise SweepError(f"{path}: no learning rate chosen yet (no such file); run the probe first "
+                     f"(experiments/sweep.py --plan smollm2_lr ... --write_lr {path}) or give "
+                     "--lrs") from None
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise SweepError(f"{path} does not record a learning rate ({type(e).__name__}: {e}); "
+                     "rewrite it with --write_lr or give --lrs") from None
+
+
+def plan_grids(args) -> list[dict]:
+  """The sub-grids of --plan (--lrs / --seeds, when given, replace the plan's; a grid's lr_file,
+  or --lr_file, is read) or the one grid of the flags."""
+  lrs = _numbers("--lrs", args.lrs, float) if args.lrs is not None else None
+  seeds = _numbers("--seeds", args.seeds, int) if args.seeds is not None else None
+  if not args.plan:
+    return [dict(tasks=args.tasks.split(","), shapes=args.shapes.split(","),
+                 arms=args.arms.split(","), lrs=lrs or [1e-4, 3e-4, 1e-3, 3e-3],
+                 seeds=seeds or [0, 1, 2])]
+  grids = []
+  for grid in PLANS[args.plan]:
+    grid = dict(grid)
+    if lrs is not None:
+      grid["lrs"] = lrs
+    elif "lr_file" in grid:
+      path = args.lr_file or os.path.join(REPO, grid["lr_file"])
+      grid["lrs"] = [read_lr_file(path)]
+    if seeds is not None:
+      grid["seeds"] = seeds
+    grids.append(grid)
+  return grids
+
+
 def plan_cells(args) -> list[tuple]:
   """The (task, shape, arm, lr, seed) cells of --plan or of the grid flags, in plan order;
   SweepError naming the option for an unknown task, arm or shape or a malformed number."""
-  grids = PLANS[args.plan] if args.plan else [dict(
-      tasks=args.tasks.split(","), shapes=args.shapes.split(","), arms=args.arms.split(","),
-      lrs=_numbers("--lrs", args.lrs, float), seeds=_numbers("--seeds", args.seeds, int))]
+  grids = plan_grids(args)
   cells = []
   for grid in grids:
     for cell in itertools.product(grid["tasks"], grid["shapes"], grid["arms"], grid["lrs"],
@@ -300,6 +374,108 @@ def queue_order(cells: list[tuple]) -> list[tuple]:
   return sorted(cells, key=lambda cell: (cell[4], -_cost(cell)))
 
 
+# choose_lr: a probed (arm, lr) counts as stable when its last validation accuracy is no more
+# than this below its step-0 accuracy (0.02: 5 of the 256 val problems of configs/smollm2_paper.py)
+# and its mean reward over the last REWARD_WINDOW steps is above its first step's.
+VAL_TOLERANCE = 0.02
+REWARD_WINDOW = 5
+
+
+def _load_summary(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def choose_lr(summaries: list[dict]) -> dict:
+  """The learning rate of a probe: the largest at which every probed arm is stable, else the
+  smallest probed (flagged `none_stable`), with the evidence.
+
+  Per (arm, lr), over its seeds: val_0 and val_last, the mean over seeds of the first and last
+  validation accuracy; reward_first, the mean of the first step's reward/mean; reward_last, the
+  mean of the last REWARD_WINDOW steps' reward/mean. Stable: val_last >= val_0 - VAL_TOLERANCE
+  and reward_last > reward_first (it learned without losing validation accuracy). The largest
+  such lr moves the policy most while no arm degrades, so the arms' per-step KL and accuracy can
+  differ; the smallest lrs hardly move any arm.
+  """
+  import numpy as np  # not at the top: the workers import JAX after setting XLA_FLAGS
+  by_cell: dict[tuple, list[dict]] = {}
+  for s in summaries:
+    by_cell.setdefault((s["arm"], float(s["lr"])), []).append(s)
+  if not by_cell:
+    raise SweepError("--write_lr: no run summaries to choose a learning rate from")
+  rows = []
+  for (arm, lr), runs in sorted(by_cell.items()):
+    val = [sorted((int(k), v) for k, v in (r.get("val") or {}).items() if v is not None)
+           for r in runs]
+    rewards = [[x for x in (r.get("curves") or {}).get("reward/mean", []) if x is not None]
+               for r in runs]
+    if not all(val) or not all(rewards):
+      raise SweepError(f"--write_lr: the {arm} run at lr {lr:g} has no validation points or "
+                       "reward curve")
+    row = dict(arm=arm, lr=lr, seeds=sorted(r["seed"] for r in runs),
+               val_0=float(np.mean([v[0][1] for v in val])),
+               val_last=float(np.mean([v[-1][1] for v in val])),
+               reward_first=float(np.mean([r[0] for r in rewards])),
+               reward_last=float(np.mean([np.mean(r[-REWARD_WINDOW:]) for r in rewards])))
+    row["stable"] = bool(row["val_last"] >= row["val_0"] - VAL_TOLERANCE
+                         and row["reward_last"] > row["reward_first"])
+    rows.append(row)
+  lrs = sorted({row["lr"] for row in rows})
+  arms = sorted({row["arm"] for row in rows})
+  stable = [lr for lr in lrs
+            if all(any(r["lr"] == lr and r["arm"] == arm and r["stable"] for r in rows)
+                   for arm in arms)]
+  return dict(lr=max(stable) if stable else min(lrs), none_stable=not stable, stable_lrs=stable,
+              rule=(f"the largest lr at which every probed arm ({', '.join(arms)}) has last val >= "
+                    f"step-0 val - {VAL_TOLERANCE} and mean reward/mean over its last "
+                    f"{REWARD_WINDOW} steps > its first step's (seed means); if none, the "
+                    "smallest lr"),
+              probe=rows)
+
+
+def write_lr(path: str, cells: list[tuple], summaries: str) -> None:
+  """Chooses the learning rate from the summaries of `cells` (`choose_lr`) and writes it to
+  `path`; an existing file that records another learning rate is not replaced (SweepError: runs
+  may already have used it)."""
+  choice = choose_lr([_load_summary(os.path.join(summaries, run_name(*c) + ".json"))
+                      for c in cells])
+  if os.path.exists(path):
+    previous = read_lr_file(path)
+    if previous != choice["lr"]:
+      raise SweepError(f"--write_lr {path}: it records lr {previous:g}, but these runs choose "
+                       f"{choice['lr']:g}; remove the file to replace it")
+  _write_json(path, choice)
+  flag = " (no probed lr was stable for every arm: the smallest)" if choice["none_stable"] else ""
+  print(f"sweep: lr {choice['lr']:g} chosen{flag} -> {path}", flush=True)
+
+
+def wall_estimates(summaries: str) -> dict[tuple, float]:
+  """(task, shape, arm) -> the longest wall_s of its summarised runs under `summaries`."""
+  walls: dict[tuple, float] = {}
+  for directory, _, files in os.walk(summaries):
+    for name in files:
+      if not name.endswith(".json"):
+        continue
+      try:
+        s = _load_summary(os.path.join(directory, name))
+        key, wall = (s["task"], s["shape"], s["arm"]), float(s["wall_s"])
+      except (OSError, ValueError, KeyError, TypeError):
+        continue
+      walls[key] = max(wall, walls.get(key, 0.0))
+  return walls
+
+
+def expected_wall(cell: tuple, walls: dict[tuple, float]) -> float | None:
+  """The expected wall time of a run: its group's longest summarised run, else another arm's of
+  the same task and shape scaled by ARM_COST (the largest such estimate), else None."""
+  task, shape, arm = cell[:3]
+  if (task, shape, arm) in walls:
+    return walls[(task, shape, arm)]
+  scaled = [wall * ARM_COST.get(arm, 1) / ARM_COST.get(other, 1)
+            for (t, sh, other), wall in walls.items() if (t, sh) == (task, shape)]
+  return max(scaled) if scaled else None
+
+
 def commit_summaries(summaries: str, message: str) -> bool:
   """Commits the summaries directory to git (new or changed files only); False if nothing to
   commit or git refused (e.g. another commit held the index lock: the next call retries)."""
@@ -322,14 +498,27 @@ def main(argv=None):
   parser.add_argument("--summaries", default=None,
                       help="where finished runs' summaries go (default OUT/summaries)")
   parser.add_argument("--plan", default=None, choices=sorted(PLANS),
-                      help="a named grid (overrides --tasks/--shapes/--arms/--lrs/--seeds)")
+                      help="a named grid (overrides --tasks/--shapes/--arms; --lrs and --seeds, "
+                           "when given, replace its own)")
   parser.add_argument("--tasks", default="reverse,arith")
   parser.add_argument("--shapes", default="base", help=f"of {sorted(SHAPES)}")
   parser.add_argument("--arms", "--algorithms", default=",".join(ALGORITHMS),
                       help=f"of {sorted(ARMS)}")
-  parser.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
-  parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--steps", type=int, default=60)
+  parser.add_argument("--lrs", default=None, help="default 1e-4,3e-4,1e-3,3e-3 (or the plan's)")
+  parser.add_argument("--seeds", default=None, help="default 0,1,2 (or the plan's)")
+  parser.add_argument("--lr_file", default=None,
+                      help="the learning-rate file of a plan whose grid names one (default: the "
+                           "plan's, e.g. results/smollm2_paper/lr.json)")
+  parser.add_argument("--write_lr", default=None, metavar="PATH",
+                      help="once every run is summarised, choose the learning rate from them "
+                           "(choose_lr) and write it to PATH")
+  parser.add_argument("--steps", type=int, default=None,
+                      help=f"RL steps per run (default: the plan's {PLAN_STEPS}, else "
+                           f"{DEFAULT_STEPS})")
+  parser.add_argument("--time_budget", type=float, default=0,
+                      help="seconds: start no run that would end after this (0: no limit)")
+  parser.add_argument("--max_runs", type=int, default=0,
+                      help="start at most this many runs (0: no limit)")
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--override", action="append", default=[],
                       help="config field=JSON value applied to every run, e.g. model.d_model=32")
@@ -343,9 +532,14 @@ def main(argv=None):
 
 def _sweep(args) -> None:
   """Runs the sweep of the parsed command line `args` (see `main`)."""
+  if args.steps is None:
+    args.steps = PLAN_STEPS.get(args.plan, DEFAULT_STEPS)
   for option, value in (("--steps", args.steps), ("--workers", args.workers)):
     if value < 1:
       raise SweepError(f"{option} {value}: must be at least 1")
+  for option, value in (("--time_budget", args.time_budget), ("--max_runs", args.max_runs)):
+    if value < 0:
+      raise SweepError(f"{option} {value}: must be >= 0 (0: no limit)")
   summaries = args.summaries or os.path.join(args.out, "summaries")
   cells = plan_cells(args)
   overrides = {cell: run_overrides(cell[1], cell[2], cell[3], cell[4], args.steps, args.override)
@@ -361,30 +555,53 @@ def _sweep(args) -> None:
         flush=True)
 
   if left:
-    # Warm starts first, in this process, so workers never race to create the same one.
+    # Warm starts first, in this process, so workers never race to create the same one. A
+    # pretrained checkpoint has none (and is not loaded here).
     from absl import logging
 
     from proma_jax import sft
     logging.set_verbosity(logging.WARNING)
     for task in sorted({cell[0] for cell in pending}):
       cell = next(c for c in cells if c[0] == task)
-      sft.load_or_train(make_config(task, ARMS[cell[2]][0], overrides[cell]))
+      config = make_config(task, ARMS[cell[2]][0], overrides[cell])
+      if not config.model.checkpoint:
+        sft.load_or_train(config)
 
   import tqdm
   # SIGTERM unwinds like Ctrl-C: the workers are told to stop (each checkpoints its run).
   signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   start = last_commit = time.perf_counter()
+  walls = wall_estimates(summaries) if args.time_budget else {}
+  started = 0
+
+  def next_job():
+    """The first pending run that the budget lets start (popped), or None."""
+    nonlocal started
+    if args.max_runs and started >= args.max_runs:
+      return None
+    elapsed = time.perf_counter() - start
+    for i, job in enumerate(pending):
+      if args.time_budget:
+        expected = expected_wall(job, walls)
+        if elapsed >= args.time_budget or (expected and elapsed + expected > args.time_budget):
+          continue
+      started += 1
+      return pending.pop(i)
+    return None
+
   bar = tqdm.tqdm(total=total, initial=total - left, desc="sweep runs", file=sys.stdout)
   ctx = mp.get_context("spawn")
   outbox = ctx.Queue()
   workers, inboxes, current = [], [], {}
   try:
     for i in range(min(args.workers, left)):
+      job = next_job()
+      if job is None:
+        break
       inboxes.append(ctx.Queue())
       workers.append(ctx.Process(target=_worker, args=(i, inboxes[i], outbox, args.out, summaries),
                                  daemon=True))
       workers[i].start()
-      job = pending.pop(0)
       current[i] = job
       inboxes[i].put((job, overrides[job]))
     while current:
@@ -401,11 +618,15 @@ def _sweep(args) -> None:
         raise SystemExit(f"sweep: run {name} failed:\n{failure}")
       bar.update(1)
       bar.write(f"done {name}")
-      current.pop(worker_id)
-      if not pending:
+      group = current.pop(worker_id)[:3]
+      if args.time_budget:
+        wall = _load_summary(os.path.join(summaries, name + ".json")).get("wall_s", 0.0)
+        walls[group] = max(wall, walls.get(group, 0.0))
+      job = next_job()
+      if job is None:
         inboxes[worker_id].put(None)
       else:
-        job = current[worker_id] = pending.pop(0)
+        current[worker_id] = job
         inboxes[worker_id].put((job, overrides[job]))
       if args.commit_every and time.perf_counter() - last_commit > args.commit_every:
         if commit_summaries(summaries, f"sweep ({args.plan or 'flags'}): run summaries, "
@@ -424,8 +645,14 @@ def _sweep(args) -> None:
     if args.commit_every:
       commit_summaries(summaries, f"sweep ({args.plan or 'flags'}): run summaries, "
                                   f"{sum(map(done, cells))}/{total} done")
-  print(f"sweep: {sum(map(done, cells))}/{total} runs done in {time.perf_counter() - start:.0f} s "
+  finished = sum(map(done, cells))
+  print(f"sweep: {finished}/{total} runs done in {time.perf_counter() - start:.0f} s "
         f"-> {summaries}")
+  if finished < total:
+    print(f"sweep: stopped with {total - finished} runs left (--time_budget / --max_runs); rerun "
+          "the same command to resume", flush=True)
+  elif args.write_lr:
+    write_lr(args.write_lr, cells, summaries)
 
 
 if __name__ == "__main__":
