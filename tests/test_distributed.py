@@ -336,61 +336,64 @@ def _optimizer_step(algorithm, minibatch=None, rng=None, fused=True, **mesh):
   return trainer, minibatch, jax.tree.map(np.asarray, (params, metrics))
 
 
-def case_mesh_optimizer_steps():
-  """Each algorithm's optimizer step (2 microbatches of 8 sequences) on a ("data", "fsdp") = 2 x 4
+def case_mesh_optimizer_steps(algorithm: str):
+  """`algorithm`'s optimizer step (2 microbatches of 8 sequences) on a ("data", "fsdp") = 2 x 4
   mesh, params, optimizer state and sequences sharded (each device its own sequence), equals one
   device's; so does proma's on a 4-device data mesh in exact mode. The PROMA variants'
   per-sequence gradients are resharded like the params (`mesh.constrain_sequence_gradients`);
   what that saves at LLM shapes is measured by experiments/bench_fsdp.py (at these tiny shapes
-  the compiler uses all-to-alls with or without it). Also: proma_intra in local mode (the paper's
-  data-parallel variant) steps with the projection active, and a pretrained checkpoint loads
-  onto its FSDP shards. (Whole RL steps across processes: test_two_processes_match_one_process;
-  a sharded checkpoint restored onto other mesh shapes: case_fsdp_transforms.)"""
+  the compiler uses all-to-alls with or without it). Also, one part per algorithm so that the
+  suite's workers share them: proma_intra in local mode (the paper's data-parallel variant) steps
+  with the projection active; proma_both's fused path equals the unfused one on the FSDP mesh
+  and in local mode; a pretrained checkpoint loads onto its FSDP shards (with grpo). (Whole RL
+  steps across processes: test_two_processes_match_one_process; a sharded checkpoint restored
+  onto other mesh shapes: case_fsdp_transforms.)"""
   import chex
   import jax
 
   from proma_jax import mesh as mesh_lib
   assert jax.device_count() == 8
   rng = np.random.default_rng(0)
-  for algorithm, layouts in MESH_STEPS.items():
-    trainer, minibatch, single = _optimizer_step(algorithm, rng=rng)
-    assert max(float(np.abs(a - np.asarray(b)).max()) for a, b in zip(
-        jax.tree.leaves(single[0]), jax.tree.leaves(trainer.init_params))) > 0, algorithm
-    if algorithm == "grpo":
-      assert single[1]["pg/clipfrac"] > 0, single[1]
-    if algorithm in ("proma", "proma_both"):
-      assert single[1]["proma/reduction"] > 0, single[1]
-    if algorithm in ("proma_intra", "proma_both"):
-      assert single[1]["proma/intra_reduction"] > 0, single[1]
-    for layout in layouts:
-      trainer, _, got = _optimizer_step(algorithm, minibatch, **MESHES[layout])
-      if layout == "fsdp":
-        rows = trainer.shard({k: v[:8] for k, v in minibatch.items()})["tokens"]
-        assert rows.sharding.spec == mesh_lib.P(("data", "fsdp")), rows.sharding
-        leaves = jax.tree.leaves(trainer.init_params)
-        sharded = [x for x in leaves if "fsdp" in x.sharding.spec]
-        assert len(sharded) >= len(leaves) // 2, [x.sharding.spec for x in leaves]
-      # Params to 1% of an Adam step (lr 1e-3: where a gradient entry is ~0, Adam's
-      # normalisation turns its float32 rounding into a visible change), the metrics to 1e-4.
-      chex.assert_trees_all_close(got[0], single[0], rtol=1e-4, atol=1e-5)
-      chex.assert_trees_all_close(got[1], single[1], rtol=1e-4, atol=1e-6)
-      print(f"{algorithm} optimizer step {layout} {MESHES[layout]} == 1 device")
-  _, _, local = _optimizer_step("proma_intra", rng=rng, data=NUM_DEVICES, mode="local")
-  assert all(np.isfinite(v).all() for v in jax.tree.leaves(local))
-  assert local[1]["proma/intra_reduction"] > 0, local[1]
-  print("proma_intra local mode steps")
-  # The fused path (the default) against the unfused one: on the FSDP mesh (the S_i of each
-  # kernel constrained like it inside its backward step) and in local mode (each device's own
-  # statistics, inside shard_map).
-  for algorithm, mesh in (("proma_both", MESHES["fsdp"]),
-                          ("proma_both", dict(data=NUM_DEVICES, mode="local"))):
-    _, minibatch, fused = _optimizer_step(algorithm, rng=rng, **mesh)
-    _, _, unfused = _optimizer_step(algorithm, minibatch, fused=False, **mesh)
-    assert unfused[1]["proma/reduction"] > 0 and unfused[1]["proma/intra_reduction"] > 0
-    chex.assert_trees_all_close(fused[0], unfused[0], rtol=0, atol=1e-5)
-    chex.assert_trees_all_close(fused[1], unfused[1], rtol=1e-4, atol=1e-7)
-    print(f"{algorithm} fused == unfused on {mesh}")
-  _pretrained_loads_onto_its_shards()
+  trainer, minibatch, single = _optimizer_step(algorithm, rng=rng)
+  assert max(float(np.abs(a - np.asarray(b)).max()) for a, b in zip(
+      jax.tree.leaves(single[0]), jax.tree.leaves(trainer.init_params))) > 0, algorithm
+  if algorithm == "grpo":
+    assert single[1]["pg/clipfrac"] > 0, single[1]
+  if algorithm in ("proma", "proma_both"):
+    assert single[1]["proma/reduction"] > 0, single[1]
+  if algorithm in ("proma_intra", "proma_both"):
+    assert single[1]["proma/intra_reduction"] > 0, single[1]
+  for layout in MESH_STEPS[algorithm]:
+    trainer, _, got = _optimizer_step(algorithm, minibatch, **MESHES[layout])
+    if layout == "fsdp":
+      rows = trainer.shard({k: v[:8] for k, v in minibatch.items()})["tokens"]
+      assert rows.sharding.spec == mesh_lib.P(("data", "fsdp")), rows.sharding
+      leaves = jax.tree.leaves(trainer.init_params)
+      sharded = [x for x in leaves if "fsdp" in x.sharding.spec]
+      assert len(sharded) >= len(leaves) // 2, [x.sharding.spec for x in leaves]
+    # Params to 1% of an Adam step (lr 1e-3: where a gradient entry is ~0, Adam's
+    # normalisation turns its float32 rounding into a visible change), the metrics to 1e-4.
+    chex.assert_trees_all_close(got[0], single[0], rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(got[1], single[1], rtol=1e-4, atol=1e-6)
+    print(f"{algorithm} optimizer step {layout} {MESHES[layout]} == 1 device")
+  if algorithm == "proma_intra":
+    _, _, local = _optimizer_step("proma_intra", rng=rng, data=NUM_DEVICES, mode="local")
+    assert all(np.isfinite(v).all() for v in jax.tree.leaves(local))
+    assert local[1]["proma/intra_reduction"] > 0, local[1]
+    print("proma_intra local mode steps")
+  if algorithm == "proma_both":
+    # The fused path (the default) against the unfused one: on the FSDP mesh (the S_i of each
+    # kernel constrained like it inside its backward step) and in local mode (each device's own
+    # statistics, inside shard_map).
+    for mesh in (MESHES["fsdp"], dict(data=NUM_DEVICES, mode="local")):
+      _, minibatch, fused = _optimizer_step(algorithm, rng=rng, **mesh)
+      _, _, unfused = _optimizer_step(algorithm, minibatch, fused=False, **mesh)
+      assert unfused[1]["proma/reduction"] > 0 and unfused[1]["proma/intra_reduction"] > 0
+      chex.assert_trees_all_close(fused[0], unfused[0], rtol=0, atol=1e-5)
+      chex.assert_trees_all_close(fused[1], unfused[1], rtol=1e-4, atol=1e-7)
+      print(f"{algorithm} fused == unfused on {mesh}")
+  if algorithm == "grpo":
+    _pretrained_loads_onto_its_shards()
 
 
 def case_transforms():
@@ -627,16 +630,20 @@ def reference_run(tmp_path_factory, warm_dir):
 
 
 @pytest.mark.slow
-def test_optimizer_step_on_each_mesh_equals_one_device():
+@pytest.mark.parametrize("algorithm", sorted(MESH_STEPS))
+def test_optimizer_step_on_each_mesh_equals_one_device(algorithm):
   """Each algorithm's optimizer step on a 2 x 4 FSDP mesh (each device its own sequence), and
-  proma's on a 4-device data mesh, equal one device's to 1e-4; local intra steps; a pretrained
-  checkpoint loads onto its FSDP shards (case_mesh_optimizer_steps)."""
-  out = _run_case("mesh_optimizer_steps", devices=8)  # ~130-230 s idle; no tight limit
-  for algorithm, layouts in MESH_STEPS.items():
-    for layout in layouts:
-      assert f"{algorithm} optimizer step {layout} {MESHES[layout]} == 1 device" in out, out
-  assert "proma_intra local mode steps" in out
-  assert "pretrained checkpoint loaded onto its fsdp 2x2 shards" in out
+  proma's on a 4-device data mesh, equal one device's to 1e-4; local intra steps; the fused path
+  equals the unfused one on meshes; a pretrained checkpoint loads onto its FSDP shards
+  (case_mesh_optimizer_steps, one subprocess per algorithm)."""
+  out = _run_case("mesh_optimizer_steps", algorithm, devices=8)  # no tight time limit
+  for layout in MESH_STEPS[algorithm]:
+    assert f"{algorithm} optimizer step {layout} {MESHES[layout]} == 1 device" in out, out
+  expected = {"proma_intra": ["proma_intra local mode steps"],
+              "proma_both": ["proma_both fused == unfused on"],
+              "grpo": ["pretrained checkpoint loaded onto its fsdp 2x2 shards"]}
+  for line in expected.get(algorithm, []):
+    assert line in out, out
 
 
 def _free_port() -> int:
