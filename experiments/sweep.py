@@ -1,15 +1,16 @@
-"""The paper's comparison at CPU scale: tasks x batch shapes x arms x learning rates x seeds.
+"""The paper's comparison: tasks x batch shapes x arms x learning rates x seeds (CPU scale, and
+SmolLM2-135M-Instruct on a GPU in time-bounded slices).
 
   python experiments/sweep.py --plan paper --out runs/paper --summaries results/paper/runs \\
       --commit_every 900                                # the paper-shape grid, resumable, in the background
   python experiments/sweep.py --out runs/sweep --shapes base --arms reinforce,grpo,proma \\
       --lrs 1e-4,3e-4 --seeds 0,1 --steps 60            # one grid from the flags
   python experiments/report_paper.py results/paper/runs --out results/paper
-  python experiments/sweep.py --plan smollm2_lr --out runs/smollm2_paper \
+  python experiments/sweep.py --plan smollm2_lr --out runs/smollm2_paper \\
       --summaries results/smollm2_paper/runs --write_lr results/smollm2_paper/lr.json
-  python experiments/sweep.py --plan smollm2 --out runs/smollm2_paper \
-      --summaries results/smollm2_paper/runs --time_budget 480   # one slice of the GPU plan
-                                                                 # (experiments/gpu_smollm2_paper.sh)
+  python experiments/sweep.py --plan smollm2 --out runs/smollm2_paper \\
+      --summaries results/smollm2_paper/runs --time_budget 450    # one slice, on a GPU
+                                                  # (experiments/gpu_smollm2_paper.sh runs both)
 
 A run is one (task, shape, arm, lr, seed). An arm is an algorithm plus config overrides (ARMS: e.g.
 `proma_rb0.5` is PROMA with the author's relative_bound 0.5, `grpo_2ep` GRPO with 2 PPO epochs so
@@ -23,7 +24,8 @@ reads results/smollm2_paper/lr.json). `--write_lr PATH`, once every run of the s
 summarised, chooses one learning rate from those runs by `choose_lr` (the largest learning rate
 at which every probed arm learned and kept its validation accuracy) and writes it with the
 evidence to PATH; `--lr_file` reads another file, and `--lrs` / `--seeds` given with --plan
-replace the plan's own.
+replace the plan's own. A plan may also fix the RL steps of its runs (PLAN_STEPS, unless --steps
+is given) and config overrides (PLAN_OVERRIDES, before --override's).
 
 Resuming: a run is finished when its summary (`--summaries/<task>/<shape>/<arm>/lr<lr>_seed<seed>
 .json`, small: per-step curves and validation points) exists, so a sweep resumes from summaries
@@ -33,9 +35,11 @@ new summaries to git every S seconds (and at the end).
 
 Slices: `--time_budget S` starts no run after S seconds, nor one expected to end after S seconds
 (expected: the longest summarised run of its task, shape and arm, compilation included; a group
-never run before is scaled from another arm's by ARM_COST), and `--max_runs N` starts at most N
-runs; the sweep then waits for the runs it started and exits, and the next call resumes. So one
-call bounded by the clock (a GPU lease) finishes whole runs and loses none mid-way.
+never run before is scaled from another arm's by ARM_COST; a run that does not fit waits for the
+next call, which starts with it, while cheaper ones use the time left), and `--max_runs N` starts
+at most N runs; the sweep then waits for the runs it started and exits, and the next call
+resumes. So one call bounded by the clock (a GPU lease) finishes whole runs and loses none
+mid-way.
 
 Errors a user can fix (an unknown task, arm or shape, an --override that is not field=JSON or names
 no config field, an unreadable summary, a full disk or an unwritable --out in the sweep or in a
@@ -130,6 +134,10 @@ PLANS = {
 }
 # RL steps per run of a plan, unless --steps is given (60 for a grid from the flags).
 PLAN_STEPS = {"smollm2_lr": 30, "smollm2": 30}
+# Config overrides of every run of a plan, before --override's. The SmolLM2 runs checkpoint once,
+# at the end (1.6 GB of params and AdamW state each time): a GPU slice never resumes a run
+# mid-way, its machine is gone by the next call.
+PLAN_OVERRIDES = {"smollm2_lr": ["checkpoint.every=1000"], "smollm2": ["checkpoint.every=1000"]}
 DEFAULT_STEPS = 60
 
 # Relative cost of a step, for scheduling the slowest groups first.
@@ -542,7 +550,8 @@ def _sweep(args) -> None:
       raise SweepError(f"{option} {value}: must be >= 0 (0: no limit)")
   summaries = args.summaries or os.path.join(args.out, "summaries")
   cells = plan_cells(args)
-  overrides = {cell: run_overrides(cell[1], cell[2], cell[3], cell[4], args.steps, args.override)
+  extra = PLAN_OVERRIDES.get(args.plan, []) + args.override
+  overrides = {cell: run_overrides(cell[1], cell[2], cell[3], cell[4], args.steps, extra)
                for cell in cells}
   from proma_jax.config import validate_config
   for cell in cells:  # every run's config is valid (ConfigError naming the field) before any runs
@@ -575,9 +584,11 @@ def _sweep(args) -> None:
   started = 0
 
   def next_job():
-    """The first pending run that the budget lets start (popped), or None."""
+    """The first pending run, in queue order, that the budget lets start (popped), or None. A run
+    that would not fit waits for the next call, which starts with it (the queue is seed-major),
+    while cheaper ones, of later seeds too, use the rest of this call's time."""
     nonlocal started
-    if args.max_runs and started >= args.max_runs:
+    if not pending or (args.max_runs and started >= args.max_runs):
       return None
     elapsed = time.perf_counter() - start
     for i, job in enumerate(pending):
@@ -649,7 +660,7 @@ def _sweep(args) -> None:
   print(f"sweep: {finished}/{total} runs done in {time.perf_counter() - start:.0f} s "
         f"-> {summaries}")
   if finished < total:
-    print(f"sweep: stopped with {total - finished} runs left (--time_budget / --max_runs); rerun "
+    print(f"sweep: stopped with {total - finished} run(s) left (--time_budget / --max_runs); rerun "
           "the same command to resume", flush=True)
   elif args.write_lr:
     write_lr(args.write_lr, cells, summaries)

@@ -158,9 +158,12 @@ def test_choose_lr_is_the_largest_lr_stable_for_every_arm(tmp_path):
   step's. 1e-5 is stable for both arms, 3e-5 only for grpo (proma's val falls): 1e-5. With no lr
   stable for every arm, the smallest, flagged. --write_lr never replaces another lr."""
   learns, flat = [0.1] + [0.2] * 9, [0.1] * 10
-  runs = [_probe_summary("grpo", 1e-6, 0.3, 0.3, flat), _probe_summary("proma", 1e-6, 0.3, 0.31, flat),
-          _probe_summary("grpo", 1e-5, 0.3, 0.29, learns), _probe_summary("proma", 1e-5, 0.3, 0.35, learns),
-          _probe_summary("grpo", 3e-5, 0.3, 0.4, learns), _probe_summary("proma", 3e-5, 0.3, 0.2, learns)]
+  runs = [_probe_summary("grpo", 1e-6, 0.3, 0.3, flat),
+          _probe_summary("proma", 1e-6, 0.3, 0.31, flat),
+          _probe_summary("grpo", 1e-5, 0.3, 0.29, learns),
+          _probe_summary("proma", 1e-5, 0.3, 0.35, learns),
+          _probe_summary("grpo", 3e-5, 0.3, 0.4, learns),
+          _probe_summary("proma", 3e-5, 0.3, 0.2, learns)]
   choice = sweep.choose_lr(runs)
   assert choice["lr"] == 1e-5 and choice["stable_lrs"] == [1e-5] and not choice["none_stable"]
   assert {(r["arm"], r["lr"]): r["stable"] for r in choice["probe"]} == {
@@ -214,8 +217,8 @@ def test_smollm2_chain_at_a_tiny_shape(tmp_path, capsys):
   """The GPU plan's whole chain on the CPU, on a tiny model: the lr probe in two slices
   (--max_runs 2, then the rest, which writes lr.json), the main plan reading that lr (the probe's
   grpo and proma runs at it count as done; --time_budget 1 starts nothing and says what is left),
-  then report_paper over the summaries. 2 steps per run; 2 arms compile (about 130 s here under
-  load, 60 s quiet)."""
+  then report_paper over the summaries. 2 steps per run; 2 arms compile (31 s on the 2-core box
+  at load 4, 114-124 s at load 6, hence slow)."""
   out, summaries, lr_file = tmp_path / "runs", tmp_path / "summaries", tmp_path / "lr.json"
   common = ["--out", str(out), "--summaries", str(summaries), "--steps", "2", "--workers", "1"]
   common += [x for k, v in TINY_SMOLLM2.items() for x in ("--override", f"{k}={json.dumps(v)}")]
@@ -223,7 +226,7 @@ def test_smollm2_chain_at_a_tiny_shape(tmp_path, capsys):
 
   sweep.main(probe + ["--max_runs", "2"])
   assert len(list(summaries.rglob("*.json"))) == 2 and not lr_file.exists()
-  assert "stopped with 2 runs left" in capsys.readouterr().out
+  assert "stopped with 2 run(s) left" in capsys.readouterr().out
   sweep.main(probe)
   names = sorted(str(p.relative_to(summaries)) for p in summaries.rglob("*.json"))
   assert names == [f"smollm2_paper/paper/{arm}/lr{lr}_seed0.json"
@@ -233,12 +236,13 @@ def test_smollm2_chain_at_a_tiny_shape(tmp_path, capsys):
   assert choice["lr"] == 1e-4 and choice["none_stable"] and len(choice["probe"]) == 4
   summary = json.loads((summaries / names[0]).read_text())
   assert summary["overrides"]["steps"] == 2 and summary["overrides"]["rollout.prompts_per_step"] == 2
+  assert summary["overrides"]["checkpoint.every"] == 1000  # PLAN_OVERRIDES: once, at the end
   assert set(summary["val"]) == {"0", "1", "2"} and len(summary["curves"]["kl/step"]) == 2
 
   capsys.readouterr()
   sweep.main(["--plan", "smollm2", "--lr_file", str(lr_file), "--time_budget", "1"] + common)
   printed = capsys.readouterr().out
-  assert "24 runs, 2 already summarised" in printed and "stopped with 22 runs left" in printed
+  assert "24 runs, 2 already summarised" in printed and "stopped with 22 run(s) left" in printed
   assert len(list(summaries.rglob("*.json"))) == 4
 
   import report_paper  # pylint: disable=import-outside-toplevel
