@@ -107,12 +107,16 @@ def test_the_working_directory_is_fresh_and_removed(tmp_path):
 @pytest.mark.skipif(not ROOT, reason="a uid of its own needs root; without it the program runs "
                     "as the trainer's user (documented in proma_jax/tasks/code.py)")
 def test_as_root_writing_outside_the_working_directory_is_refused_or_private(tmp_path):
-  # The checkout is root's: refused. pytest's tmp_path is under /tmp, which the program sees as a
-  # fresh tmpfs of its own: not found there, and nothing it writes to /tmp outlives it.
-  for target, error in ((pathlib.Path(__file__).parent / f"escaped_{os.getpid()}.txt",
+  # /etc is root's: refused. pytest's tmp_path is under /tmp, which the program sees as a fresh
+  # tmpfs of its own: not found there, and nothing it writes to /tmp outlives it.
+  for target, error in ((pathlib.Path("/etc") / f"proma_jax_escaped_{os.getpid()}",
                          "PermissionError"), (tmp_path / "escaped.txt", "FileNotFoundError")):
-    result = code.run_program(f"open({str(target)!r}, 'w').write('x')\n", "")
-    assert error in result.message and not target.exists(), result
+    try:
+      result = code.run_program(f"open({str(target)!r}, 'w').write('x')\n", "")
+      assert error in result.message and not target.exists(), result
+    finally:
+      if target.exists():
+        target.unlink()
   shared = f"/tmp/proma_jax_sandbox_test_{os.getpid()}"
   result = code.run_program(f"open({shared!r}, 'w').write('x')\n", "import os\n"
                             f"assert os.path.exists({shared!r})")

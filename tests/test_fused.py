@@ -41,8 +41,9 @@ def assert_fused_equals_unfused(c, reference=None):
 
 
 # Each case compiles two training steps (30-100 s on 2 cores): one stays in the fast tier.
-@pytest.mark.parametrize("algorithm", ["proma", pytest.param("proma_intra", marks=pytest.mark.slow),
-                                       pytest.param("proma_both", marks=pytest.mark.slow)])
+# proma_both at its default knobs is the remat and untied-head case below (and, with knobs, the
+# knob cases), so it has no case of its own here.
+@pytest.mark.parametrize("algorithm", ["proma", pytest.param("proma_intra", marks=pytest.mark.slow)])
 def test_fused_equals_unfused(algorithm):
   assert_fused_equals_unfused(small(algorithm))
 
@@ -84,13 +85,12 @@ def test_fused_equals_unfused_in_bfloat16():
   The reference of the fused proma is the unfused one-backward statistics (proma_both with the
   intra projection off, which is proma): the unfused proma takes every S_i from its own
   per-sequence backward pass (vmap), whose bf16 rounding differs from a batched backward's by
-  bf16's 2^-8, which Adam turns into whole steps where a gradient entry is near zero."""
-  for algorithm in ("proma_both", "proma"):
-    c = small(algorithm)
-    c.model.dtype = "bfloat16"
-    reference = small("proma_both", intra_shrinkage=0.0)
-    reference.model.dtype = "bfloat16"
-    assert_fused_equals_unfused(c, reference if algorithm == "proma" else None)
+  bf16's 2^-8, which Adam turns into whole steps where a gradient entry is near zero. proma_both
+  has both projections, so its fused path in bf16 covers proma's and proma_intra's (each of which
+  is checked against its unfused path in float32 above)."""
+  c = small("proma_both")
+  c.model.dtype = "bfloat16"
+  assert_fused_equals_unfused(c)
 
 
 def test_blocked_statistics_equal_stacked():
