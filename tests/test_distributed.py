@@ -382,16 +382,17 @@ def case_mesh_optimizer_steps(algorithm: str):
     assert local[1]["proma/intra_reduction"] > 0, local[1]
     print("proma_intra local mode steps")
   if algorithm == "proma_both":
-    # The fused path (the default) against the unfused one: on the FSDP mesh (the S_i of each
-    # kernel constrained like it inside its backward step) and in local mode (each device's own
-    # statistics, inside shard_map).
-    for mesh in (MESHES["fsdp"], dict(data=NUM_DEVICES, mode="local")):
-      _, minibatch, fused = _optimizer_step(algorithm, rng=rng, **mesh)
-      _, _, unfused = _optimizer_step(algorithm, minibatch, fused=False, **mesh)
-      assert unfused[1]["proma/reduction"] > 0 and unfused[1]["proma/intra_reduction"] > 0
-      chex.assert_trees_all_close(fused[0], unfused[0], rtol=0, atol=1e-5)
-      chex.assert_trees_all_close(fused[1], unfused[1], rtol=1e-4, atol=1e-7)
-      print(f"{algorithm} fused == unfused on {mesh}")
+    # The fused path (the default) against the unfused one in local mode (each device's own
+    # statistics, inside shard_map), which has no single-device result to equal. On the FSDP mesh
+    # the fused step (the S_i of each kernel constrained like it inside its backward step)
+    # equals one device's above, whose fused step equals the unfused one (tests/test_fused.py).
+    mesh = dict(data=NUM_DEVICES, mode="local")
+    _, minibatch, fused = _optimizer_step(algorithm, rng=rng, **mesh)
+    _, _, unfused = _optimizer_step(algorithm, minibatch, fused=False, **mesh)
+    assert unfused[1]["proma/reduction"] > 0 and unfused[1]["proma/intra_reduction"] > 0
+    chex.assert_trees_all_close(fused[0], unfused[0], rtol=0, atol=1e-5)
+    chex.assert_trees_all_close(fused[1], unfused[1], rtol=1e-4, atol=1e-7)
+    print(f"{algorithm} fused == unfused on {mesh}")
   if algorithm == "grpo":
     _pretrained_loads_onto_its_shards()
 
