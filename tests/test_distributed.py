@@ -344,8 +344,8 @@ def case_mesh_optimizer_steps(algorithm: str):
   what that saves at LLM shapes is measured by experiments/bench_fsdp.py (at these tiny shapes
   the compiler uses all-to-alls with or without it). Also, one part per algorithm so that the
   suite's workers share them: proma_intra in local mode (the paper's data-parallel variant) steps
-  with the projection active; proma_both's fused path equals the unfused one on the FSDP mesh
-  and in local mode; a pretrained checkpoint loads onto its FSDP shards (with grpo). (Whole RL
+  with the projection active; proma_both's fused path equals the unfused one in local mode; a
+  pretrained checkpoint loads onto its FSDP shards (with grpo). (Whole RL
   steps across processes: test_two_processes_match_one_process; a sharded checkpoint restored
   onto other mesh shapes: case_fsdp_transforms.)"""
   import chex
