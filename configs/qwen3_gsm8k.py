@@ -17,7 +17,8 @@ https://github.com/openai/grade-school-math. With `--config.task_kwargs.train_pa
 install datasets; network access or its cache). Every prompt is measured in the model's tokens
 before step 0; one over rollout.max_prompt_tokens is an error naming its file and line unless
 `--config.task_kwargs.too_long=truncate` (the question keeps its end) or `skip`.
-README.md#rl-on-a-pretrained-model gives the multi-device commands and the memory each needs.
+docs/meshes.md gives the multi-device and multi-host commands, and experiments/README.md
+("Memory on one GPU: summary") the memory each part of the step needs.
 """
 
 import ml_collections
