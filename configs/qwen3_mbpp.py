@@ -44,7 +44,8 @@ def get_config(algorithm: str = "proma"):
   c.rollout.temperature, c.rollout.top_p = 1.0, 1.0
   c.rollout.max_prompt_tokens, c.rollout.max_new_tokens = 512, 1024
   c.rollout.bucket = 128
-  c.rollout.sample_batch = 256
+  # 128 sequences per sampling call: their KV cache (Qwen3-0.6B, bf16, 1536 slots) is 22.5 GB.
+  c.rollout.sample_batch = 128
   c.train.num_minibatches, c.train.num_microbatches = 2, 64   # minibatch 32 prompts, microbatch 8
   c.optim.lr, c.optim.b1, c.optim.b2 = 2e-6, 0.9, 0.999
   c.optim.weight_decay, c.optim.max_grad_norm = 0.01, 1.0
