@@ -16,8 +16,9 @@ the config's own `model.checkpoint` (or its freshly initialised tiny decoder).
 
 Writes OUT/summary.json (greedy accuracy, format rate, mean and maximum response length in
 tokens, fraction clipped at max_new_tokens, response tokens per second of sampling, compilation
-included; with --samples=K > 1 also pass@K, the
-fraction of examples with a correct (reward >= 1) sample among K at --temperature, and mean@K,
+included; with --samples=K > 1 also pass@k for k = 1, 10, 100 below K and k = K, the unbiased
+estimate from the K samples at --temperature of the chance that k samples hold a correct one
+(reward >= 1; pass@K is the fraction of examples with a correct sample among the K), and mean@K,
 the mean reward of those samples) and OUT/responses.jsonl (per example: prompt, greedy response,
 extracted answer, gold answer, reward, format flag, length, and its K samples), and prints a
 table. Sampling shows a progress bar with tokens/s; `--batch_size` sets the sequences per
@@ -46,6 +47,8 @@ from proma_jax.models import stacked
 from proma_jax.config import validate_config
 
 SPLITS = ("val", "train")
+# pass@k reported besides pass@K when K samples exceed k: the customary HumanEval figures.
+PASS_KS = (1, 10, 100)
 
 
 class EvaluateError(ValueError):
@@ -163,15 +166,29 @@ def evaluate(policy: policy_lib.Policy, params: dict, examples: list[tasks.Examp
                                progress=progress, mesh=mesh)
     sampled = _responses(policy, rollout, repeated)
     rewards = np.asarray([r["reward"] for r in sampled]).reshape(len(examples), samples)
+    correct = np.sum(rewards >= 1.0, axis=1)
     summary.update({
         "samples": samples, "temperature": temperature,
-        f"pass@{samples}": float(np.mean(np.any(rewards >= 1.0, axis=1))),
+        **{f"pass@{k}": float(np.mean([pass_at_k(samples, c, k) for c in correct]))
+           for k in sorted({k for k in PASS_KS if k < samples} | {samples})},
         f"mean@{samples}": float(rewards.mean()),
         "sampled_tokens_per_s": float(sum(r["length"] for r in sampled) / seconds),
     })
     for i, record in enumerate(records):
       record["samples"] = sampled[i * samples:(i + 1) * samples]
   return summary, records
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+  """The unbiased estimate of pass@k from n samples of which `correct` are correct (Chen et al.,
+  2021): 1 - C(n - correct, k) / C(n, k), the chance that k of the n drawn without replacement
+  hold a correct one; as a product, so that large n does not overflow."""
+  if not 0 <= correct <= n or not 1 <= k <= n:
+    raise ValueError(f"pass_at_k needs 0 <= correct <= n and 1 <= k <= n, got n={n}, "
+                     f"correct={correct}, k={k}")
+  if n - correct < k:
+    return 1.0
+  return float(1.0 - np.prod(1.0 - k / np.arange(n - correct + 1, n + 1)))
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@
 """
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -62,6 +63,23 @@ def test_greedy_accuracy_equals_the_training_val_accuracy(warm_dir, tmp_path):
   assert summary_1["model"].endswith("step 1")
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_pass_at_k_is_the_chance_that_k_of_the_samples_hold_a_correct_one(n):
+  """The estimator against every way of drawing k of the n samples (float64 enumeration)."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  for correct in range(n + 1):
+    flags = [True] * correct + [False] * (n - correct)
+    for k in range(1, n + 1):
+      draws = list(itertools.combinations(flags, k))
+      expected = np.mean([any(draw) for draw in draws], dtype=np.float64)
+      assert evaluate.pass_at_k(n, correct, k) == pytest.approx(expected, abs=1e-12), (correct, k)
+  # Large n, where the binomials overflow a float: exact integers.
+  expected = 1 - math.comb(197, 100) / math.comb(200, 100)
+  assert evaluate.pass_at_k(200, 3, 100) == pytest.approx(expected, rel=1e-12)
+  with pytest.raises(ValueError, match="1 <= k <= n"):
+    evaluate.pass_at_k(n, 0, n + 1)
+
+
 def test_summary_is_the_records_numbers(tmp_path):
   c = arith_config(str(FIXTURES / "tiny_qwen3"))
   summary = evaluate.run(c, str(tmp_path / "eval"), samples=3, temperature=1.0, progress=False)
@@ -77,6 +95,7 @@ def test_summary_is_the_records_numbers(tmp_path):
   assert rewards.shape == (6, 3)
   assert summary["mean@3"] == pytest.approx(rewards.mean())
   assert summary["pass@3"] == pytest.approx(np.mean(np.any(rewards >= 1, axis=1)))
+  assert summary["pass@1"] == pytest.approx(np.mean(rewards >= 1))  # the fraction correct
   task_answer = evaluate.policy_lib.make_policy(c)[0].task.answer_fn
   for r in records:
     assert r["extracted"] == task_answer(r["response"])
