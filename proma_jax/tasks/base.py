@@ -48,6 +48,20 @@ PromptLengthsFn = Callable[[Sequence[str]], Sequence[int]]
 FitPromptsFn = Callable[[PromptLengthsFn, int], SampleFn]
 
 
+def sampler(splits: dict[str, list[Example]], task: str = "this task") -> SampleFn:
+  """A SampleFn over fixed lists of examples: each call draws `n` distinct examples of the split
+  (with replacement only if `n` exceeds its size), a deterministic function of the rng. A split
+  with no examples raises DataError naming `task` when drawn from."""
+
+  def sample(split: str, n: int, rng: np.random.Generator) -> list[Example]:
+    examples = splits[split]
+    if not examples:
+      raise DataError(f"task {task} has no {split} split")
+    return [examples[i] for i in rng.choice(len(examples), size=n, replace=n > len(examples))]
+
+  return sample
+
+
 def reward(response_text: str, terminated: bool, answer: str) -> float:
   """Exact match with a format check: 1.0 iff `terminated` (the response ended with EOS) and
   `response_text` (the decoded text before EOS) equals `answer`, else 0.0."""

@@ -37,7 +37,7 @@ from typing import Iterable, NamedTuple
 import numpy as np
 
 from proma_jax.tasks.answers import normalize_number, number_task
-from proma_jax.tasks.base import SPLITS, Example, PromptLengthsFn, SampleFn, Task
+from proma_jax.tasks.base import SPLITS, Example, PromptLengthsFn, SampleFn, Task, sampler
 from proma_jax.tasks.jsonl import check_record, check_too_long, read_json_lines
 
 log = logging.getLogger(__name__)
@@ -150,17 +150,6 @@ def _load_default():
   log.warning("config.task_kwargs.train_path and test_path are not set: reading the Hugging Face "
               "dataset %s", HF_DATASET)
   return loaded
-
-
-def _sampler(splits: dict[str, list[Example]]) -> SampleFn:
-  """Each call draws `n` distinct examples of the split (with replacement only if `n` exceeds
-  its size), a deterministic function of the rng."""
-
-  def sample(split: str, n: int, rng: np.random.Generator) -> list[Example]:
-    examples = splits[split]
-    return [examples[i] for i in rng.choice(len(examples), size=n, replace=n > len(examples))]
-
-  return sample
 
 
 def _longest_fitting(starts: list[int], fits) -> int | None:
@@ -315,10 +304,10 @@ def gsm8k_task(
   sources, records = _split_records(train_path, test_path, hf_dataset, max_examples)
 
   def fit_prompts(prompt_lengths: PromptLengthsFn, max_prompt_tokens: int) -> SampleFn:
-    return _sampler(_fit(records, sources, instruction, too_long, prompt_lengths,
+    return sampler(_fit(records, sources, instruction, too_long, prompt_lengths,
                          max_prompt_tokens))
 
   examples = {split: [Example(_prompt(r.question, instruction), r.answer) for r in split_records]
               for split, split_records in records.items()}
-  return dataclasses.replace(number_task("gsm8k", _sampler(examples), strict=strict),
+  return dataclasses.replace(number_task("gsm8k", sampler(examples), strict=strict),
                              fit_prompts=fit_prompts)

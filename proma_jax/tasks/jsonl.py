@@ -16,6 +16,7 @@ checks), or is dropped (`"skip"`); truncated and dropped records are counted in 
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -53,11 +54,12 @@ def read_json_lines(
   """(line number, decoded JSON value) of each non-blank line of a JSONL file, in file order.
 
   Lines are decoded one at a time, so a bad byte is reported with its line; line 1 may start with
-  a UTF-8 byte-order mark (written by some editors). A line that is not UTF-8 or not JSON raises
+  a UTF-8 byte-order mark (written by some editors). A path ending in .gz is read through gzip. A line that is not UTF-8 or not JSON raises
   ValueError "<path>, line <n>: " + `bad_utf8` or `bad_json`, formatted with the error ({error})
   and, for bad UTF-8, the first bad byte ({byte}) and its offset in the line ({offset}).
   """
-  with open(path, "rb") as file:
+  opener = gzip.open if os.fspath(path).endswith(".gz") else open
+  with opener(path, "rb") as file:
     for line_number, raw_line in enumerate(file, start=1):
       try:
         line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")

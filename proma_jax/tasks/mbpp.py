@@ -30,7 +30,6 @@ the file and line. Prompt lengths are checked before step 0 against `rollout.max
 from __future__ import annotations
 
 import ast
-import gzip
 import importlib.util
 import json
 import logging
@@ -38,10 +37,9 @@ import os
 import re
 from typing import Sequence
 
-import numpy as np
-
 from proma_jax.tasks import code
-from proma_jax.tasks.base import SPLITS, DataError, Example, PromptLengthsFn, SampleFn, Task
+from proma_jax.tasks.base import (SPLITS, DataError, Example, PromptLengthsFn, SampleFn, Task,
+                                  sampler)
 from proma_jax.tasks.jsonl import read_json_lines
 
 log = logging.getLogger(__name__)
@@ -153,20 +151,9 @@ def _read(path: str, field: str, hint: str):
   """(line, record) of a JSONL file, gzip-compressed if it ends with .gz; DataError if missing."""
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such file (config.task_kwargs.{field}): {hint}")
-  if path.endswith(".gz"):
-    with gzip.open(path, "rt", encoding="utf-8") as file:
-      for number, line in enumerate(file, start=1):
-        if line.strip():
-          try:
-            yield number, json.loads(line)
-          except json.JSONDecodeError as error:
-            raise DataError(f"{path}, line {number}: not JSON: {error}") from None
-    return
   try:
     yield from read_json_lines(path, bad_json="not JSON: {error}")
-  except DataError:
-    raise
-  except ValueError as error:
+  except ValueError as error:  # a line that is not UTF-8 or not JSON, named
     raise DataError(str(error)) from None
 
 
@@ -219,18 +206,6 @@ def mbpp_split(examples: dict[int, Example], split: str) -> dict[str, Example]:
   return chosen
 
 
-def _sampler(splits: dict[str, dict[str, Example]]) -> SampleFn:
-  """`n` distinct examples of the split per call (with replacement only past its size)."""
-
-  def sample(split: str, n: int, rng: np.random.Generator) -> list[Example]:
-    examples = list(splits[split].values())
-    if not examples:
-      raise DataError("humaneval has no train split: train on task 'mbpp' (val='humaneval')")
-    return [examples[i] for i in rng.choice(len(examples), size=n, replace=n > len(examples))]
-
-  return sample
-
-
 def _fit(splits: dict[str, dict[str, Example]], too_long: str, prompt_lengths: PromptLengthsFn,
          max_prompt_tokens: int) -> dict[str, dict[str, Example]]:
   """The splits once every prompt is measured: over-long ones raise (naming the problem) or are
@@ -257,6 +232,10 @@ def _fit(splits: dict[str, dict[str, Example]], too_long: str, prompt_lengths: P
   return fitted
 
 
+def _sample_fn(name: str, splits: dict[str, dict[str, Example]]) -> SampleFn:
+  return sampler({split: list(problems.values()) for split, problems in splits.items()}, name)
+
+
 def _code_task(name: str, splits: dict[str, dict[str, Example]], too_long: str, timeout_s: float,
                workers: int | None) -> Task:
   if too_long not in ("error", "skip"):
@@ -277,9 +256,9 @@ def _code_task(name: str, splits: dict[str, dict[str, Example]], too_long: str, 
     return code_reward(text, terminated, answer, limits=limits)
 
   def fit_prompts(prompt_lengths: PromptLengthsFn, max_prompt_tokens: int) -> SampleFn:
-    return _sampler(_fit(splits, too_long, prompt_lengths, max_prompt_tokens))
+    return _sample_fn(name, _fit(splits, too_long, prompt_lengths, max_prompt_tokens))
 
-  return Task(name=name, sample=_sampler(splits), prompt_width=None, answer_width=None,
+  return Task(name=name, sample=_sample_fn(name, splits), prompt_width=None, answer_width=None,
               reward_fn=reward_fn, format_fn=code_format, answer_fn=extract_code,
               fit_prompts=fit_prompts, batch_reward_fn=batch_reward_fn)
 
