@@ -28,26 +28,34 @@ from proma_jax.config import base_config
 GSM8K_DIR = "../shared/data/gsm8k"
 
 
-def get_config(algorithm: str = "proma"):
-  c = base_config("gsm8k", algorithm)
-  c.task_kwargs.train_path = f"{GSM8K_DIR}/train.jsonl"
-  c.task_kwargs.test_path = f"{GSM8K_DIR}/test.jsonl"
-  c.task_kwargs.hf_dataset = ml_collections.FieldReference(None, str)  # instead of the paths
-  c.task_kwargs.too_long = "error"        # a prompt over max_prompt_tokens; or truncate, skip
+def author_settings(c):
+  """What the paper's Qwen3 experiments share (GSM8K here, MBPP in configs/qwen3_mbpp.py): the
+  checkpoint is given on the command line, bf16 compute over float32 weights with remat and a
+  chunked log-softmax, sampling at temperature 1, AdamW at lr 2e-6 with clipping 1.0, GRPO's
+  clip 0.2/0.2 with dual clip 3, PROMA's relative_bound 0.5."""
   c.model.checkpoint = None               # required: --config.model.checkpoint=PATH
   c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
   c.model.remat, c.model.logits_chunk = True, 1024
-  c.rollout.prompts_per_step, c.rollout.group_size = 128, 8
   c.rollout.temperature, c.rollout.top_p = 1.0, 1.0
-  c.rollout.max_prompt_tokens, c.rollout.max_new_tokens = 512, 2048
   c.rollout.bucket = 128
-  # 128 sequences per sampling call: their KV cache (Qwen3-0.6B, bf16, 2560 slots) is 37 GB.
-  c.rollout.sample_batch = 128
-  c.train.num_minibatches, c.train.num_microbatches = 2, 64   # minibatch 64 prompts, microbatch 8
   c.optim.lr, c.optim.b1, c.optim.b2 = 2e-6, 0.9, 0.999
   c.optim.weight_decay, c.optim.max_grad_norm = 0.01, 1.0
   c.grpo.eps_low, c.grpo.eps_high, c.grpo.dual_clip = 0.2, 0.2, 3.0
   c.proma.relative_bound = 0.5
+  return c
+
+
+def get_config(algorithm: str = "proma"):
+  c = author_settings(base_config("gsm8k", algorithm))
+  c.task_kwargs.train_path = f"{GSM8K_DIR}/train.jsonl"
+  c.task_kwargs.test_path = f"{GSM8K_DIR}/test.jsonl"
+  c.task_kwargs.hf_dataset = ml_collections.FieldReference(None, str)  # instead of the paths
+  c.task_kwargs.too_long = "error"        # a prompt over max_prompt_tokens; or truncate, skip
+  c.rollout.prompts_per_step, c.rollout.group_size = 128, 8
+  c.rollout.max_prompt_tokens, c.rollout.max_new_tokens = 512, 2048
+  # 128 sequences per sampling call: their KV cache (Qwen3-0.6B, bf16, 2560 slots) is 37 GB.
+  c.rollout.sample_batch = 128
+  c.train.num_minibatches, c.train.num_microbatches = 2, 64   # minibatch 64 prompts, microbatch 8
   c.steps = 200
   c.eval.every, c.eval.num_examples = 10, 512
   c.checkpoint.every, c.checkpoint.max_to_keep = 10, 2

@@ -21,15 +21,24 @@ is given. pass@k on HumanEval afterwards:
       --split=val --samples=16 --temperature=1.0 --out=runs/mbpp_proma/humaneval
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 from proma_jax.config import base_config
+
+_spec = importlib.util.spec_from_file_location(
+    "qwen3_gsm8k", os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3_gsm8k.py"))
+_gsm8k = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_gsm8k)
 
 MBPP_PATH = "../shared/data/mbpp/mbpp.jsonl"
 
 
 def get_config(algorithm: str = "proma"):
-  c = base_config("mbpp", algorithm)
+  # The model, sampling, optimizer and clipping settings of the GSM8K experiment.
+  c = _gsm8k.author_settings(base_config("mbpp", algorithm))
   c.task_kwargs.path = MBPP_PATH
   c.task_kwargs.val = "humaneval"           # or mbpp_test, mbpp_validation
   c.task_kwargs.humaneval_path = ml_collections.FieldReference(None, str)  # None: the package's
@@ -37,20 +46,11 @@ def get_config(algorithm: str = "proma"):
   c.task_kwargs.too_long = "error"          # a prompt over max_prompt_tokens; or skip
   c.task_kwargs.timeout_s = 10.0            # wall-clock limit of each program
   c.task_kwargs.workers = ml_collections.FieldReference(None, int)  # programs at once; None: CPUs
-  c.model.checkpoint = None                 # required: --config.model.checkpoint=PATH
-  c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
-  c.model.remat, c.model.logits_chunk = True, 1024
   c.rollout.prompts_per_step, c.rollout.group_size = 64, 16
-  c.rollout.temperature, c.rollout.top_p = 1.0, 1.0
   c.rollout.max_prompt_tokens, c.rollout.max_new_tokens = 512, 1024
-  c.rollout.bucket = 128
   # 128 sequences per sampling call: their KV cache (Qwen3-0.6B, bf16, 1536 slots) is 22.5 GB.
   c.rollout.sample_batch = 128
   c.train.num_minibatches, c.train.num_microbatches = 2, 64   # minibatch 32 prompts, microbatch 8
-  c.optim.lr, c.optim.b1, c.optim.b2 = 2e-6, 0.9, 0.999
-  c.optim.weight_decay, c.optim.max_grad_norm = 0.01, 1.0
-  c.grpo.eps_low, c.grpo.eps_high, c.grpo.dual_clip = 0.2, 0.2, 3.0
-  c.proma.relative_bound = 0.5
   c.steps = 52
   c.eval.every, c.eval.num_examples = 4, 164
   c.checkpoint.every, c.checkpoint.max_to_keep = 4, 2
