@@ -164,6 +164,8 @@ def test_results_keep_the_order_of_the_jobs_and_bad_arguments_are_refused():
   jobs = [(f"def f():\n  return {i}\n", f"assert f() == {i if i % 2 else -1}") for i in range(6)]
   assert [r.passed for r in code.run_programs(jobs, workers=3)] == [False, True] * 3
   assert code.run_programs([]) == []
+  with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+    code.run_programs(jobs, workers=0)
   with pytest.raises(ValueError, match="2 jobs but 1 setups"):
     code.run_programs(jobs[:2], setups=[""])
   with pytest.raises(TypeError, match="program must be a str"):

@@ -150,14 +150,14 @@ def run_programs(jobs: Sequence[tuple[str, str]], *, setups: Sequence[str] | Non
   setups = setups if setups is not None else [""] * len(jobs)
   if len(setups) != len(jobs):
     raise ValueError(f"{len(jobs)} jobs but {len(setups)} setups")
-  workers = workers or os.cpu_count() or 1
+  workers = (os.cpu_count() or 1) if workers is None else workers
   if workers < 1:
     raise ValueError(f"workers must be >= 1, got {workers}")
   if not jobs:
     return []
+  run = functools.partial(run_program, **kwargs)
   with concurrent.futures.ThreadPoolExecutor(min(workers, len(jobs))) as pool:
-    return list(pool.map(lambda job: run_program(job[0][0], job[0][1], setup=job[1], **kwargs),
-                         zip(jobs, setups)))
+    return list(pool.map(lambda job, setup: run(*job, setup=setup), jobs, setups))
 
 
 def default_python() -> str:
